@@ -1,0 +1,8 @@
+"""python generate.py --image view.jpg --prompt "What is in this image?" """
+
+import sys
+
+from llava_mlx.generate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

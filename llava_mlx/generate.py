@@ -1,0 +1,267 @@
+"""Generation, layered as in mlx-lm: a step generator (mlx-lm's own, fed the merged
+embeddings) → `stream_generate` (text pieces, timing, memory) → `generate` (one shot),
+and the `generate.py` command line.
+
+The loop is lazy and bounded: the image features are computed once, the prompt is
+prefilled in chunks into a KV cache (no L x L mask is materialised), and each decode
+step's graph is scheduled before the previous token is read back (mlx-lm's generate_step).
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Generator, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step as lm_generate_step
+from mlx_lm.sample_utils import make_sampler
+
+from .errors import LlavaError
+from .model import IMAGE_PLACEHOLDER
+
+DEFAULT_MODEL = "mlx-community/llava-v1.6-mistral-7b-4bit"
+DEFAULT_PROMPT = "Describe this image."
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_PREFILL_STEP = 2048
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece of the answer, with running statistics."""
+
+    text: str
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB, MLX's own counter
+    image_positions: int
+    encode_time: float  # s, vision tower + projector
+    ttft: float  # s, from the call to the first token
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: List[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    image_positions: int = 0
+    encode_time: float = 0.0
+    ttft: float = 0.0
+    finish_reason: Optional[str] = None
+
+
+def prepare_prompt(processor, prompt: str, num_images: int, template: bool, system: Optional[str]) -> str:
+    """The prompt to tokenise: as written, or the question in the chat template."""
+    if not template:
+        return prompt
+    question = prompt.replace("<image>\n", "").replace("<image>", "")
+    return processor.apply_template(question, num_images, system)
+
+
+def step_generator(
+    model,
+    input_ids,
+    pixel_values=None,
+    image_sizes=None,
+    *,
+    image_features=None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler=None,
+    prompt_cache=None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    kv_bits: Optional[int] = None,
+    max_kv_size: Optional[int] = None,
+    context: Optional[int] = None,
+):
+    """(token, logprobs) pairs; mlx-lm's generate_step over the merged embeddings.
+
+    Returns the generator and the merged prompt length.
+    """
+    embeddings = model.embed(input_ids, pixel_values, image_sizes, image_features)[0]
+    length = embeddings.shape[0]
+    context = context or model.config.context_length
+    if length > context:
+        raise LlavaError(f"the prompt is {length} positions long (images included) but the context is {context}")
+    max_tokens = min(max_tokens, context - length) if max_tokens >= 0 else context - length
+    steps = lm_generate_step(
+        mx.zeros((length,), dtype=mx.int32),
+        model.language_model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prompt_cache=prompt_cache,
+        prefill_step_size=prefill_step_size,
+        kv_bits=kv_bits,
+        max_kv_size=max_kv_size,
+        input_embeddings=embeddings,
+    )
+    return steps, length
+
+
+def stream_generate(
+    model,
+    processor,
+    prompt: str,
+    images: Sequence = (),
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temperature: float = DEFAULT_TEMP,
+    top_p: float = DEFAULT_TOP_P,
+    seed: Optional[int] = None,
+    template: bool = True,
+    system: Optional[str] = None,
+    ignore_eos: bool = False,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP,
+    kv_bits: Optional[int] = None,
+    max_kv_size: Optional[int] = None,
+) -> Generator[GenerationResponse, None, None]:
+    """Yield the answer piece by piece (`.text`), with timing and peak memory.
+
+    `template=False` uses `prompt` as written (one `<image>` per image); otherwise the
+    question is wrapped in the checkpoint's chat template with the images first.
+    """
+    start = time.perf_counter()
+    if seed is not None:
+        mx.random.seed(seed)
+    images = [images] if isinstance(images, str) else list(images)
+    text = prepare_prompt(processor, prompt, len(images), template, system)
+    inputs = processor(text, images)
+    ids = inputs["input_ids"]
+    encode_time, features = 0.0, None
+    if inputs["pixel_values"] is not None:
+        tic = time.perf_counter()
+        features = model.image_features(inputs["pixel_values"], inputs["image_sizes"])
+        mx.eval(features)
+        encode_time = time.perf_counter() - tic
+    image_positions = sum(f.shape[0] for f in features) if features else 0
+    steps, length = step_generator(
+        model,
+        ids,
+        image_features=features or [],
+        max_tokens=max_tokens,
+        sampler=make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
+        prefill_step_size=prefill_step_size,
+        kv_bits=kv_bits,
+        max_kv_size=max_kv_size,
+    )
+    tokenizer = processor.tokenizer
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    ttft, prompt_tps, tic, n, token = 0.0, 0.0, start, 0, None
+
+    def response(text, finish=None):
+        elapsed = time.perf_counter() - tic
+        return GenerationResponse(
+            text=text,
+            token=token,
+            prompt_tokens=length,
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / elapsed if elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            image_positions=image_positions,
+            encode_time=encode_time,
+            ttft=ttft,
+            finish_reason=finish,
+        )
+
+    finish = "length"
+    for token, _ in steps:
+        if n == 0:
+            ttft = time.perf_counter() - start
+            prompt_tps = length / ttft
+            tic = time.perf_counter()
+        if token in tokenizer.eos_token_ids and not ignore_eos:
+            finish = "stop"
+            break
+        n += 1
+        detokenizer.add_token(token)
+        yield response(detokenizer.last_segment)
+    detokenizer.finalize()
+    yield response(detokenizer.last_segment, finish)
+
+
+def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
+    """The whole answer at once; takes the same options as `stream_generate`."""
+    pieces, tokens, last = [], [], None
+    for last in stream_generate(model, processor, prompt, images, **kwargs):
+        pieces.append(last.text)
+        if last.finish_reason is None:
+            tokens.append(last.token)
+    return GenerationResult(
+        text="".join(pieces),
+        tokens=tokens,
+        prompt_tokens=last.prompt_tokens,
+        prompt_tps=last.prompt_tps,
+        generation_tps=last.generation_tps,
+        peak_memory=last.peak_memory,
+        image_positions=last.image_positions,
+        encode_time=last.encode_time,
+        ttft=last.ttft,
+        finish_reason=last.finish_reason,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Ask LLaVA about images (MLX).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint directory or Hugging Face repo id")
+    p.add_argument("--image", nargs="+", default=[], help="image path(s) or http(s) URL(s)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (or, with --no-template, the raw prompt)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt (replaces the template's)")
+    p.add_argument("--no-template", action="store_true", help="use --prompt as written, <image> placeholders included")
+    p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
+    p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .load import load
+
+    try:
+        model, processor = load(args.model, vision_tower=args.vision_tower)
+        response = None
+        for response in stream_generate(
+            model,
+            processor,
+            args.prompt,
+            args.image,
+            max_tokens=args.max_tokens,
+            temperature=args.temp,
+            top_p=args.top_p,
+            seed=args.seed,
+            template=not args.no_template,
+            system=args.system,
+            prefill_step_size=args.prefill_step_size,
+            kv_bits=args.kv_bits,
+            max_kv_size=args.max_kv_size,
+        ):
+            print(response.text, end="", flush=True)
+        print()
+    except LlavaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    r = response
+    print(
+        f"Prompt: {r.prompt_tokens} tokens ({r.image_positions} image positions), "
+        f"{r.prompt_tps:.1f} tokens/s\n"
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
+        f"Peak memory: {r.peak_memory:.3f} GB",
+        file=sys.stderr,
+    )
+    return 0

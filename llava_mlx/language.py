@@ -1,0 +1,82 @@
+"""The language model: mlx-lm's llama decoder (Vicuna, Mistral and Yi are all llama).
+
+Configs in the wild leave fields to the model type's defaults (llava-hf text_config often
+holds only a few keys), spell rope_theta as `rope_parameters` (transformers 5), or keep
+the text fields at the top level (original LLaVA). `text_args` turns any of them into
+mlx-lm's ModelArgs; the decoder itself is mlx-lm's, not a copy.
+"""
+
+from mlx_lm.models import llama
+
+# transformers' LlamaConfig / MistralConfig defaults, for fields a config leaves out.
+DEFAULTS = {
+    "llama": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        head_dim=None,
+        sliding_window=None,
+    ),
+    "mistral": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        head_dim=None,
+        sliding_window=4096,
+    ),
+}
+# Original LLaVA names its text model types after the backbone.
+TEXT_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llama": "llama", "mistral": "mistral"}
+
+
+def normalize_text_config(params: dict) -> dict:
+    """Every field the decoder needs, from a (possibly partial) text config."""
+    model_type = TEXT_MODEL_TYPES.get(params.get("model_type", "llama"))
+    if model_type is None:
+        raise ValueError(f"unsupported language model type '{params.get('model_type')}'")
+    config = dict(DEFAULTS[model_type])
+    config.update({k: params[k] for k in config if k in params})
+    rope = params.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and config["rope_scaling"] is None:
+        config["rope_scaling"] = rope
+    if config["num_key_value_heads"] is None:
+        config["num_key_value_heads"] = config["num_attention_heads"]
+    config["model_type"] = model_type
+    return config
+
+
+def context_length(config: dict) -> int:
+    """Longest sequence the decoder handles exactly.
+
+    A sliding window caps it: mlx-lm's llama has no all-sliding-window attention, and no
+    released LLaVA sets one (LLaVA-1.6-Mistral uses Mistral-v0.2, window null).
+    """
+    window = config.get("sliding_window")
+    return min(config["max_position_embeddings"], window or config["max_position_embeddings"])
+
+
+def build_language_model(config: dict) -> llama.Model:
+    args = {k: v for k, v in config.items() if k != "sliding_window"}
+    return llama.Model(llama.ModelArgs.from_dict(args))

@@ -1,0 +1,295 @@
+"""Loading: any LLaVA checkpoint layout → one `LlavaModel` and its `Processor`.
+
+Layouts read (see README): the original liuhaotian checkpoints (text fields at the top of
+config.json, `mm_*` keys, the CLIP tower named by `mm_vision_tower`), llava-hf as on the
+hub (transformers 4 names), transformers-5 `save_pretrained` output, pre-converted MLX
+repos (llava-hf names, MLX conv layout, a `quantization` block) and this project's own
+converted output. Config differences are settled in `read_config`, weight-name
+differences in `sanitize`: nowhere else. Weights stay lazy (memory-mapped by `mx.load`).
+"""
+
+import ast
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import LlavaError
+from .model import LlavaConfig, LlavaModel
+from .vision import layers_to_run
+
+# Our own converted output says so in its config.json.
+MLX_FORMAT = "llava_mlx"
+# transformers' CLIPVisionConfig defaults, for fields a vision_config leaves out.
+CLIP_VISION_DEFAULTS = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    patch_size=32,
+    num_channels=3,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+)
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+def resolve(path_or_repo: str, what: str = "model", patterns=HUB_PATTERNS) -> Path:
+    """A local directory, or a Hugging Face repo id fetched (or found in the cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+        raise LlavaError(f"{what} '{path_or_repo}' is not a directory nor a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_repo, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        reason = "HF_HUB_OFFLINE is set" if offline else "no network"
+        raise LlavaError(
+            f"cannot download {what} '{path_or_repo}' ({reason}) and it is not in the local "
+            f"cache; pass --{what.replace(' ', '-')} PATH to a local checkpoint"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise LlavaError(f"cannot download {what} '{path_or_repo}': {str(e).splitlines()[0]}") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise LlavaError(f"missing {path.name} in {path.parent}") from None
+    except json.JSONDecodeError as e:
+        raise LlavaError(f"{path} is not valid JSON: {e}") from None
+
+
+def clip_vision_config(params: Optional[dict]) -> dict:
+    """A CLIP vision config with transformers' defaults; the full CLIPConfig is unwrapped."""
+    params = params.get("vision_config", params) if params else {}
+    return {**CLIP_VISION_DEFAULTS, **params}
+
+
+def pinpoints(value):
+    return ast.literal_eval(value) if isinstance(value, str) else value
+
+
+def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]:
+    """(layout, normalised config) from any layout's config.json."""
+    model_type = raw.get("model_type", "")
+    if model_type == MLX_FORMAT:
+        return "mlx", LlavaConfig.from_dict(raw)
+    if model_type in ("llava", "llava_next"):
+        text = dict(raw.get("text_config") or {})
+        text.setdefault("model_type", "llama")
+        if "vocab_size" in raw:
+            text.setdefault("vocab_size", raw["vocab_size"])
+        layer = raw.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise LlavaError(f"vision_feature_layer {layer} (several layers) is not supported")
+        vision = raw.get("vision_config")
+        next_ = model_type == "llava_next"
+        return "llava-hf", LlavaConfig(
+            text_config=text,
+            vision_config=clip_vision_config(vision) if vision else {},
+            projector_type="mlp2x_gelu",
+            projector_bias=raw.get("multimodal_projector_bias", True),
+            vision_feature_layer=layer,
+            vision_feature_select="cls_patch" if raw.get("vision_feature_select_strategy") == "full" else "patch",
+            image_aspect_ratio="anyres" if next_ else "pad",
+            image_grid_pinpoints=pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS)) if next_ else None,
+            patch_merge_type="spatial_unpad" if next_ else "flat",
+            quantization=raw.get("quantization"),
+        )
+    if model_type in ("llava_llama", "llava_mistral") or "mm_vision_tower" in raw:
+        text = dict(raw)
+        if model_type not in ("llava_llama", "llava_mistral"):
+            text["model_type"] = "llava_mistral" if "Mistral" in str(raw.get("architectures")) else "llava_llama"
+        tower = read_json(tower_dir / "config.json") if tower_dir else None
+        return "original", LlavaConfig(
+            text_config=text,
+            vision_config=clip_vision_config(tower) if tower else {},
+            projector_type=raw.get("mm_projector_type", "linear"),
+            vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+            vision_feature_select=raw.get("mm_vision_select_feature", "patch"),
+            image_aspect_ratio=raw.get("image_aspect_ratio") or "square",
+            image_grid_pinpoints=pinpoints(raw.get("image_grid_pinpoints")),
+            patch_merge_type=raw.get("mm_patch_merge_type", "flat"),
+            max_length=raw.get("tokenizer_model_max_length"),
+            quantization=raw.get("quantization"),
+        )
+    raise LlavaError(f"unknown model type '{model_type}': not a LLaVA 1.5/1.6 checkpoint")
+
+
+# Name rewrites, first match wins: every layout's names → ours (llava-hf 4.x names).
+RENAMES = [
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # original 1.6
+    ("model.vision_tower.vision_model.", "vision_tower."),  # transformers >= 4.52
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),  # llava-hf, mlx-vlm
+    ("vision_model.", "vision_tower."),  # a separate CLIP checkpoint
+    ("model.mm_projector.", "multi_modal_projector."),  # original
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("model.image_newline", "image_newline"),
+    ("model.", "language_model.model."),  # original decoder
+    ("lm_head.", "language_model.lm_head."),
+]
+DROPPED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "vision_tower.post_layernorm.")
+
+
+def rename(key: str) -> str:
+    for old, new in RENAMES:
+        if key.startswith(old):
+            key = new + key[len(old) :]
+            break
+    if key.startswith("multi_modal_projector.") and key.split(".")[1].isdigit():
+        index, rest = key.split(".", 2)[1:]  # original Sequential: 0, 2, 4 ... → linear_1, 2, 3
+        key = f"multi_modal_projector.linear_{int(index) // 2 + 1}.{rest}"
+    elif key in ("multi_modal_projector.weight", "multi_modal_projector.bias"):
+        key = "multi_modal_projector.linear_1." + key.split(".")[-1]
+    return key
+
+
+def sanitize(weights: Dict[str, mx.array], config: LlavaConfig) -> Dict[str, mx.array]:
+    """Weights of any layout under our names, in MLX layout, minus what is never run."""
+    keep = layers_to_run(config.vision.num_hidden_layers, config.vision_feature_layer)
+    out = {}
+    for key, value in weights.items():
+        key = rename(key)
+        if key.startswith(DROPPED) or "position_ids" in key or "rotary_emb.inv_freq" in key:
+            continue
+        if key.startswith("vision_tower.encoder.layers.") and int(key.split(".")[3]) >= keep:
+            continue  # past the selected layer
+        if key == "vision_tower.embeddings.patch_embedding.weight" and value.shape[1] == config.vision.num_channels:
+            value = value.transpose(0, 2, 3, 1)  # PyTorch (O, C, kh, kw) → MLX (O, kh, kw, C)
+        out[key] = value
+    if config.text_config["tie_word_embeddings"]:
+        out.pop("language_model.lm_head.weight", None)
+    return out
+
+
+def weight_files(path: Path) -> list:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise LlavaError(f"missing weight shard {missing[0]} in {path} (listed in {index.name})")
+        return [path / n for n in names]
+    return [Path(p) for p in sorted(glob.glob(str(path / "*.safetensors")))]
+
+
+def load_weights(path: Path) -> Dict[str, mx.array]:
+    """Every tensor of a checkpoint directory, lazily (safetensors are memory-mapped)."""
+    files = weight_files(path)
+    if not files:
+        if glob.glob(str(path / "*.bin")):
+            raise LlavaError(
+                f"{path} has only PyTorch .bin weights; convert them to safetensors first "
+                "(e.g. with transformers' save_pretrained(safe_serialization=True))"
+            )
+        raise LlavaError(f"no weights (*.safetensors) in {path}")
+    weights = {}
+    for file in files:
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise LlavaError(f"cannot read weights {file}: {e}") from None
+    return weights
+
+
+def check_weights(model: nn.Module, weights: Dict[str, mx.array]):
+    """Every parameter present with its expected shape, and nothing unknown."""
+    expected = dict(tree_flatten(model.parameters()))
+    for key, param in expected.items():
+        if key not in weights:
+            raise LlavaError(f"missing weight '{key}' in the checkpoint")
+        if tuple(weights[key].shape) != tuple(param.shape):
+            raise LlavaError(
+                f"weight '{key}' has shape {tuple(weights[key].shape)} but the config implies "
+                f"{tuple(param.shape)}: the checkpoint and its config.json disagree"
+            )
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise LlavaError(f"unexpected weight '{unknown[0]}' ({len(unknown)} in all) for this config")
+
+
+def tower_location(raw: dict, vision_tower: Optional[str]) -> Optional[str]:
+    """Where the original layout's CLIP tower lives: --vision-tower, else mm_vision_tower."""
+    return vision_tower or raw.get("mm_vision_tower") or raw.get("vision_tower")
+
+
+def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True):
+    """(model, config, tower_dir) from a local checkpoint directory."""
+    raw = read_json(path / "config.json")
+    weights = load_weights(path)
+    tower_dir = None
+    if raw.get("model_type") not in ("llava", "llava_next", MLX_FORMAT) and "mm_vision_tower" in raw:
+        has_tower = any("vision_tower.vision_tower." in k for k in weights)
+        location = tower_location(raw, vision_tower)
+        tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None
+        if tower_dir is None and location:
+            tower_dir = _cached_tower(location)
+    layout, config = read_config(raw, tower_dir)
+    if layout == "original" and not any("vision_tower." in k for k in weights):
+        if tower_dir is None:
+            raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
+        weights = {**load_weights(tower_dir), **weights}
+    weights = sanitize(weights, config)
+    model = LlavaModel(config)
+    if config.quantization:
+        q = config.quantization
+        nn.quantize(
+            model,
+            group_size=q["group_size"],
+            bits=q["bits"],
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
+    check_weights(model, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, config, tower_dir
+
+
+def _cached_tower(location: str) -> Optional[Path]:
+    """The named tower's directory when it is on disk (a path or the hub cache), else None.
+
+    LLaVA-1.6 ships its fine-tuned tower: the named one only supplies the image
+    processor's settings, which default to CLIP ViT-L/14-336's when it is not at hand.
+    """
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(location, allow_patterns=["*.json"], local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+
+
+def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True):
+    """Load a LLaVA checkpoint (local directory or Hugging Face repo id).
+
+    Returns `(model, processor)`. `vision_tower` overrides the CLIP tower of the original
+    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one.
+    """
+    from .processor import Processor
+
+    path = resolve(path_or_repo)
+    model, config, tower_dir = load_model(path, vision_tower, lazy)
+    return model, Processor.from_checkpoint(path, config, tower_dir)

@@ -1,0 +1,216 @@
+"""Prompt and image preparation: images → crops, prompt → token ids, chat templates.
+
+The prompt is tokenised the original way (`tokenizer_image_token`): split at each
+`<image>`, tokenise every chunk with its BOS, keep only the first chunk's BOS, and put an
+IMAGE_PLACEHOLDER between chunks. transformers tokenises the whole prompt instead, and the
+text right after `<image>` can come out differently.
+"""
+
+import io
+import json
+import urllib.request
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
+from .errors import LlavaError
+from .model import IMAGE_PLACEHOLDER, LlavaConfig
+
+IMAGE_TOKEN = "<image>"
+# Larger images are refused before decoding them (a decompression bomb guard).
+MAX_PIXELS = 50_000_000
+URL_TIMEOUT = 30
+
+# The original conversation templates (llava/conversation.py) by family.
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+CHATML_SYSTEM = "Answer the questions."
+
+
+def family_prompt(family: str, question: str, system: Optional[str] = None) -> str:
+    """One user turn in the original template of `family`, ready for the answer."""
+    if family == "mistral_instruct":
+        head = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+        return f"[INST] {head}{question} [/INST]"
+    if family == "chatml_direct":
+        system = CHATML_SYSTEM if system is None else system
+        return (
+            f"<|im_start|>system\n{system}<|im_end|><|im_start|>user\n{question}<|im_end|>"
+            "<|im_start|>assistant\n"
+        )
+    system = LLAVA_V1_SYSTEM if system is None else system
+    return f"{system} USER: {question} ASSISTANT:"
+
+
+def template_family(config: LlavaConfig, tokenizer) -> str:
+    if config.text_config["model_type"] == "mistral":
+        return "mistral_instruct"
+    if "<|im_start|>" in tokenizer.get_vocab():
+        return "chatml_direct"  # LLaVA-1.6-34B (Nous-Hermes-2-Yi)
+    return "llava_v1"
+
+
+def load_image(source) -> Image.Image:
+    """An RGB PIL image from a path, an http(s) URL or a PIL image; one clear error otherwise."""
+    if isinstance(source, Image.Image):
+        image = source
+        name = "image"
+    else:
+        name = str(source)
+        if name.startswith(("http://", "https://")):
+            try:
+                with urllib.request.urlopen(name, timeout=URL_TIMEOUT) as response:
+                    data = io.BytesIO(response.read())
+            except (OSError, ValueError) as e:
+                raise LlavaError(f"cannot download image {name}: {e}") from None
+        else:
+            if not Path(name).is_file():
+                raise LlavaError(f"image not found: {name}")
+            data = name
+        try:
+            image = Image.open(data)
+        except (UnidentifiedImageError, OSError) as e:
+            raise LlavaError(f"cannot read image {name}: not an image or corrupt ({type(e).__name__})") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise LlavaError(f"image {name} is {width}x{height}: more than {MAX_PIXELS:,} pixels")
+    if width < 1 or height < 1:
+        raise LlavaError(f"image {name} is empty ({width}x{height})")
+    try:
+        image.load()
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise LlavaError(f"cannot read image {name}: truncated or corrupt ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode. 16-bit and float images are scaled to 8 bits rather than clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        if image.mode == "F" and pixels.max() <= 1.0:
+            top = 1.0
+        image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class Processor:
+    """Callable as `processor(prompt, images)` → dict of input_ids, pixel_values, image_sizes."""
+
+    def __init__(self, tokenizer, config: LlavaConfig, image_config: dict):
+        self.tokenizer = tokenizer  # mlx-lm TokenizerWrapper (streaming detokenizer, EOS ids)
+        self.config = config
+        self.image_config = image_config
+        self.family = template_family(config, tokenizer)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, config: LlavaConfig, tower_dir: Optional[Path] = None):
+        from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise LlavaError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+        vocab = tokenizer.get_vocab()
+        for stop in ("<|im_end|>",):  # chatml ends a turn with its own token
+            if stop in vocab:
+                tokenizer.add_eos_token(stop)
+        return cls(tokenizer, config, image_settings(path, tower_dir, config))
+
+    # -- prompts ----------------------------------------------------------------------
+    def apply_template(self, question: str, num_images: int = 1, system: Optional[str] = None) -> str:
+        """The question as one user turn, images first: the checkpoint's own chat template
+        when it has one, else the family's template from the original code."""
+        hf = self.tokenizer._tokenizer
+        if hf.chat_template:
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+            messages = [{"role": "user", "content": content}]
+            if system is not None:
+                messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+            prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            bos = hf.bos_token
+            return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
+        return family_prompt(self.family, f"{IMAGE_TOKEN}\n" * num_images + question, system)
+
+    def tokenize(self, prompt: str) -> List[int]:
+        """Token ids with IMAGE_PLACEHOLDER for each `<image>` (original chunked tokenisation)."""
+        hf = self.tokenizer._tokenizer
+        chunks = [hf(chunk).input_ids for chunk in prompt.split(IMAGE_TOKEN)]
+        bos = hf.bos_token_id
+        offset = 1 if chunks and chunks[0] and bos is not None and chunks[0][0] == bos else 0
+        ids = chunks[0][:] if offset else []
+        for i, chunk in enumerate(chunks):
+            if i > 0:
+                ids.append(IMAGE_PLACEHOLDER)
+            ids.extend(chunk[offset:])
+        return ids
+
+    # -- images -----------------------------------------------------------------------
+    def preprocess(self, images: Sequence) -> tuple:
+        """(pixel_values (n_crops, H, W, 3) float32, image_sizes (n, 2) as (width, height))."""
+        images = [load_image(im) for im in images]
+        c = self.image_config
+        crops = [
+            preprocess_image(
+                im,
+                self.config.image_aspect_ratio,
+                self.config.image_grid_pinpoints,
+                c["size"],
+                c["crop"],
+                c["mean"],
+                c["std"],
+            )
+            for im in images
+        ]
+        return np.concatenate(crops), np.array([im.size for im in images], dtype=np.int32)
+
+    def __call__(self, prompt: str, images: Sequence = ()) -> dict:
+        """Inputs for `model(**inputs)`: the raw prompt, one `<image>` per image, no template."""
+        images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        count = prompt.count(IMAGE_TOKEN)
+        if count != len(images):
+            raise LlavaError(f"the prompt has {count} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s) were given")
+        ids = self.tokenize(prompt)
+        inputs = {"input_ids": mx.array([ids], dtype=mx.int32), "pixel_values": None, "image_sizes": None}
+        if images:
+            pixels, sizes = self.preprocess(images)
+            inputs["pixel_values"] = mx.array(pixels)
+            inputs["image_sizes"] = mx.array(sizes)
+        return inputs
+
+    def sequence_length(self, input_ids, image_sizes) -> int:
+        """Length of the merged sequence the decoder sees."""
+        ids = np.asarray(input_ids).reshape(-1)
+        sizes = [] if image_sizes is None else np.asarray(image_sizes).reshape(-1, 2)
+        images = sum(self.config.image_token_count(tuple(int(v) for v in s)) for s in sizes)
+        return int((ids != IMAGE_PLACEHOLDER).sum()) + images
+
+
+def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -> dict:
+    """Resize / crop / normalisation settings: the checkpoint's preprocessor_config.json,
+    else the vision tower's (original layout), else CLIP's defaults at the tower's size."""
+    raw = {}
+    for directory in (path, tower_dir):
+        if directory is not None and (directory / "preprocessor_config.json").exists():
+            with open(directory / "preprocessor_config.json", encoding="utf-8") as f:
+                raw = json.load(f)
+            break
+    side = config.vision.image_size
+
+    def edge(value, key):
+        if isinstance(value, dict):
+            return int(value.get(key) or value.get("height") or side)
+        return int(value) if value else side
+
+    return {
+        "size": edge(raw.get("size"), "shortest_edge"),
+        "crop": edge(raw.get("crop_size"), "height"),
+        "mean": tuple(raw.get("image_mean", CLIP_MEAN)),
+        "std": tuple(raw.get("image_std", CLIP_STD)),
+    }
