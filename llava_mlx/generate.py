@@ -17,8 +17,9 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step as lm_generate_step
 from mlx_lm.sample_utils import make_sampler
 
+from .cache import SessionCache, sequence_keys
 from .errors import LlavaError
-from .model import IMAGE_PLACEHOLDER
+from .processor import load_image
 
 DEFAULT_MODEL = "mlx-community/llava-v1.6-mistral-7b-4bit"
 DEFAULT_PROMPT = "Describe this image."
@@ -59,51 +60,12 @@ class GenerationResult:
     finish_reason: Optional[str] = None
 
 
-def prepare_prompt(processor, prompt: str, num_images: int, template: bool, system: Optional[str]) -> str:
+def prepare_prompt(processor, prompt: str, num_images: int, template: bool, system=None, history=()) -> str:
     """The prompt to tokenise: as written, or the question in the chat template."""
     if not template:
         return prompt
     question = prompt.replace("<image>\n", "").replace("<image>", "")
-    return processor.apply_template(question, num_images, system)
-
-
-def step_generator(
-    model,
-    input_ids,
-    pixel_values=None,
-    image_sizes=None,
-    *,
-    image_features=None,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    sampler=None,
-    prompt_cache=None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP,
-    kv_bits: Optional[int] = None,
-    max_kv_size: Optional[int] = None,
-    context: Optional[int] = None,
-):
-    """(token, logprobs) pairs; mlx-lm's generate_step over the merged embeddings.
-
-    Returns the generator and the merged prompt length.
-    """
-    embeddings = model.embed(input_ids, pixel_values, image_sizes, image_features)[0]
-    length = embeddings.shape[0]
-    context = context or model.config.context_length
-    if length > context:
-        raise LlavaError(f"the prompt is {length} positions long (images included) but the context is {context}")
-    max_tokens = min(max_tokens, context - length) if max_tokens >= 0 else context - length
-    steps = lm_generate_step(
-        mx.zeros((length,), dtype=mx.int32),
-        model.language_model,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        prompt_cache=prompt_cache,
-        prefill_step_size=prefill_step_size,
-        kv_bits=kv_bits,
-        max_kv_size=max_kv_size,
-        input_embeddings=embeddings,
-    )
-    return steps, length
+    return processor.apply_template(question, num_images, system, history)
 
 
 def stream_generate(
@@ -117,46 +79,58 @@ def stream_generate(
     seed: Optional[int] = None,
     template: bool = True,
     system: Optional[str] = None,
+    history: Sequence = (),
     ignore_eos: bool = False,
     prefill_step_size: int = DEFAULT_PREFILL_STEP,
     kv_bits: Optional[int] = None,
     max_kv_size: Optional[int] = None,
+    cache: Optional[SessionCache] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield the answer piece by piece (`.text`), with timing and peak memory.
 
     `template=False` uses `prompt` as written (one `<image>` per image); otherwise the
-    question is wrapped in the checkpoint's chat template with the images first.
+    question is put in the checkpoint's chat template, images first, after the earlier
+    turns in `history` [(question, answer), ...]. Passing the same `cache` (SessionCache)
+    to successive calls reuses encoded images and the KV cache of the shared prefix.
     """
     start = time.perf_counter()
     if seed is not None:
         mx.random.seed(seed)
-    images = [images] if isinstance(images, str) else list(images)
-    text = prepare_prompt(processor, prompt, len(images), template, system)
-    inputs = processor(text, images)
-    ids = inputs["input_ids"]
-    encode_time, features = 0.0, None
-    if inputs["pixel_values"] is not None:
-        tic = time.perf_counter()
-        features = model.image_features(inputs["pixel_values"], inputs["image_sizes"])
-        mx.eval(features)
-        encode_time = time.perf_counter() - tic
-    image_positions = sum(f.shape[0] for f in features) if features else 0
-    steps, length = step_generator(
-        model,
-        ids,
-        image_features=features or [],
+    images = [load_image(im) for im in ([images] if isinstance(images, str) else images)]
+    text = prepare_prompt(processor, prompt, len(images), template, system, history)
+    ids = processor.encode_prompt(text, len(images))
+    cache = cache if cache is not None else SessionCache()
+
+    tic = time.perf_counter()
+    image_keys, features = cache.image_features(model, processor, images)
+    encode_time = time.perf_counter() - tic
+    keys = sequence_keys(ids, image_keys, features)
+    length, context = len(keys), model.config.context_length
+    if length > context:
+        raise LlavaError(f"the prompt is {length} positions long (images included) but the context is {context}")
+    max_tokens = min(max_tokens, context - length) if max_tokens >= 0 else context - length
+
+    kv, reused = cache.prefix(model, keys, kv_bits, max_kv_size)
+    embeddings = model.embed(ids, image_features=features)[0][reused:]
+    steps = lm_generate_step(
+        mx.zeros((length - reused,), dtype=mx.int32),
+        model.language_model,
         max_tokens=max_tokens,
         sampler=make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
+        prompt_cache=kv,
         prefill_step_size=prefill_step_size,
         kv_bits=kv_bits,
-        max_kv_size=max_kv_size,
+        quantized_kv_start=0,
+        input_embeddings=embeddings,
     )
     tokenizer = processor.tokenizer
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    ttft, prompt_tps, tic, n, token = 0.0, 0.0, start, 0, None
+    image_positions = length - (len(ids) - len(images))
+    ttft, prompt_tps, tic, token, generated = 0.0, 0.0, start, None, []
 
     def response(text, finish=None):
+        n = len(generated) - (finish == "stop")
         elapsed = time.perf_counter() - tic
         return GenerationResponse(
             text=text,
@@ -173,19 +147,22 @@ def stream_generate(
         )
 
     finish = "length"
-    for token, _ in steps:
-        if n == 0:
-            ttft = time.perf_counter() - start
-            prompt_tps = length / ttft
-            tic = time.perf_counter()
-        if token in tokenizer.eos_token_ids and not ignore_eos:
-            finish = "stop"
-            break
-        n += 1
-        detokenizer.add_token(token)
-        yield response(detokenizer.last_segment)
-    detokenizer.finalize()
-    yield response(detokenizer.last_segment, finish)
+    try:
+        for token, _ in steps:
+            if not generated:
+                ttft = time.perf_counter() - start
+                prompt_tps = (length - reused) / ttft
+                tic = time.perf_counter()
+            generated.append(token)
+            if token in tokenizer.eos_token_ids and not ignore_eos:
+                finish = "stop"
+                break
+            detokenizer.add_token(token)
+            yield response(detokenizer.last_segment)
+        detokenizer.finalize()
+        yield response(detokenizer.last_segment, finish)
+    finally:
+        cache.record(keys, generated)
 
 
 def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
@@ -221,42 +198,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (replaces the template's)")
     p.add_argument("--no-template", action="store_true", help="use --prompt as written, <image> placeholders included")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--chat", action="store_true", help="after --prompt (if given), read more questions from stdin")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
     p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
     p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions")
     return p
 
 
+def chat_questions(first: Optional[str], interactive: bool):
+    """--prompt, then (with --chat) one question per line of stdin until EOF or 'q'."""
+    if first:
+        yield first
+    if not interactive:
+        return
+    while True:
+        if sys.stdin.isatty():
+            print(">> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("q", "quit", "exit"):
+            return
+        if line.strip():
+            yield line.strip()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .load import load
 
+    options = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_p=args.top_p,
+        seed=args.seed,
+        template=not args.no_template,
+        system=args.system,
+        prefill_step_size=args.prefill_step_size,
+        kv_bits=args.kv_bits,
+        max_kv_size=args.max_kv_size,
+    )
+    first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
     try:
         model, processor = load(args.model, vision_tower=args.vision_tower)
-        response = None
-        for response in stream_generate(
-            model,
-            processor,
-            args.prompt,
-            args.image,
-            max_tokens=args.max_tokens,
-            temperature=args.temp,
-            top_p=args.top_p,
-            seed=args.seed,
-            template=not args.no_template,
-            system=args.system,
-            prefill_step_size=args.prefill_step_size,
-            kv_bits=args.kv_bits,
-            max_kv_size=args.max_kv_size,
-        ):
-            print(response.text, end="", flush=True)
-        print()
+        cache, history, response = SessionCache(), [], None
+        for question in chat_questions(first, args.chat):
+            # The images belong to the first turn; later turns only prefill their new text.
+            answer = []
+            for response in stream_generate(
+                model, processor, question, args.image, history=history, cache=cache, **options
+            ):
+                print(response.text, end="", flush=True)
+                answer.append(response.text)
+            print(flush=True)
+            history.append((question, "".join(answer).strip()))
+            report(response)
     except LlavaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    r = response
+    return 0
+
+
+def report(r: GenerationResponse):
     print(
         f"Prompt: {r.prompt_tokens} tokens ({r.image_positions} image positions), "
         f"{r.prompt_tps:.1f} tokens/s\n"
@@ -264,4 +267,3 @@ def main(argv=None) -> int:
         f"Peak memory: {r.peak_memory:.3f} GB",
         file=sys.stderr,
     )
-    return 0

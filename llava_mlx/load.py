@@ -84,12 +84,25 @@ def pinpoints(value):
     return ast.literal_eval(value) if isinstance(value, str) else value
 
 
-def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]:
-    """(layout, normalised config) from any layout's config.json."""
+def detect_layout(raw: dict) -> str:
+    """'mlx' (ours), 'original' (liuhaotian) or 'llava-hf' (transformers 4/5, mlx-community)."""
     model_type = raw.get("model_type", "")
     if model_type == MLX_FORMAT:
-        return "mlx", LlavaConfig.from_dict(raw)
+        return "mlx"
+    # liuhaotian's v1.5 configs say model_type 'llava' too: the mm_* keys tell them apart.
+    if model_type in ("llava_llama", "llava_mistral") or "mm_vision_tower" in raw:
+        return "original"
     if model_type in ("llava", "llava_next"):
+        return "llava-hf"
+    raise LlavaError(f"unknown model type '{model_type}': not a LLaVA 1.5/1.6 checkpoint")
+
+
+def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]:
+    """(layout, normalised config) from any layout's config.json."""
+    layout, model_type = detect_layout(raw), raw.get("model_type", "")
+    if layout == "mlx":
+        return layout, LlavaConfig.from_dict(raw)
+    if layout == "llava-hf":
         text = dict(raw.get("text_config") or {})
         text.setdefault("model_type", "llama")
         if "vocab_size" in raw:
@@ -111,7 +124,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             patch_merge_type="spatial_unpad" if next_ else "flat",
             quantization=raw.get("quantization"),
         )
-    if model_type in ("llava_llama", "llava_mistral") or "mm_vision_tower" in raw:
+    if layout == "original":
         text = dict(raw)
         if model_type not in ("llava_llama", "llava_mistral"):
             text["model_type"] = "llava_mistral" if "Mistral" in str(raw.get("architectures")) else "llava_llama"
@@ -128,7 +141,6 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             max_length=raw.get("tokenizer_model_max_length"),
             quantization=raw.get("quantization"),
         )
-    raise LlavaError(f"unknown model type '{model_type}': not a LLaVA 1.5/1.6 checkpoint")
 
 
 # Name rewrites, first match wins: every layout's names → ours (llava-hf 4.x names).
@@ -145,6 +157,8 @@ RENAMES = [
     ("model.", "language_model.model."),  # original decoder
     ("lm_head.", "language_model.lm_head."),
 ]
+# Parameters the vision tower reads as plain arrays (never quantized modules).
+READ_RAW = ("vision_tower.embeddings.position_embedding", "vision_tower.embeddings.patch_embedding")
 DROPPED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "vision_tower.post_layernorm.")
 
 
@@ -176,6 +190,16 @@ def sanitize(weights: Dict[str, mx.array], config: LlavaConfig) -> Dict[str, mx.
         out[key] = value
     if config.text_config["tie_word_embeddings"]:
         out.pop("language_model.lm_head.weight", None)
+    for name in READ_RAW:
+        if f"{name}.scales" in out:  # quantized by another tool: we read it as a plain array
+            q = config.quantization or {}
+            out[f"{name}.weight"] = mx.dequantize(
+                out[f"{name}.weight"],
+                out.pop(f"{name}.scales"),
+                out.pop(f"{name}.biases"),
+                group_size=q.get("group_size", 64),
+                bits=q.get("bits", 4),
+            )
     return out
 
 
@@ -235,7 +259,7 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
     raw = read_json(path / "config.json")
     weights = load_weights(path)
     tower_dir = None
-    if raw.get("model_type") not in ("llava", "llava_next", MLX_FORMAT) and "mm_vision_tower" in raw:
+    if detect_layout(raw) == "original":
         has_tower = any("vision_tower.vision_tower." in k for k in weights)
         location = tower_location(raw, vision_tower)
         tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None

@@ -9,6 +9,7 @@ text right after `<image>` can come out differently.
 import io
 import json
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -33,19 +34,27 @@ LLAVA_V1_SYSTEM = (
 CHATML_SYSTEM = "Answer the questions."
 
 
-def family_prompt(family: str, question: str, system: Optional[str] = None) -> str:
-    """One user turn in the original template of `family`, ready for the answer."""
+def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) -> str:
+    """A conversation in the original template of `family`, ready for the next answer.
+
+    `turns` is [(question, answer), ..., (question, None)], as conversation.py renders them.
+    """
     if family == "mistral_instruct":
         head = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
-        return f"[INST] {head}{question} [/INST]"
+        parts = [f"[INST] {head if i == 0 else ''}{q} [/INST]" + (f" {a} </s>" if a is not None else "") for i, (q, a) in enumerate(turns)]
+        return "".join(parts)
     if family == "chatml_direct":
         system = CHATML_SYSTEM if system is None else system
-        return (
-            f"<|im_start|>system\n{system}<|im_end|><|im_start|>user\n{question}<|im_end|>"
-            "<|im_start|>assistant\n"
-        )
+        text = f"<|im_start|>system\n{system}<|im_end|>"
+        for q, a in turns:
+            text += f"<|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n"
+            text += f"{a}<|im_end|>" if a is not None else ""
+        return text
     system = LLAVA_V1_SYSTEM if system is None else system
-    return f"{system} USER: {question} ASSISTANT:"
+    text = f"{system} "
+    for q, a in turns:
+        text += f"USER: {q} ASSISTANT:" + (f" {a}</s>" if a is not None else "")
+    return text
 
 
 def template_family(config: LlavaConfig, tokenizer) -> str:
@@ -112,11 +121,18 @@ class Processor:
     @classmethod
     def from_checkpoint(cls, path: Path, config: LlavaConfig, tower_dir: Optional[Path] = None):
         from mlx_lm.tokenizer_utils import load as load_tokenizer
+        from transformers.utils import logging as hf_logging
 
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns about LLaVA's keys
         try:
-            tokenizer = load_tokenizer(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tokenizer = load_tokenizer(path)
         except (OSError, ValueError, TypeError) as e:
             raise LlavaError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
         vocab = tokenizer.get_vocab()
         for stop in ("<|im_end|>",):  # chatml ends a turn with its own token
             if stop in vocab:
@@ -124,19 +140,24 @@ class Processor:
         return cls(tokenizer, config, image_settings(path, tower_dir, config))
 
     # -- prompts ----------------------------------------------------------------------
-    def apply_template(self, question: str, num_images: int = 1, system: Optional[str] = None) -> str:
-        """The question as one user turn, images first: the checkpoint's own chat template
-        when it has one, else the family's template from the original code."""
+    def apply_template(self, question: str, num_images: int = 1, system: Optional[str] = None, history: Sequence = ()) -> str:
+        """The conversation so far plus `question`, images in the first user turn: in the
+        checkpoint's own chat template when it has one, else the family's template from
+        the original code. `history` holds earlier (question, answer) turns."""
+        turns = [list(t) for t in history] + [[question, None]]
+        turns[0][0] = f"{IMAGE_TOKEN}\n" * num_images + turns[0][0]
         hf = self.tokenizer._tokenizer
-        if hf.chat_template:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-            messages = [{"role": "user", "content": content}]
-            if system is not None:
-                messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
-            prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            bos = hf.bos_token
-            return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
-        return family_prompt(self.family, f"{IMAGE_TOKEN}\n" * num_images + question, system)
+        if not hf.chat_template:
+            return family_prompt(self.family, turns, system)
+        messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
+        for i, (q, a) in enumerate(turns):
+            content = [{"type": "image"}] * (num_images if i == 0 else 0) + [{"type": "text", "text": q.replace(f"{IMAGE_TOKEN}\n", "")}]
+            messages.append({"role": "user", "content": content})
+            if a is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+        prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = hf.bos_token
+        return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
 
     def tokenize(self, prompt: str) -> List[int]:
         """Token ids with IMAGE_PLACEHOLDER for each `<image>` (original chunked tokenisation)."""
@@ -170,26 +191,23 @@ class Processor:
         ]
         return np.concatenate(crops), np.array([im.size for im in images], dtype=np.int32)
 
+    def encode_prompt(self, prompt: str, num_images: int) -> List[int]:
+        """`tokenize`, after checking there is one `<image>` per image."""
+        count = prompt.count(IMAGE_TOKEN)
+        if count != num_images:
+            raise LlavaError(f"the prompt has {count} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given")
+        return self.tokenize(prompt)
+
     def __call__(self, prompt: str, images: Sequence = ()) -> dict:
         """Inputs for `model(**inputs)`: the raw prompt, one `<image>` per image, no template."""
         images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
-        count = prompt.count(IMAGE_TOKEN)
-        if count != len(images):
-            raise LlavaError(f"the prompt has {count} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s) were given")
-        ids = self.tokenize(prompt)
+        ids = self.encode_prompt(prompt, len(images))
         inputs = {"input_ids": mx.array([ids], dtype=mx.int32), "pixel_values": None, "image_sizes": None}
         if images:
             pixels, sizes = self.preprocess(images)
             inputs["pixel_values"] = mx.array(pixels)
             inputs["image_sizes"] = mx.array(sizes)
         return inputs
-
-    def sequence_length(self, input_ids, image_sizes) -> int:
-        """Length of the merged sequence the decoder sees."""
-        ids = np.asarray(input_ids).reshape(-1)
-        sizes = [] if image_sizes is None else np.asarray(image_sizes).reshape(-1, 2)
-        images = sum(self.config.image_token_count(tuple(int(v) for v in s)) for s in sizes)
-        return int((ids != IMAGE_PLACEHOLDER).sum()) + images
 
 
 def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -> dict:

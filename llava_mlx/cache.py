@@ -1,0 +1,97 @@
+"""Reuse between calls: image features by image content, and the KV cache of the shared
+prompt prefix. Re-asking about the same image neither re-encodes it nor re-runs the
+positions the new prompt shares with what the cache already holds (the system prompt,
+the image, earlier turns of a chat).
+"""
+
+import hashlib
+from collections import OrderedDict
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from PIL import Image
+
+from .model import IMAGE_PLACEHOLDER
+
+DEFAULT_MAX_IMAGES = 8
+
+
+def image_key(image: Image.Image) -> str:
+    """Identity of an image by content (pixels and size), not by file name."""
+    digest = hashlib.sha1(image.tobytes())
+    digest.update(repr(image.size).encode())
+    return digest.hexdigest()
+
+
+def sequence_keys(input_ids, image_keys: List[str], features: List[mx.array]) -> list:
+    """What each position of the merged sequence holds: a token id or (image, index)."""
+    keys, images = [], iter(zip(image_keys, features))
+    for token in input_ids:
+        if token == IMAGE_PLACEHOLDER:
+            key, feats = next(images)
+            keys.extend((key, i) for i in range(feats.shape[0]))
+        else:
+            keys.append(int(token))
+    return keys
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class SessionCache:
+    """Pass the same instance to successive `stream_generate` calls to reuse work."""
+
+    def __init__(self, max_images: int = DEFAULT_MAX_IMAGES):
+        self.max_images = max_images
+        self.features: "OrderedDict[str, mx.array]" = OrderedDict()
+        self.kv = None  # mlx-lm per-layer caches
+        self.keys: list = []  # what `kv` holds, position by position
+        self.kv_options = None
+
+    def image_features(self, model, processor, images: List[Image.Image]) -> Tuple[List[str], List[mx.array]]:
+        """(keys, features) of RGB images, encoding only those not seen before (one batch)."""
+        keys = [image_key(im) for im in images]
+        new = [(k, im) for k, im in zip(keys, images) if k not in self.features]
+        new = list(OrderedDict(new).items())  # the same image twice is encoded once
+        if new:
+            pixels, sizes = processor.preprocess([im for _, im in new])
+            encoded = model.image_features(mx.array(pixels), sizes)
+            mx.eval(encoded)
+            for (k, _), feats in zip(new, encoded):
+                self.features[k] = feats
+        for k in keys:
+            self.features.move_to_end(k)
+        result = [self.features[k] for k in keys]
+        while len(self.features) > self.max_images:
+            self.features.popitem(last=False)
+        return keys, result
+
+    def prefix(self, model, keys: list, kv_bits: Optional[int], max_kv_size: Optional[int]) -> Tuple[list, int]:
+        """A KV cache holding the longest reusable prefix of `keys`, and its length.
+
+        At least the last position is always left to run, to get its logits.
+        """
+        options = (kv_bits, max_kv_size)
+        reuse = common_prefix(self.keys, keys) if self.kv is not None and options == self.kv_options else 0
+        reuse = min(reuse, len(keys) - 1)
+        if reuse > 0 and reuse < len(self.keys):
+            if can_trim_prompt_cache(self.kv):
+                trim_prompt_cache(self.kv, len(self.keys) - reuse)
+            else:
+                reuse = 0
+        if reuse == 0:
+            self.kv = make_prompt_cache(model.language_model, max_kv_size=max_kv_size)
+        self.kv_options = options
+        self.keys = keys[:reuse]
+        return self.kv, reuse
+
+    def record(self, keys: list, generated: List[int]):
+        """Remember what the KV cache holds after a generation."""
+        held = self.kv[0].offset if self.kv else 0
+        self.keys = (keys + list(generated))[:held]

@@ -1,0 +1,39 @@
+"""Session fixtures: tiny checkpoints in every layout and test images, built once."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded by the tests
+
+from fixtures.build import build_all  # noqa: E402
+from fixtures.images import make_images  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    return build_all(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoints):
+    """Load each checkpoint once: loaded(name) -> (model, processor)."""
+    from llava_mlx import load
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = load(str(checkpoints[name]))
+        return cache[name]
+
+    return get
