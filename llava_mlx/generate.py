@@ -68,6 +68,23 @@ def prepare_prompt(processor, prompt: str, num_images: int, template: bool, syst
     return processor.apply_template(question, num_images, system, history)
 
 
+def vocabulary_sampler(sampler, vocabulary: int, rows: int):
+    """Never pick ids past the tokenizer's base vocabulary.
+
+    llava-hf pads the embeddings (32000 -> 32064 rows) and adds `<image>` and `<pad>`:
+    ids the original model, with its 32000 rows, could not produce.
+    """
+    if rows <= vocabulary:
+        return sampler
+    mask = mx.where(mx.arange(rows) < vocabulary, 0.0, -mx.inf)
+
+    def sample(logprobs):
+        logprobs = logprobs + mask
+        return sampler(logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True))
+
+    return sample
+
+
 def stream_generate(
     model,
     processor,
@@ -116,7 +133,11 @@ def stream_generate(
         mx.zeros((length - reused,), dtype=mx.int32),
         model.language_model,
         max_tokens=max_tokens,
-        sampler=make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
+        sampler=vocabulary_sampler(
+            make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
+            processor.tokenizer.vocab_size,
+            model.config.text_config["vocab_size"],
+        ),
         prompt_cache=kv,
         prefill_step_size=prefill_step_size,
         kv_bits=kv_bits,

@@ -220,8 +220,8 @@ def load_weights(path: Path) -> Dict[str, mx.array]:
     if not files:
         if glob.glob(str(path / "*.bin")):
             raise LlavaError(
-                f"{path} has only PyTorch .bin weights; convert them to safetensors first "
-                "(e.g. with transformers' save_pretrained(safe_serialization=True))"
+                f"{path} has only PyTorch .bin weights; convert the checkpoint first "
+                f"(python convert.py --model {path} --out DIR, with torch installed)"
             )
         raise LlavaError(f"no weights (*.safetensors) in {path}")
     weights = {}

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
 from .errors import LlavaError
 from .model import IMAGE_PLACEHOLDER, LlavaConfig
+from .tokenizer import SentencePieceTokenizer
 
 IMAGE_TOKEN = "<image>"
 # Larger images are refused before decoding them (a decompression bomb guard).
@@ -112,8 +113,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class Processor:
     """Callable as `processor(prompt, images)` → dict of input_ids, pixel_values, image_sizes."""
 
-    def __init__(self, tokenizer, config: LlavaConfig, image_config: dict):
+    def __init__(self, tokenizer, config: LlavaConfig, image_config: dict, sentencepiece=None):
         self.tokenizer = tokenizer  # mlx-lm TokenizerWrapper (streaming detokenizer, EOS ids)
+        self.sentencepiece = sentencepiece  # the original's tokenisation, when tokenizer.model exists
         self.config = config
         self.image_config = image_config
         self.family = template_family(config, tokenizer)
@@ -137,7 +139,10 @@ class Processor:
         for stop in ("<|im_end|>",):  # chatml ends a turn with its own token
             if stop in vocab:
                 tokenizer.add_eos_token(stop)
-        return cls(tokenizer, config, image_settings(path, tower_dir, config))
+        # The original ran Mistral's converted fast tokenizer (legacy rules), others slow.
+        legacy = True if config.text_config["model_type"] == "mistral" else None
+        sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
+        return cls(tokenizer, config, image_settings(path, tower_dir, config), sentencepiece)
 
     # -- prompts ----------------------------------------------------------------------
     def apply_template(self, question: str, num_images: int = 1, system: Optional[str] = None, history: Sequence = ()) -> str:
@@ -162,10 +167,11 @@ class Processor:
     def tokenize(self, prompt: str) -> List[int]:
         """Token ids with IMAGE_PLACEHOLDER for each `<image>` (original chunked tokenisation)."""
         hf = self.tokenizer._tokenizer
-        chunks = [hf(chunk).input_ids for chunk in prompt.split(IMAGE_TOKEN)]
+        encode = self.sentencepiece.encode if self.sentencepiece else (lambda text: hf(text).input_ids)
+        chunks = [encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]
         bos = hf.bos_token_id
         offset = 1 if chunks and chunks[0] and bos is not None and chunks[0][0] == bos else 0
-        ids = chunks[0][:] if offset else []
+        ids = [bos] if offset else []
         for i, chunk in enumerate(chunks):
             if i > 0:
                 ids.append(IMAGE_PLACEHOLDER)

@@ -1,0 +1,457 @@
+"""Conversion: any LLaVA checkpoint → one MLX layout, optionally 4-/8-bit quantized.
+
+    python convert.py --model llava-hf/llava-v1.6-mistral-7b-hf --out llava-v1.6-mistral-4bit -q
+    from llava_mlx import convert; convert("llava-hf/llava-v1.6-mistral-7b-hf", "out", quantize=True)
+
+Reading goes through the loader (`load_model`: every layout, names sanitised, shapes
+checked), so whatever loads converts; PyTorch `.bin` weights are first re-saved as
+safetensors in a scratch directory. The output is one layout: safetensors shards of at
+most 5 GB with an index, `config.json` = the normalised `LlavaConfig` (model_type
+"llava_mlx", vision tower config included), the tokenizer and chat-template files,
+`preprocessor_config.json` with the effective image settings, and a `quantization` block
+when quantized. It is written into a temporary directory beside `out` and renamed into
+place at the end: an error leaves nothing behind and a previous `out` untouched.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
+
+from .errors import LlavaError
+from .load import HUB_PATTERNS, MLX_FORMAT, detect_layout, load_model, load_weights, read_json, resolve, tower_location
+from .model import LlavaConfig, LlavaModel
+
+QUANT_BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_BITS = 4
+DEFAULT_GROUP_SIZE = 64
+DTYPES = ("float16", "bfloat16", "float32")
+# Quantized only with --quantize-vision.
+VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
+# Never quantized: vision.py reads the patch and position embeddings' `.weight` directly.
+NEVER_QUANTIZED = ("vision_tower.embeddings.",)
+# Copied as they are when the checkpoint has them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "generation_config.json",
+)
+TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer.model", "vocab.json")
+PREPROCESSOR = "preprocessor_config.json"
+INDEX = "model.safetensors.index.json"
+
+
+# -- quantization -----------------------------------------------------------------------
+def quantize_choice(path: str, module: nn.Module, group_size: int, quantize_vision: bool) -> Optional[str]:
+    """'quantize', 'skip' (input width not a multiple of the group size) or None (out of scope)."""
+    if not hasattr(module, "to_quantized") or path.startswith(NEVER_QUANTIZED):
+        return None
+    if path.startswith(VISION_PARTS) and not quantize_vision:
+        return None
+    return "quantize" if module.weight.shape[-1] % group_size == 0 else "skip"
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int, quantize_vision: bool) -> dict:
+    """Quantize `model` in place (lazily); returns the config's `quantization` block."""
+    choices = {}
+
+    def predicate(path, module):
+        choice = quantize_choice(path, module, group_size, quantize_vision)
+        if choice:
+            choices[path] = choice
+        return choice == "quantize"
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    modules = sorted(p for p, c in choices.items() if c == "quantize")
+    skipped = sorted(p for p, c in choices.items() if c == "skip")
+    if not modules:
+        widths = sorted({int(m.weight.shape[-1]) for p, m in model.named_modules() if p in choices})
+        raise LlavaError(
+            f"group size {group_size} divides the input width of no layer to quantize "
+            f"(widths {', '.join(map(str, widths))}); choose another --q-group-size"
+        )
+    return {"group_size": group_size, "bits": bits, "modules": modules, "skipped": skipped}
+
+
+def quantized_modules(model: nn.Module) -> list:
+    return sorted(p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+
+
+def existing_quantization(model: nn.Module, config: LlavaConfig) -> dict:
+    """The block for an already-quantized checkpoint converted as it is."""
+    modules = quantized_modules(model)
+    group_size = config.quantization["group_size"]
+    vision = any(p.startswith(VISION_PARTS) for p in modules)
+    skipped = sorted(
+        p
+        for p, m in model.named_modules()
+        if p not in modules and quantize_choice(p, m, group_size, vision) == "skip"
+    )
+    return {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
+
+
+def cast(model: nn.Module, dtype):
+    """Float parameters to `dtype` (lazily); quantized uint32 weights stay as they are."""
+
+    def to(value):
+        return value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
+
+    model.update(tree_map(to, model.parameters()))
+
+
+def estimate_bytes(
+    config: LlavaConfig,
+    bits: Optional[int] = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    quantize_vision: bool = False,
+    dtype: str = "float16",
+) -> int:
+    """Bytes of the weights `convert` writes for `config`, computed from shapes alone.
+
+    The model is built lazily (nothing is allocated or computed), cast and quantized
+    exactly as `convert` does; MLX's quantized storage is the weight packed into uint32
+    (`bits` per value) plus a scale and a bias in `dtype` per group of `group_size`.
+    `bits=None`: unquantized.
+    """
+    config = LlavaConfig.from_dict({**config.to_dict(), "quantization": None})
+    model = LlavaModel(config)
+    cast(model, getattr(mx, dtype))
+    if bits:
+        quantize_model(model, bits, group_size, quantize_vision)
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+# -- reading ----------------------------------------------------------------------------
+def has_safetensors(path: Path) -> bool:
+    return bool(glob.glob(str(path / "*.safetensors")))
+
+
+def stage_bin(src: Path, scratch: Path) -> Path:
+    """A copy of checkpoint `src` whose PyTorch `.bin` weights are re-saved as safetensors
+    (the loader reads only those); other files are linked. One `.bin` file in memory at a time."""
+    try:
+        import torch
+    except ImportError:
+        raise LlavaError(f"{src} has only PyTorch .bin weights: reading them needs torch (pip install torch)") from None
+    scratch.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.suffix != ".bin" and item.name != "pytorch_model.bin.index.json":
+            os.symlink(item.resolve(), scratch / item.name)
+    for file in sorted(src.glob("*.bin")):
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # pickle / zip errors of every kind
+            raise LlavaError(f"cannot read weights {file}: {str(e).splitlines()[0]}") from None
+        arrays = {}
+        for key, tensor in state.items():
+            tensor = tensor.detach().contiguous()
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
+                arrays[key] = mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
+            else:
+                arrays[key] = mx.array(tensor.numpy())
+        mx.save_safetensors(str(scratch / (file.stem + ".safetensors")), arrays)
+        del state, arrays
+    return scratch
+
+
+def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
+    """A directory with safetensors weights: the checkpoint itself, or its `.bin` re-saved."""
+    path = resolve(path_or_repo, what)
+    if not has_safetensors(path) and not (path / INDEX).exists():
+        if not glob.glob(str(path / "*.bin")) and not Path(path_or_repo).expanduser().is_dir():
+            path = resolve(path_or_repo, what, HUB_PATTERNS + ["*.bin"])  # a hub repo with .bin only
+        if glob.glob(str(path / "*.bin")):
+            return stage_bin(path, scratch)
+    return path
+
+
+def read_source(model: str, vision_tower: Optional[str], scratch: Path):
+    """(model, config, source dir, tower dir, raw config) through the loader."""
+    path = local_checkpoint(model, "model", scratch / "model")
+    raw = read_json(path / "config.json")
+    if vision_tower is None and detect_layout(raw) == "original":
+        # The original layout names its CLIP tower; stage it too if it ships .bin only and
+        # the checkpoint has no tower weights of its own (LLaVA-1.5).
+        location = tower_location(raw, None)
+        if location and "mm_vision_tower" in raw and not _ships_tower(path):
+            vision_tower = str(local_checkpoint(location, "vision tower", scratch / "tower"))
+    elif vision_tower is not None:
+        vision_tower = str(local_checkpoint(vision_tower, "vision tower", scratch / "tower"))
+    loaded, config, tower_dir = load_model(path, vision_tower, lazy=True)
+    return loaded, config, path, tower_dir, raw
+
+
+def _ships_tower(path: Path) -> bool:
+    return any("vision_tower." in k for k in load_weights(path))  # lazy: names only
+
+
+def default_dtype(raw: dict) -> Optional[str]:
+    """The checkpoint's own dtype (config torch_dtype / dtype), as mlx-lm's convert reads it."""
+    for params in (raw, raw.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            if params.get(key) in DTYPES:
+                return params[key]
+    return None
+
+
+# -- writing ----------------------------------------------------------------------------
+def write_weights(model: nn.Module, directory: Path, progress: bool = True, shard_gb: int = MAX_FILE_SIZE_GB) -> int:
+    """Safetensors shards of at most `shard_gb` GB plus the index; returns the bytes written.
+
+    Each tensor is computed (read, cast, quantized) just before its shard is saved, and the
+    model's references are dropped first so memory holds one shard at a time.
+    """
+    from tqdm import tqdm
+
+    weights = dict(tree_flatten(model.parameters()))
+    model.update(tree_map(lambda _: mx.array([]), model.parameters()))
+    total = sum(v.nbytes for v in weights.values())
+    count = len(weights)
+    free = shutil.disk_usage(directory).free
+    if free < total:
+        raise LlavaError(f"not enough disk space in {directory.parent}: {total / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
+    shards = make_shards(weights, shard_gb)
+    del weights
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    with tqdm(total=count, unit="tensor", desc="Writing", disable=True if not progress else None) as bar:
+        for i, name in enumerate(names):
+            shard, shards[i] = shards[i], None
+            for value in shard.values():
+                mx.eval(value)
+                bar.update(1)
+            save_shard(directory / name, shard)
+            weight_map.update(dict.fromkeys(shard, name))
+            del shard
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json(directory / INDEX, index)
+    return total
+
+
+def save_shard(path: Path, shard: dict):
+    try:
+        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
+    except (RuntimeError, OSError, ValueError) as e:
+        raise LlavaError(f"cannot write {path}: {e}") from None
+
+
+def write_json(path: Path, data: dict):
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    except OSError as e:
+        raise LlavaError(f"cannot write {path}: {e}") from None
+
+
+def copy_files(path: Path, tower_dir: Optional[Path], config: LlavaConfig, out: Path):
+    """Tokenizer and chat-template files, and preprocessor_config.json with the effective
+    image settings: the checkpoint's, else the tower's, else CLIP's at the tower's size."""
+    from .processor import image_settings
+
+    if not any((path / name).exists() for name in TOKENIZER_REQUIRED):
+        raise LlavaError(f"no tokenizer in {path} (tokenizer.json or tokenizer.model)")
+    names = set(TOKENIZER_FILES) | {Path(p).name for p in glob.glob(str(path / "chat_template*"))}
+    for name in sorted(names):
+        if (path / name).is_file():
+            shutil.copyfile(path / name, out / name)
+    for directory in (path, tower_dir):
+        if directory is not None and (directory / PREPROCESSOR).is_file():
+            shutil.copyfile(directory / PREPROCESSOR, out / PREPROCESSOR)
+            return
+    s = image_settings(path, tower_dir, config)
+    write_json(
+        out / PREPROCESSOR,
+        {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": s["size"]},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": s["crop"], "width": s["crop"]},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(s["mean"]),
+            "image_std": list(s["std"]),
+            "do_convert_rgb": True,
+        },
+    )
+
+
+def replace_dir(new: Path, out: Path):
+    """Move the finished `new` to `out`; a previous `out` is removed only once `new` is in place."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / out.name)
+    try:
+        os.rename(new, out)
+    except OSError as e:
+        if old is not None:
+            os.rename(old / out.name, out)
+        raise LlavaError(f"cannot move the converted model to {out}: {e}") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out(out: Path, force: bool):
+    if out.exists() and not out.is_dir():
+        raise LlavaError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LlavaError(f"--out {out} already exists and is not empty; pass --force to replace it")
+
+
+def check_not_inside(out: Path, source: Optional[Path]):
+    if source is None:
+        return
+    source = source.resolve()
+    if source == out or out in source.parents:
+        raise LlavaError(f"--out {out} holds the checkpoint being converted ({source}); choose another directory")
+
+
+def convert(
+    model: str,
+    out: str,
+    quantize: bool = False,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    quantize_vision: bool = False,
+    vision_tower: Optional[str] = None,
+    force: bool = False,
+    progress: bool = True,
+    shard_gb: int = MAX_FILE_SIZE_GB,
+) -> Path:
+    """Convert the LLaVA checkpoint `model` (local directory or Hugging Face repo id) to
+    this project's MLX layout in `out`; returns `out`.
+
+    `quantize`: the decoder's linear layers, lm_head and embeddings to `q_bits` (4 or 8,
+    default 4) with groups of `q_group_size` (32, 64 or 128, default 64); the vision tower
+    and projector too with `quantize_vision`. `dtype`: float16, bfloat16 or float32 for
+    the float parameters (default: the checkpoint's config dtype, else as stored).
+    `vision_tower`: the CLIP tower of an original LLaVA-1.5 checkpoint. `force`: replace a
+    non-empty `out` (only once the new one is complete).
+    """
+    if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
+        raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
+    bits = DEFAULT_BITS if q_bits is None else q_bits
+    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else q_group_size
+    if bits not in QUANT_BITS:
+        raise LlavaError(f"--q-bits {bits} is not supported (choose {' or '.join(map(str, QUANT_BITS))})")
+    if group_size not in GROUP_SIZES:
+        raise LlavaError(f"--q-group-size {group_size} is not supported (choose {', '.join(map(str, GROUP_SIZES))})")
+    if dtype is not None and dtype not in DTYPES:
+        raise LlavaError(f"--dtype {dtype} is not supported (choose {', '.join(DTYPES)})")
+    out = Path(out).expanduser().absolute()
+    check_out(out, force)
+    local = Path(model).expanduser()
+    check_not_inside(out, local if local.is_dir() else None)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    except OSError as e:
+        raise LlavaError(f"cannot create the output directory beside {out}: {e}") from None
+    try:
+        scratch = tmp / ".scratch"  # .bin weights re-saved as safetensors, removed at the end
+        result = tmp / "model"
+        result.mkdir()
+        loaded, config, path, tower_dir, raw = read_source(model, vision_tower, scratch)
+        check_not_inside(out, path)
+        check_not_inside(out, tower_dir)
+        if quantize and config.quantization:
+            q = config.quantization
+            raise LlavaError(
+                f"{model} is already quantized ({q['bits']}-bit, group size {q['group_size']}); "
+                "convert it without -q, or quantize the float checkpoint"
+            )
+        dtype = dtype or default_dtype(raw)
+        if dtype:
+            cast(loaded, getattr(mx, dtype))
+        if quantize:
+            block = quantize_model(loaded, bits, group_size, quantize_vision)
+        elif config.quantization:
+            block = existing_quantization(loaded, config)
+        else:
+            block = None
+        copy_files(path, tower_dir, config, result)
+        params = {"model_type": MLX_FORMAT, **LlavaConfig.from_dict({**config.to_dict(), "quantization": block}).to_dict()}
+        write_json(result / "config.json", params)
+        write_weights(loaded, result, progress, shard_gb)
+        del loaded
+        from .load import load
+
+        load(str(result))  # everything a user loads: config, weights and shapes, tokenizer
+        shutil.rmtree(scratch, ignore_errors=True)
+        replace_dir(result, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def summary(out: Path) -> str:
+    params = read_json(out / "config.json")
+    index = read_json(out / INDEX)
+    shards = len(set(index["weight_map"].values()))
+    size = f"{index['metadata']['total_size'] / 1e9:.2f} GB in {shards} shard{'s' if shards > 1 else ''}"
+    q = params.get("quantization")
+    if not q:
+        return f"Wrote {out}: {size}"
+    return (
+        f"Wrote {out}: {size}; {q['bits']}-bit, group size {q['group_size']}: "
+        f"{len(q['modules'])} layers quantized, {len(q['skipped'])} left unquantized"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Convert a LLaVA 1.5/1.6 checkpoint to MLX, optionally quantized.")
+    p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder (linear layers, lm_head, embeddings)")
+    p.add_argument("--q-bits", type=int, choices=QUANT_BITS, default=None, help=f"bits per weight (default {DEFAULT_BITS})")
+    p.add_argument(
+        "--q-group-size", type=int, choices=GROUP_SIZES, default=None, help=f"quantization group size (default {DEFAULT_GROUP_SIZE})"
+    )
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the float parameters (default: the checkpoint's)")
+    p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector")
+    p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new output is complete")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = convert(**vars(args))
+    except LlavaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(summary(out))
+    return 0

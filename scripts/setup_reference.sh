@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Create the virtual environment that runs the ORIGINAL LLaVA code (tests/reference/run_original.py):
+# llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU.
+#
+#   scripts/setup_reference.sh [VENV_DIR]      (default: .venv-orig in the repo root)
+#
+# Idempotent: does nothing if VENV_DIR already imports llava's builder, mm_utils and conversation.
+# Quiet on success; exits non-zero (with pip's output) on any failure.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${1:-$ROOT/.venv-orig}"
+PY="${PYTHON:-python3}"
+
+check() {
+    HF_HUB_OFFLINE=1 "$VENV/bin/python" - <<'EOF' >/dev/null 2>&1
+import transformers, tokenizers, torch
+assert transformers.__version__ == "4.37.2", transformers.__version__
+from llava.model.builder import load_pretrained_model
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.conversation import conv_templates
+EOF
+}
+
+if [ -x "$VENV/bin/python" ] && check; then
+    exit 0
+fi
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+run() {
+    if ! "$@" >"$log" 2>&1; then
+        echo "setup_reference.sh: FAILED: $*" >&2
+        cat "$log" >&2
+        exit 1
+    fi
+}
+
+run "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+run "${PIP[@]}" install --upgrade pip
+# torch first and alone: a local CPU wheel of 2.13.0 is picked up by pip on this machine
+run "${PIP[@]}" install "torch==2.13.0"
+run "${PIP[@]}" install "transformers==4.37.2" "tokenizers>=0.14,<0.16" "accelerate==0.26.1" \
+    "huggingface-hub<0.26" sentencepiece protobuf numpy pillow safetensors
+run "${PIP[@]}" install --no-deps "llava-torch==1.2.2.post1"
+
+if ! check; then
+    echo "setup_reference.sh: $VENV was created but llava does not import:" >&2
+    HF_HUB_OFFLINE=1 "$VENV/bin/python" -c "from llava.model.builder import load_pretrained_model" >&2 || true
+    exit 1
+fi

@@ -1,0 +1,206 @@
+"""Run the ORIGINAL LLaVA code (llava-torch 1.2.2.post1 + transformers 4.37.2) on tiny fixtures.
+
+Executed by the reference venv (scripts/setup_reference.sh), never imported by the tests:
+
+    .venv-orig/bin/python tests/reference/run_original.py JOBS.json OUT_DIR
+
+JOBS.json: a list of jobs (or {"jobs": [...]}), each
+    {"name": "v16_wide",                     # output file OUT_DIR/<name>.npz
+     "checkpoint": "/abs/orig-v1.6-vicuna",  # an orig-* fixture dir
+     "images": ["/abs/wide_1000x600.png"],
+     "question": "What is in the image?", "conv_mode": "llava_v1",   # llava_v1 | mistral_instruct | chatml_direct
+       # or instead: "prompt": "raw text with <image> placeholders"
+     "new_tokens": 16}
+With "question", the prompt is built as llava/eval/run_llava.py does: "<image>\n" + question (one
+"<image>\n" per image when there are several), conv.append_message(USER, qs),
+conv.append_message(ASSISTANT, None), conv.get_prompt().
+
+Per job, OUT_DIR/<name>.npz holds:
+    prompt              str (the text given to tokenizer_image_token)
+    input_ids           int64 (T,), with -200 where each image goes
+    image_token_counts  int64 (n_images,), feature rows each image contributes
+    num_crops           int64 (n_images,), pixel crops per image (1 for 'pad'; 1 + tiles for anyres)
+    image_sizes         int64 (n_images, 2), (width, height) as given to the model
+    pixel_values_<i>    float32 (num_crops, 3, 336, 336), the process_images output of image i
+    inputs_embeds       float32 (L, hidden), the merged sequence from prepare_inputs_labels_for_multimodal
+    logits              float32 (L, vocab), the forward pass over the merged sequence
+    greedy              int64 (new_tokens,), greedy argmax continuation (no EOS stop, KV cache)
+    greedy_gaps         float32 (new_tokens,), top1 - top2 logit at each greedy step (near-tie check)
+Loading: llava.model.builder.load_pretrained_model itself, run with float32 in place of its
+hard-coded float16 (a thin proxy for the builder's `torch` module), device 'cpu', and a model_name
+'llava-<dirname>' so that the builder's name checks ('llava' / 'mistral' in the name) pick the
+LLaVA classes as they do for liuhaotian/llava-v1.6-mistral-7b etc. Each checkpoint is loaded once.
+"""
+import json
+import os
+import pathlib
+import sys
+import types
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+import llava.model.builder as builder
+from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava.conversation import conv_templates
+from llava.mm_utils import process_images, tokenizer_image_token
+
+torch.set_grad_enabled(False)
+# llava's delayed CLIP load inside from_pretrained(low_cpu_mem_usage) prints one of these per tensor;
+# the shipped tower weights then load over it (as with the real 1.6 checkpoints).
+warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+
+
+class _Float32Torch(types.ModuleType):
+    """`torch` as seen by llava/model/builder.py, with float16 meaning float32."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        if name == "float16":
+            return torch.float32
+        return getattr(torch, name)
+
+
+_MODELS = {}
+
+
+def load(checkpoint):
+    checkpoint = str(pathlib.Path(checkpoint).resolve())
+    if checkpoint not in _MODELS:
+        name = "llava-" + os.path.basename(checkpoint.rstrip("/"))
+        saved = builder.torch
+        builder.torch = _Float32Torch()
+        try:
+            tokenizer, model, image_processor, _ = builder.load_pretrained_model(
+                checkpoint, None, name, device_map="cpu", device="cpu")
+        finally:
+            builder.torch = saved
+        model.eval()
+        for p in model.parameters():
+            assert p.dtype == torch.float32, p.dtype
+        _MODELS[checkpoint] = (tokenizer, model, image_processor)
+    return _MODELS[checkpoint]
+
+
+def build_prompt(question, conv_mode, n_images):
+    qs = (DEFAULT_IMAGE_TOKEN + "\n") * max(n_images, 1) + question
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], qs)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def _as_list(images_tensor, n):
+    if isinstance(images_tensor, list):
+        return [x.float() for x in images_tensor]
+    t = images_tensor.float()
+    return [t[i] for i in range(n)]
+
+
+def run_job(job):
+    tokenizer, model, image_processor = load(job["checkpoint"])
+    images = [Image.open(p).convert("RGB") for p in job["images"]]
+    image_sizes = [im.size for im in images]
+    if "prompt" in job:
+        prompt = job["prompt"]
+    else:
+        prompt = build_prompt(job["question"], job.get("conv_mode", "llava_v1"), len(images))
+    new_tokens = int(job.get("new_tokens", 16))
+
+    input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+    images_tensor = None
+    per_image = []
+    if images:
+        images_tensor = process_images(images, image_processor, model.config)
+        per_image = _as_list(images_tensor, len(images))
+        if isinstance(images_tensor, list):
+            images_tensor = [x.to(dtype=torch.float32) for x in images_tensor]
+        else:
+            images_tensor = images_tensor.to(dtype=torch.float32)
+
+    _, position_ids, attention_mask, past, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
+        input_ids, None, None, None, None, images_tensor, image_sizes=image_sizes)
+    if inputs_embeds is None:  # no image: plain text
+        inputs_embeds = model.get_model().embed_tokens(input_ids)
+
+    out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, return_dict=True)
+    logits = out.logits[0].float().numpy()
+    pkv = out.past_key_values
+    greedy, gaps = [], []
+
+    def pick(row):
+        top = torch.topk(row.float(), 2).values
+        gaps.append(float(top[0] - top[1]))
+        return int(row.argmax())
+
+    nxt = pick(out.logits[0, -1])
+    for step in range(new_tokens):
+        greedy.append(nxt)
+        if step == new_tokens - 1:
+            break
+        o = model(input_ids=torch.tensor([[nxt]]), past_key_values=pkv, use_cache=True, return_dict=True)
+        pkv = o.past_key_values
+        nxt = pick(o.logits[0, -1])
+
+    # per-image feature counts: merge each image alone behind a BOS
+    counts = []
+    for i in range(len(images)):
+        one = per_image[i]
+        one = [one] if (isinstance(images_tensor, list) or one.ndim == 4) else one.unsqueeze(0)
+        ids = torch.tensor([[tokenizer.bos_token_id, IMAGE_TOKEN_INDEX]])
+        emb = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, one,
+                                                         image_sizes=[image_sizes[i]])[4]
+        counts.append(emb.shape[1] - 1)
+
+    res = {
+        "prompt": np.array(prompt),
+        "input_ids": input_ids[0].numpy().astype(np.int64),
+        "image_token_counts": np.array(counts, dtype=np.int64),
+        "num_crops": np.array([x.shape[0] if x.ndim == 4 else 1 for x in per_image], dtype=np.int64),
+        "image_sizes": np.array(image_sizes, dtype=np.int64).reshape(-1, 2),
+        "inputs_embeds": inputs_embeds[0].float().numpy(),
+        "logits": logits.astype(np.float32),
+        "greedy": np.array(greedy, dtype=np.int64),
+        "greedy_gaps": np.array(gaps, dtype=np.float32),
+    }
+    for i, x in enumerate(per_image):
+        x = x if x.ndim == 4 else x.unsqueeze(0)
+        res[f"pixel_values_{i}"] = x.numpy().astype(np.float32)
+    return res
+
+
+def main(argv):
+    if len(argv) != 3:
+        sys.exit("usage: run_original.py JOBS.json OUT_DIR")
+    jobs = json.loads(pathlib.Path(argv[1]).read_text())
+    if isinstance(jobs, dict):
+        jobs = jobs["jobs"]
+    out_dir = pathlib.Path(argv[2])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # group by checkpoint so each is loaded once and then dropped
+    order = sorted(range(len(jobs)), key=lambda i: str(jobs[i]["checkpoint"]))
+    current = None
+    for i in order:
+        job = jobs[i]
+        ck = str(pathlib.Path(job["checkpoint"]).resolve())
+        if current is not None and ck != current:
+            _MODELS.pop(current, None)
+        current = ck
+        res = run_job(job)
+        np.savez(out_dir / f"{job['name']}.npz", **res)
+        print(f"{job['name']}: L={res['logits'].shape[0]} image_tokens={res['image_token_counts'].tolist()} "
+              f"crops={res['num_crops'].tolist()} greedy={res['greedy'].tolist()}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
