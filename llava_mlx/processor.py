@@ -84,7 +84,11 @@ def load_image(source) -> Image.Image:
                 raise LlavaError(f"image not found: {name}")
             data = name
         try:
-            image = Image.open(data)
+            with warnings.catch_warnings():  # we apply our own pixel limit below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(data)
+        except Image.DecompressionBombError:
+            raise LlavaError(f"image {name} has more than {MAX_PIXELS:,} pixels") from None
         except (UnidentifiedImageError, OSError) as e:
             raise LlavaError(f"cannot read image {name}: not an image or corrupt ({type(e).__name__})") from None
     width, height = image.size
