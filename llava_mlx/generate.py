@@ -43,6 +43,8 @@ class GenerationResponse:
     image_positions: int
     encode_time: float  # s, vision tower + projector
     ttft: float  # s, from the call to the first token
+    cached_tokens: int = 0  # prompt positions whose KV came from the session cache
+    logprobs: Optional[mx.array] = None  # of this step, over the whole vocabulary
     finish_reason: Optional[str] = None
 
 
@@ -68,21 +70,30 @@ def prepare_prompt(processor, prompt: str, num_images: int, template: bool, syst
     return processor.apply_template(question, num_images, system, history)
 
 
-def vocabulary_sampler(sampler, vocabulary: int, rows: int):
+def vocabulary_sampler(sampler, vocabulary: int, rows: int, renormalize: bool):
     """Never pick ids past the tokenizer's base vocabulary.
 
     llava-hf pads the embeddings (32000 -> 32064 rows) and adds `<image>` and `<pad>`:
-    ids the original model, with its 32000 rows, could not produce.
+    ids the original model, with its 32000 rows, could not produce. The kept ids are a
+    prefix, so slicing keeps their numbers; top-p needs the slice renormalised.
     """
     if rows <= vocabulary:
         return sampler
-    mask = mx.where(mx.arange(rows) < vocabulary, 0.0, -mx.inf)
+    if renormalize:
+        return lambda logprobs: sampler(
+            logprobs[..., :vocabulary] - mx.logsumexp(logprobs[..., :vocabulary], axis=-1, keepdims=True)
+        )
+    return lambda logprobs: sampler(logprobs[..., :vocabulary])
 
-    def sample(logprobs):
-        logprobs = logprobs + mask
-        return sampler(logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True))
 
-    return sample
+def kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
+    """The largest MLX quantization group that divides the attention head size."""
+    for group in (64, 32):
+        if head_dim % group == 0:
+            return group
+    if kv_bits:
+        raise LlavaError(f"cannot quantize the KV cache: head size {head_dim} is not a multiple of 32")
+    return 64
 
 
 def stream_generate(
@@ -137,10 +148,12 @@ def stream_generate(
             make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
             processor.tokenizer.vocab_size,
             model.config.text_config["vocab_size"],
+            renormalize=0.0 < top_p < 1.0,
         ),
         prompt_cache=kv,
         prefill_step_size=prefill_step_size,
         kv_bits=kv_bits,
+        kv_group_size=kv_group_size(model.language_model.layers[0].self_attn.head_dim, kv_bits),
         quantized_kv_start=0,
         input_embeddings=embeddings,
     )
@@ -148,7 +161,7 @@ def stream_generate(
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     image_positions = length - (len(ids) - len(images))
-    ttft, prompt_tps, tic, token, generated = 0.0, 0.0, start, None, []
+    ttft, prompt_tps, tic, token, logprobs, generated = 0.0, 0.0, start, None, None, []
 
     def response(text, finish=None):
         n = len(generated) - (finish == "stop")
@@ -164,12 +177,14 @@ def stream_generate(
             image_positions=image_positions,
             encode_time=encode_time,
             ttft=ttft,
+            cached_tokens=reused,
+            logprobs=logprobs,
             finish_reason=finish,
         )
 
     finish = "length"
     try:
-        for token, _ in steps:
+        for token, logprobs in steps:
             if not generated:
                 ttft = time.perf_counter() - start
                 prompt_tps = (length - reused) / ttft

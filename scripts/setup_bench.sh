@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create the benchmark virtualenv (separate from the dev venv so that mlx-vlm's pins
+# cannot disturb it): mlx (CPU backend on Linux, Metal on macOS), mlx-lm, mlx-vlm,
+# torch (CPU, pinned), transformers, matplotlib; then install llava-mlx itself.
+#
+#   bash scripts/setup_bench.sh [VENV_DIR]        # default: /work/venv-bench or $BENCH_VENV
+#   $VENV_DIR/bin/python bench.py --shape small
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${1:-${BENCH_VENV:-/work/venv-bench}}"
+PY="${PYTHON:-python3}"
+
+# Versions known to work together (checked on Linux x86_64, Python 3.11).
+MLX_VLM_SPEC="${MLX_VLM_SPEC:-mlx-vlm==0.7.10}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # never unpinned: an unpinned torch pulls GBs of CUDA wheels
+
+if [ "$(uname -s)" = "Darwin" ]; then MLX_SPEC="mlx"; else MLX_SPEC="mlx[cpu]"; fi
+
+"$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first and pinned, so that nothing later resolves a different (CUDA) build.
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q "$MLX_SPEC" mlx-lm "$MLX_VLM_SPEC" "$TORCH_SPEC" \
+    transformers tokenizers sentencepiece safetensors numpy pillow matplotlib psutil
+if [ -f "$HERE/pyproject.toml" ]; then
+    "$VENV/bin/python" -m pip install -q --no-deps -e "$HERE"
+fi
+"$VENV/bin/python" - <<'PY'
+import importlib.metadata as md
+for p in ["mlx", "mlx-lm", "mlx-vlm", "torch", "transformers", "tokenizers", "matplotlib", "numpy"]:
+    try:
+        print(f"{p:14s} {md.version(p)}")
+    except md.PackageNotFoundError:
+        print(f"{p:14s} MISSING")
+PY
