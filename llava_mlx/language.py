@@ -9,41 +9,32 @@ mlx-lm's ModelArgs; the decoder itself is mlx-lm's, not a copy.
 from mlx_lm.models import llama
 
 # transformers' LlamaConfig / MistralConfig defaults, for fields a config leaves out.
+LLAMA_DEFAULTS = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=None,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    head_dim=None,
+    sliding_window=None,
+)
 DEFAULTS = {
-    "llama": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=None,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        head_dim=None,
-        sliding_window=None,
-    ),
-    "mistral": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=4096 * 32,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        head_dim=None,
-        sliding_window=4096,
-    ),
+    "llama": LLAMA_DEFAULTS,
+    "mistral": {
+        **LLAMA_DEFAULTS,
+        "intermediate_size": 14336,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "sliding_window": 4096,
+    },
 }
 # Original LLaVA names its text model types after the backbone.
 TEXT_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llama": "llama", "mistral": "mistral"}

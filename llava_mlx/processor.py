@@ -127,6 +127,7 @@ class Processor:
     @classmethod
     def from_checkpoint(cls, path: Path, config: LlavaConfig, tower_dir: Optional[Path] = None):
         from mlx_lm.tokenizer_utils import load as load_tokenizer
+        from transformers import PretrainedConfig
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
@@ -134,7 +135,9 @@ class Processor:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tokenizer = load_tokenizer(path)
+                # A blank config: AutoTokenizer would otherwise build the whole LLaVA
+                # config (seconds of imports) just to guess the tokenizer class.
+                tokenizer = load_tokenizer(path, tokenizer_config_extra={"config": PretrainedConfig()})
         except (OSError, ValueError, TypeError) as e:
             raise LlavaError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
         finally:

@@ -184,3 +184,23 @@ def test_tokenisation_matches_original(name, source, checkpoints, loaded, tmp_pa
     expected = json.loads(result.stdout.strip().splitlines()[-1])
     _, processor = loaded(name)
     assert [processor.tokenize(s) for s in TRICKY] == expected
+
+
+@pytest.mark.parametrize("system", [None, "You are terse."])
+def test_multi_turn_templates_match_original(system, tmp_path):
+    """The family templates, several turns deep, as llava/conversation.py renders them."""
+    from llava_mlx.processor import family_prompt
+
+    turns = [["<image>\nWhat is it?", "A cat."], ["And its colour?", "Grey, mostly."], ["Thanks!", None]]
+    spec = tmp_path / "turns.json"
+    spec.write_text(json.dumps({"system": system, "turns": turns}))
+    if not os.path.exists(REFERENCE_PYTHON):
+        pytest.fail(f"missing reference environment {REFERENCE_PYTHON}: run `bash scripts/setup_reference.sh`")
+    result = subprocess.run(
+        [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "conversation_original.py"), str(spec)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = json.loads(result.stdout.strip().splitlines()[-1])
+    for family, prompt in expected.items():
+        assert family_prompt(family, turns, system) == prompt, family
