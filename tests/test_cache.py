@@ -112,3 +112,12 @@ def test_kv_bits_needs_a_quantizable_head_size(loaded, images):
     model, processor = loaded(NAME)  # head size 16: below MLX's smallest group (32)
     with pytest.raises(LlavaError, match="head size 16"):
         run(model, processor, "What is here?", [images["wide"]], kv_bits=8)
+
+
+def test_rotating_kv_cache(loaded, images):
+    """--max-kv-size: larger than the sequence changes nothing; smaller still generates."""
+    model, processor = loaded(NAME)
+    cold = run(model, processor, "What is here?", [images["wide"]])
+    assert_same(run(model, processor, "What is here?", [images["wide"]], max_kv_size=4096), cold)
+    tokens, _, last = run(model, processor, "What is here?", [images["wide"]], max_kv_size=1024)
+    assert len(tokens) == 12 and last.prompt_tokens > 1024

@@ -157,3 +157,26 @@ def test_pixel_limit_is_checked_before_decoding(monkeypatch, images):
     monkeypatch.setattr(processor_module, "MAX_PIXELS", 1000)
     with pytest.raises(processor_module.LlavaError, match="more than 1,000 pixels"):
         processor_module.load_image(images["square"])
+
+
+def test_http_image_urls(images, loaded):
+    """--image takes http(s) URLs (served here on loopback); a failed download is one clear error."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images["wide"].parent))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}/"
+        _, processor = loaded("hf-v1.6-vicuna")
+        from_url, _ = processor.preprocess([base + images["wide"].name])
+        from_file, _ = processor.preprocess([images["wide"]])
+        np.testing.assert_array_equal(from_url, from_file)
+        with pytest.raises(processor_module.LlavaError, match="cannot download image"):
+            processor_module.load_image(base + "missing.png")
+    finally:
+        server.shutdown()
