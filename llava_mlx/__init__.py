@@ -5,9 +5,10 @@
     print(generate(model, processor, "What is in this image?", images=["view.jpg"]).text)
 """
 
+from .convert import convert
 from .errors import LlavaError
 from .generate import generate, stream_generate
 from .load import load
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "stream_generate", "LlavaError"]
+__all__ = ["load", "generate", "stream_generate", "convert", "LlavaError"]

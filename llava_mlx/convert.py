@@ -145,9 +145,10 @@ def has_safetensors(path: Path) -> bool:
     return bool(glob.glob(str(path / "*.safetensors")))
 
 
-def stage_bin(src: Path, scratch: Path) -> Path:
+def stage_bin(src: Path, scratch: Path, chunk_bytes: int = 1 << 30) -> Path:
     """A copy of checkpoint `src` whose PyTorch `.bin` weights are re-saved as safetensors
-    (the loader reads only those); other files are linked. One `.bin` file in memory at a time."""
+    (the loader reads only those) in files of about `chunk_bytes`; other files are linked.
+    The `.bin` files are memory-mapped, so memory holds about one chunk at a time."""
     try:
         import torch
     except ImportError:
@@ -157,20 +158,30 @@ def stage_bin(src: Path, scratch: Path) -> Path:
         if item.suffix != ".bin" and item.name != "pytorch_model.bin.index.json":
             os.symlink(item.resolve(), scratch / item.name)
     for file in sorted(src.glob("*.bin")):
-        try:
-            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # pickle / zip errors of every kind
-            raise LlavaError(f"cannot read weights {file}: {str(e).splitlines()[0]}") from None
-        arrays = {}
-        for key, tensor in state.items():
+        state = _torch_load(torch, file)
+        chunk, size, part = {}, 0, 0
+        for i, (key, tensor) in enumerate(state.items()):
             tensor = tensor.detach().contiguous()
             if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
-                arrays[key] = mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
+                chunk[key] = mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
             else:
-                arrays[key] = mx.array(tensor.numpy())
-        mx.save_safetensors(str(scratch / (file.stem + ".safetensors")), arrays)
-        del state, arrays
+                chunk[key] = mx.array(tensor.numpy())
+            size += chunk[key].nbytes
+            if size >= chunk_bytes or i == len(state) - 1:
+                save_shard(scratch / f"{file.stem}-{part:04d}.safetensors", chunk)
+                chunk, size, part = {}, 0, part + 1
+        del state
     return scratch
+
+
+def _torch_load(torch, file: Path) -> dict:
+    errors = []
+    for mmap in (True, False):  # files from before torch's zip format cannot be memory-mapped
+        try:
+            return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception as e:  # pickle / zip / format errors of every kind
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    raise LlavaError(f"cannot read weights {file}: {errors[-1]}")
 
 
 def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
@@ -185,7 +196,7 @@ def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
 
 
 def read_source(model: str, vision_tower: Optional[str], scratch: Path):
-    """(model, config, source dir, tower dir, raw config) through the loader."""
+    """(model, config, source dir, tower dir) through the loader."""
     path = local_checkpoint(model, "model", scratch / "model")
     raw = read_json(path / "config.json")
     if vision_tower is None and detect_layout(raw) == "original":
@@ -197,20 +208,11 @@ def read_source(model: str, vision_tower: Optional[str], scratch: Path):
     elif vision_tower is not None:
         vision_tower = str(local_checkpoint(vision_tower, "vision tower", scratch / "tower"))
     loaded, config, tower_dir = load_model(path, vision_tower, lazy=True)
-    return loaded, config, path, tower_dir, raw
+    return loaded, config, path, tower_dir
 
 
 def _ships_tower(path: Path) -> bool:
     return any("vision_tower." in k for k in load_weights(path))  # lazy: names only
-
-
-def default_dtype(raw: dict) -> Optional[str]:
-    """The checkpoint's own dtype (config torch_dtype / dtype), as mlx-lm's convert reads it."""
-    for params in (raw, raw.get("text_config") or {}):
-        for key in ("torch_dtype", "dtype"):
-            if params.get(key) in DTYPES:
-                return params[key]
-    return None
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -228,7 +230,9 @@ def write_weights(model: nn.Module, directory: Path, progress: bool = True, shar
     count = len(weights)
     free = shutil.disk_usage(directory).free
     if free < total:
-        raise LlavaError(f"not enough disk space in {directory.parent}: {total / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
+        raise LlavaError(
+            f"not enough disk space in {directory.parent}: {total / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free"
+        )
     shards = make_shards(weights, shard_gb)
     del weights
     names = (
@@ -352,10 +356,11 @@ def convert(
     `quantize`: the decoder's linear layers, lm_head and embeddings to `q_bits` (4 or 8,
     default 4) with groups of `q_group_size` (32, 64 or 128, default 64); the vision tower
     and projector too with `quantize_vision`. `dtype`: float16, bfloat16 or float32 for
-    the float parameters (default: the checkpoint's config dtype, else as stored).
+    the float parameters (default: as stored).
     `vision_tower`: the CLIP tower of an original LLaVA-1.5 checkpoint. `force`: replace a
     non-empty `out` (only once the new one is complete).
     """
+    model, vision_tower = str(model), None if vision_tower is None else str(vision_tower)
     if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
         raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
     bits = DEFAULT_BITS if q_bits is None else q_bits
@@ -379,7 +384,7 @@ def convert(
         scratch = tmp / ".scratch"  # .bin weights re-saved as safetensors, removed at the end
         result = tmp / "model"
         result.mkdir()
-        loaded, config, path, tower_dir, raw = read_source(model, vision_tower, scratch)
+        loaded, config, path, tower_dir = read_source(model, vision_tower, scratch)
         check_not_inside(out, path)
         check_not_inside(out, tower_dir)
         if quantize and config.quantization:
@@ -388,7 +393,6 @@ def convert(
                 f"{model} is already quantized ({q['bits']}-bit, group size {q['group_size']}); "
                 "convert it without -q, or quantize the float checkpoint"
             )
-        dtype = dtype or default_dtype(raw)
         if dtype:
             cast(loaded, getattr(mx, dtype))
         if quantize:
@@ -398,8 +402,8 @@ def convert(
         else:
             block = None
         copy_files(path, tower_dir, config, result)
-        params = {"model_type": MLX_FORMAT, **LlavaConfig.from_dict({**config.to_dict(), "quantization": block}).to_dict()}
-        write_json(result / "config.json", params)
+        normalised = LlavaConfig.from_dict({**config.to_dict(), "quantization": block})
+        write_json(result / "config.json", {"model_type": MLX_FORMAT, **normalised.to_dict()})
         write_weights(loaded, result, progress, shard_gb)
         del loaded
         from .load import load
@@ -418,7 +422,9 @@ def summary(out: Path) -> str:
     params = read_json(out / "config.json")
     index = read_json(out / INDEX)
     shards = len(set(index["weight_map"].values()))
-    size = f"{index['metadata']['total_size'] / 1e9:.2f} GB in {shards} shard{'s' if shards > 1 else ''}"
+    total = index["metadata"]["total_size"]
+    size = f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.2f} MB"
+    size += f" in {shards} shard{'s' if shards > 1 else ''}"
     q = params.get("quantization")
     if not q:
         return f"Wrote {out}: {size}"
@@ -432,12 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Convert a LLaVA 1.5/1.6 checkpoint to MLX, optionally quantized.")
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder (linear layers, lm_head, embeddings)")
-    p.add_argument("--q-bits", type=int, choices=QUANT_BITS, default=None, help=f"bits per weight (default {DEFAULT_BITS})")
-    p.add_argument(
-        "--q-group-size", type=int, choices=GROUP_SIZES, default=None, help=f"quantization group size (default {DEFAULT_GROUP_SIZE})"
-    )
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the float parameters (default: the checkpoint's)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder (linears, lm_head, embeddings)")
+    p.add_argument("--q-bits", type=int, choices=QUANT_BITS, help=f"bits per weight (default {DEFAULT_BITS})")
+    p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, help=f"group size (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the float parameters (default: as stored)")
     p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new output is complete")

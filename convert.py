@@ -1,0 +1,8 @@
+"""python convert.py --model llava-hf/llava-v1.6-mistral-7b-hf --out llava-v1.6-mistral-7b-4bit -q"""
+
+import sys
+
+from llava_mlx.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())
