@@ -11,11 +11,13 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step as lm_generate_step
 from mlx_lm.sample_utils import make_sampler
+from PIL import Image
 
 from .cache import SessionCache, sequence_keys
 from .errors import LlavaError
@@ -124,7 +126,7 @@ def stream_generate(
     start = time.perf_counter()
     if seed is not None:
         mx.random.seed(seed)
-    images = [load_image(im) for im in ([images] if isinstance(images, str) else images)]
+    images = [load_image(im) for im in ([images] if isinstance(images, (str, Path, Image.Image)) else images)]
     text = prepare_prompt(processor, prompt, len(images), template, system, history)
     ids = processor.encode_prompt(text, len(images))
     cache = cache if cache is not None else SessionCache()

@@ -156,15 +156,15 @@ class Processor:
         """The conversation so far plus `question`, images in the first user turn: in the
         checkpoint's own chat template when it has one, else the family's template from
         the original code. `history` holds earlier (question, answer) turns."""
-        turns = [list(t) for t in history] + [[question, None]]
-        turns[0][0] = f"{IMAGE_TOKEN}\n" * num_images + turns[0][0]
+        turns = [tuple(t) for t in history] + [(question, None)]
         hf = self.tokenizer._tokenizer
         if not hf.chat_template:
-            return family_prompt(self.family, turns, system)
+            first = (f"{IMAGE_TOKEN}\n" * num_images + turns[0][0], turns[0][1])
+            return family_prompt(self.family, [first] + turns[1:], system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for i, (q, a) in enumerate(turns):
-            content = [{"type": "image"}] * (num_images if i == 0 else 0) + [{"type": "text", "text": q.replace(f"{IMAGE_TOKEN}\n", "")}]
-            messages.append({"role": "user", "content": content})
+            images = [{"type": "image"}] * (num_images if i == 0 else 0)
+            messages.append({"role": "user", "content": images + [{"type": "text", "text": q}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
         prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
