@@ -289,20 +289,22 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
 
 
 def _cached_tower(location: str) -> Optional[Path]:
-    """The named tower's directory when it is on disk (a path or the hub cache), else None.
+    """The named tower's config directory when it can be had (a path, the hub cache, or a
+    download of its small JSON files), else None.
 
-    LLaVA-1.6 ships its fine-tuned tower: the named one only supplies the image
-    processor's settings, which default to CLIP ViT-L/14-336's when it is not at hand.
+    LLaVA-1.6 ships its fine-tuned tower: the named one only supplies the vision config
+    and the image processor's settings, which default to CLIP ViT-L/14-336's (the tower
+    of every released LLaVA) when it is not at hand; the weights' shapes are checked.
     """
     path = Path(location).expanduser()
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(location, allow_patterns=["*.json"], local_files_only=True))
-    except (LocalEntryNotFoundError, ValueError, OSError):
+        return Path(snapshot_download(location, allow_patterns=["*.json"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, OSError):
         return None
 
 

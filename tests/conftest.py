@@ -14,6 +14,19 @@ from fixtures.build import build_all  # noqa: E402
 from fixtures.images import make_images  # noqa: E402
 
 
+# Every layout the fixtures build: liuhaotian's, llava-hf's, transformers 5's.
+LAYOUTS = [
+    "orig-v1.5-vicuna",
+    "orig-v1.6-vicuna",
+    "orig-v1.6-mistral",
+    "hf-v1.5-vicuna",
+    "hf-v1.6-vicuna",
+    "hf-v1.6-mistral",
+    "tf5-v1.5-vicuna",
+    "tf5-v1.6-mistral",
+]
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     return build_all(tmp_path_factory.mktemp("checkpoints"))

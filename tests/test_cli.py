@@ -11,20 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import LAYOUTS, ROOT
 from llava_mlx import processor as processor_module
 from llava_mlx.generate import main
 
-LAYOUTS = [
-    "orig-v1.5-vicuna",
-    "orig-v1.6-vicuna",
-    "orig-v1.6-mistral",
-    "hf-v1.5-vicuna",
-    "hf-v1.6-vicuna",
-    "hf-v1.6-mistral",
-    "tf5-v1.5-vicuna",
-    "tf5-v1.6-mistral",
-]
 
 
 def run_cli(*args):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import ROOT
+from conftest import LAYOUTS, ROOT
 from fixtures.preconverted import build_preconverted
 from llava_mlx import generate, load
 from llava_mlx.convert import INDEX, convert, estimate_bytes, main
@@ -23,16 +23,6 @@ from llava_mlx.load import load_weights, read_json, rename
 from llava_mlx.model import LlavaConfig, LlavaModel
 from llava_mlx.vision import layers_to_run
 
-LAYOUTS = [
-    "orig-v1.5-vicuna",
-    "orig-v1.6-vicuna",
-    "orig-v1.6-mistral",
-    "hf-v1.5-vicuna",
-    "hf-v1.6-vicuna",
-    "hf-v1.6-mistral",
-    "tf5-v1.5-vicuna",
-    "tf5-v1.6-mistral",
-]
 # One checkpoint per variant: the other layouts of a variant hold the same weights.
 VARIANTS = ["hf-v1.5-vicuna", "hf-v1.6-vicuna", "hf-v1.6-mistral"]
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
