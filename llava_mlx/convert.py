@@ -29,7 +29,17 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
 from .errors import LlavaError
-from .load import HUB_PATTERNS, MLX_FORMAT, detect_layout, load_model, load_weights, read_json, resolve, tower_location
+from .load import (
+    HUB_PATTERNS,
+    MLX_FORMAT,
+    detect_layout,
+    load_model,
+    load_weights,
+    read_json,
+    resolve,
+    ships_tower,
+    tower_location,
+)
 from .model import LlavaConfig, LlavaModel
 
 QUANT_BITS = (4, 8)
@@ -203,16 +213,12 @@ def read_source(model: str, vision_tower: Optional[str], scratch: Path):
         # The original layout names its CLIP tower; stage it too if it ships .bin only and
         # the checkpoint has no tower weights of its own (LLaVA-1.5).
         location = tower_location(raw, None)
-        if location and "mm_vision_tower" in raw and not _ships_tower(path):
+        if location and "mm_vision_tower" in raw and not ships_tower(load_weights(path)):
             vision_tower = str(local_checkpoint(location, "vision tower", scratch / "tower"))
     elif vision_tower is not None:
         vision_tower = str(local_checkpoint(vision_tower, "vision tower", scratch / "tower"))
     loaded, config, tower_dir = load_model(path, vision_tower, lazy=True)
     return loaded, config, path, tower_dir
-
-
-def _ships_tower(path: Path) -> bool:
-    return any("vision_tower." in k for k in load_weights(path))  # lazy: names only
 
 
 # -- writing ----------------------------------------------------------------------------

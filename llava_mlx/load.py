@@ -249,6 +249,12 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array]):
         raise LlavaError(f"unexpected weight '{unknown[0]}' ({len(unknown)} in all) for this config")
 
 
+def ships_tower(weights) -> bool:
+    """Whether a checkpoint's weight names include the vision tower (LLaVA-1.6 originals do,
+    LLaVA-1.5 originals do not)."""
+    return any("vision_tower." in k for k in weights)
+
+
 def tower_location(raw: dict, vision_tower: Optional[str]) -> Optional[str]:
     """Where the original layout's CLIP tower lives: --vision-tower, else mm_vision_tower."""
     return vision_tower or raw.get("mm_vision_tower") or raw.get("vision_tower")
@@ -258,15 +264,14 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
     """(model, config, tower_dir) from a local checkpoint directory."""
     raw = read_json(path / "config.json")
     weights = load_weights(path)
-    tower_dir = None
+    tower_dir, has_tower = None, ships_tower(weights)
     if detect_layout(raw) == "original":
-        has_tower = any("vision_tower.vision_tower." in k for k in weights)
         location = tower_location(raw, vision_tower)
         tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None
         if tower_dir is None and location:
             tower_dir = _cached_tower(location)
     layout, config = read_config(raw, tower_dir)
-    if layout == "original" and not any("vision_tower." in k for k in weights):
+    if layout == "original" and not has_tower:
         if tower_dir is None:
             raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
         weights = {**load_weights(tower_dir), **weights}
