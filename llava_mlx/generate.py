@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (replaces the template's)")
     p.add_argument("--no-template", action="store_true", help="use --prompt as written, <image> placeholders included")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model (path or repo id)")
     p.add_argument("--chat", action="store_true", help="after --prompt (if given), read more questions from stdin")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
     p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     )
     first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
     try:
-        model, processor = load(args.model, vision_tower=args.vision_tower)
+        model, processor = load(args.model, vision_tower=args.vision_tower, model_base=args.model_base)
         cache, history, response = SessionCache(), [], None
         for question in chat_questions(first, args.chat):
             # The images belong to the first turn; later turns only prefill their new text.

@@ -38,7 +38,10 @@ CLIP_VISION_DEFAULTS = dict(
     hidden_act="quick_gelu",
 )
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# + the .bin files of LoRA and projector-only checkpoints (adapters.py), which ship no others
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"] + [
+    "adapter_model.bin", "non_lora_trainables.bin", "mm_projector.bin"
+]
 
 
 def resolve(path_or_repo: str, what: str = "model", patterns=HUB_PATTERNS) -> Path:
@@ -260,10 +263,18 @@ def tower_location(raw: dict, vision_tower: Optional[str]) -> Optional[str]:
     return vision_tower or raw.get("mm_vision_tower") or raw.get("vision_tower")
 
 
-def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True):
-    """(model, config, tower_dir) from a local checkpoint directory."""
-    raw = read_json(path / "config.json")
-    weights = load_weights(path)
+def load_model(
+    path: Path,
+    vision_tower: Optional[str] = None,
+    lazy: bool = True,
+    model_base: Optional[Path] = None,
+    delta: bool = False,
+):
+    """(model, config, tower_dir) from a local checkpoint directory; LoRA, projector-only and
+    delta checkpoints (adapters.py) with their local `model_base`."""
+    from .adapters import check_base_fits, read_checkpoint
+
+    raw, weights, lora = read_checkpoint(path, model_base, delta)
     tower_dir, has_tower = None, ships_tower(weights)
     if detect_layout(raw) == "original":
         location = tower_location(raw, vision_tower)
@@ -275,6 +286,8 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
         if tower_dir is None:
             raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
         weights = {**load_weights(tower_dir), **weights}
+    if lora is not None:
+        weights = lora.merge(weights)  # into the float weights, before any quantization
     weights = sanitize(weights, config)
     model = LlavaModel(config)
     if config.quantization:
@@ -285,6 +298,8 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
             bits=q["bits"],
             class_predicate=lambda p, m: f"{p}.scales" in weights,
         )
+    if model_base is not None:
+        check_base_fits(dict(tree_flatten(model.parameters())), weights, path, model_base)
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
@@ -313,14 +328,18 @@ def _cached_tower(location: str) -> Optional[Path]:
         return None
 
 
-def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True):
+def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True, model_base: Optional[str] = None):
     """Load a LLaVA checkpoint (local directory or Hugging Face repo id).
 
     Returns `(model, processor)`. `vision_tower` overrides the CLIP tower of the original
-    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one.
+    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one. `model_base` (a path
+    or repo id) is the language model a LoRA or projector-only checkpoint was trained from:
+    the LoRA is merged into its weights at load.
     """
+    from .adapters import tokenizer_dir
     from .processor import Processor
 
     path = resolve(path_or_repo)
-    model, config, tower_dir = load_model(path, vision_tower, lazy)
-    return model, Processor.from_checkpoint(path, config, tower_dir)
+    base = resolve(model_base, "model base") if model_base else None
+    model, config, tower_dir = load_model(path, vision_tower, lazy, base)
+    return model, Processor.from_checkpoint(tokenizer_dir(path, base), config, tower_dir)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Create the virtual environment that runs the ORIGINAL LLaVA code (tests/reference/run_original.py):
-# llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU.
+# llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU,
+# and peft 0.11.1 (the builder's LoRA merge; llava pins 0.4.0, which predates use_rslora).
 #
 #   scripts/setup_reference.sh [VENV_DIR]      (default: .venv-orig in the repo root)
 #
-# Idempotent: does nothing if VENV_DIR already imports llava's builder, mm_utils and conversation.
+# Idempotent: does nothing if VENV_DIR already imports llava's builder, mm_utils, conversation and peft.
 # Quiet on success; exits non-zero (with pip's output) on any failure.
 set -euo pipefail
 
@@ -19,6 +20,9 @@ assert transformers.__version__ == "4.37.2", transformers.__version__
 from llava.model.builder import load_pretrained_model
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.conversation import conv_templates
+import peft
+assert peft.__version__ == "0.11.1", peft.__version__
+from peft import PeftModel
 EOF
 }
 
@@ -44,6 +48,8 @@ run "${PIP[@]}" install "torch==2.13.0"
 run "${PIP[@]}" install "transformers==4.37.2" "tokenizers>=0.14,<0.16" "accelerate==0.26.1" \
     "huggingface-hub<0.26" sentencepiece protobuf numpy pillow safetensors
 run "${PIP[@]}" install --no-deps "llava-torch==1.2.2.post1"
+# peft with torch/transformers/accelerate restated, so that pip cannot move them
+run "${PIP[@]}" install "peft==0.11.1" "torch==2.13.0" "transformers==4.37.2" "accelerate==0.26.1" "huggingface-hub<0.26"
 
 if ! check; then
     echo "setup_reference.sh: $VENV was created but llava does not import:" >&2
