@@ -43,10 +43,8 @@ GROWING_ROWS = ("language_model.model.embed_tokens.weight", "language_model.lm_h
 
 # -- files --------------------------------------------------------------------------------
 def tensor_files(path: Path, stem: str) -> list:
-    """`stem`.safetensors, its re-saved parts `stem`-NNNN.safetensors (convert.py), or `stem`.bin."""
-    files = [Path(p) for p in sorted(glob.glob(str(path / f"{glob.escape(stem)}*.safetensors")))]
-    files = [f for f in files if f.stem == stem or re.fullmatch(rf"{re.escape(stem)}-\d+", f.stem)]
-    return files or ([path / f"{stem}.bin"] if (path / f"{stem}.bin").exists() else [])
+    """[`stem`.safetensors], else [`stem`.bin], else []."""
+    return next(([path / f"{stem}{ext}"] for ext in (".safetensors", ".bin") if (path / f"{stem}{ext}").exists()), [])
 
 
 def read_tensors(path: Path, stem: str) -> Dict[str, mx.array]:
@@ -79,13 +77,12 @@ def checkpoint_kind(path: Path) -> str:
 
 def needs_base_error(path: Path, kind: str) -> LlavaError:
     if kind == "lora":
-        named = read_json(path / LORA_CONFIG).get("base_model_name_or_path")
-        what = f"a LoRA adapter ({LORA_CONFIG})"
+        source, key, what = LORA_CONFIG, "base_model_name_or_path", f"a LoRA adapter ({LORA_CONFIG})"
     else:
-        named = read_json(path / "config.json").get("_name_or_path") if (path / "config.json").exists() else None
-        what = f"a projector-only checkpoint ({PROJECTOR} weights)"
-    hint = f" (trained on '{named}')" if named else ""
-    return LlavaError(f"{path} is {what}: pass --model-base PATH_OR_REPO, the language model it was trained from{hint}")
+        source, key, what = "config.json", "_name_or_path", f"a projector-only checkpoint ({PROJECTOR} weights)"
+    named = read_json(path / source).get(key) if (path / source).exists() else None
+    hint = f" ('{named}' by its {source})" if named else ""
+    return LlavaError(f"{path} is {what}: pass --model-base PATH_OR_REPO, the model it was trained from{hint}")
 
 
 # -- LoRA ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
 from .errors import LlavaError
-from .adapters import read_checkpoint, tokenizer_dir
+from .adapters import checkpoint_kind, read_checkpoint, tokenizer_dir
 from .load import (
     HUB_PATTERNS,
     MLX_FORMAT,
@@ -203,9 +203,11 @@ def _torch_load(torch, file: Path) -> dict:
 
 
 def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
-    """A directory with safetensors weights: the checkpoint itself, or its `.bin` re-saved
-    (a LoRA or projector-only checkpoint's as `<name>-NNNN.safetensors`, which adapters.py reads)."""
+    """A directory with safetensors weights: the checkpoint itself, or its `.bin` re-saved.
+    LoRA and projector-only checkpoints are left as they are: adapters.py reads their files."""
     path = resolve(path_or_repo, what)
+    if checkpoint_kind(path) != "full":
+        return path
     if not has_safetensors(path) and not (path / INDEX).exists():
         if not glob.glob(str(path / "*.bin")) and not Path(path_or_repo).expanduser().is_dir():
             path = resolve(path_or_repo, what, HUB_PATTERNS + ["*.bin"])  # a hub repo with .bin only
@@ -393,6 +395,8 @@ def convert(
         raise LlavaError(f"--q-bits {bits} is not supported (choose {' or '.join(map(str, QUANT_BITS))})")
     if group_size not in GROUP_SIZES:
         raise LlavaError(f"--q-group-size {group_size} is not supported (choose {', '.join(map(str, GROUP_SIZES))})")
+    if delta and model_base is None:
+        raise LlavaError("--delta needs --model-base: the model the delta weights were made from")
     if dtype is not None and dtype not in DTYPES:
         raise LlavaError(f"--dtype {dtype} is not supported (choose {', '.join(DTYPES)})")
     out = Path(out).expanduser().absolute()
