@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 
 from .errors import LlavaError
-from .load import load_weights, read_json, rename
+from .load import detect_layout, load_weights, read_json, rename
 
 LORA_CONFIG = "adapter_config.json"
 ADAPTER = "adapter_model"
@@ -214,10 +214,10 @@ def apply_delta(delta: Dict[str, mx.array], base: Dict[str, mx.array]) -> Dict[s
 
 # -- the loader's entry points ------------------------------------------------------------
 def base_weights(base: Path) -> Dict[str, mx.array]:
-    if not glob.glob(str(base / "*.safetensors")) and glob.glob(str(base / "*.bin")):
+    if not glob.glob(str(base / "*.safetensors")):  # e.g. a hub base that ships PyTorch .bin only
         raise LlavaError(
-            f"the base model {base} has only PyTorch .bin weights; merge with convert.py "
-            f"(python convert.py --model CHECKPOINT --model-base {base} --out DIR, with torch installed)"
+            f"the base model {base} has no safetensors weights; merge with convert.py, which reads .bin "
+            f"with torch (python convert.py --model CHECKPOINT --model-base BASE --out DIR)"
         )
     weights = load_weights(base)
     if any(k.endswith(".scales") for k in weights):
@@ -234,25 +234,28 @@ def over(base: Dict[str, mx.array], own: Dict[str, mx.array]) -> Dict[str, mx.ar
 def read_checkpoint(path: Path, model_base: Optional[Path] = None, delta: bool = False):
     """(config.json, weights, Lora or None) of any checkpoint kind; raw names, lazy."""
     kind = "delta" if delta else checkpoint_kind(path)
-    if kind == "full":
-        if model_base is not None:
-            raise LlavaError(
-                f"{path} is a full checkpoint: --model-base is for LoRA and projector-only checkpoints "
-                "(delta weights: convert.py --delta DELTA --model-base BASE)"
-            )
-        return read_json(path / "config.json"), load_weights(path), None
-    if model_base is None:
+    if kind == "full" and model_base is not None:
+        raise LlavaError(
+            f"{path} is a full checkpoint: --model-base is for LoRA and projector-only checkpoints "
+            "(delta weights: convert.py --delta DELTA --model-base BASE)"
+        )
+    if kind != "full" and model_base is None:
         if kind == "delta":
             raise LlavaError(f"delta weights {path} need their base: pass --model-base PATH_OR_REPO")
         raise needs_base_error(path, kind)
+    # a peft adapter of a whole LLaVA model may come without config.json: the base's then
+    config_dir = model_base if kind == "lora" and not (path / "config.json").exists() else path
+    raw = read_json(config_dir / "config.json")
+    detect_layout(raw)  # an unknown model type is said before any weight is read
+    if kind == "full":
+        return raw, load_weights(path), None
     base = base_weights(model_base)
     if kind == "delta":
-        return read_json(path / "config.json"), apply_delta(load_weights(path), base), None
+        return raw, apply_delta(load_weights(path), base), None
     if kind == "projector":
-        return read_json(path / "config.json"), over(base, read_tensors(path, PROJECTOR)), None
+        return raw, over(base, read_tensors(path, PROJECTOR)), None
     lora = read_lora(path)
-    config_dir = path if (path / "config.json").exists() else model_base  # a peft adapter of a LLaVA model
-    return read_json(config_dir / "config.json"), over(base, {**non_lora_weights(path), **lora.replaced}), lora
+    return raw, over(base, {**non_lora_weights(path), **lora.replaced}), lora
 
 
 def tokenizer_dir(path: Path, model_base: Optional[Path], delta: bool = False) -> Path:

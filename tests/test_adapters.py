@@ -75,6 +75,8 @@ def check(model, processor, ref, image):
     which the builder's resize_token_embeddings drops) are kept here and compared up to the vocabulary."""
     prompt = processor.apply_template(QUESTION, 1)
     check_case(model, processor, ref, [image], prompt)
+    logits = np.asarray(model(**processor(prompt, [image]))[0])[:, : ref["logits"].shape[-1]]
+    print(f"max |diff| {np.abs(logits - ref['logits']).max() / np.abs(ref['logits']).max():.2e} of max |logit|", end=" ")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("delta")])
