@@ -28,8 +28,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
-from .errors import LlavaError
 from .adapters import checkpoint_kind, read_checkpoint, tokenizer_dir
+from .errors import LlavaError
 from .load import (
     HUB_PATTERNS,
     MLX_FORMAT,

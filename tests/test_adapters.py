@@ -23,7 +23,7 @@ from fixtures.build_adapters import build_adapters
 from llava_mlx import LlavaError, convert, load
 from llava_mlx.adapters import is_target, scaling
 from llava_mlx.generate import generate
-from test_parity_original import QUESTION, REFERENCE_PYTHON, check_case
+from test_parity_original import QUESTION, REFERENCE_PYTHON, check_case, run_original
 
 BASE = "base-vicuna"
 # name -> (checkpoint, image, what the reference does with it)
@@ -60,14 +60,7 @@ def original_builder(adapters, images, tmp_path_factory):
         }
         for case, (checkpoint, image, extra) in CASES.items()
     ]
-    out = tmp_path_factory.mktemp("original-builder")
-    (out / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run(
-        [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "run_original.py"), str(out / "jobs.json"), str(out)],
-        capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {case: dict(np.load(out / f"{case}.npz")) for case in CASES}
+    return run_original(jobs, tmp_path_factory.mktemp("original-builder"))
 
 
 def check(model, processor, ref, image):
@@ -199,12 +192,6 @@ def expect_cli_error(capsys, main, argv, fragment):
     assert code == 1
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and fragment in err, err
-
-
-def write_torch(path, tensors):
-    import torch
-
-    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}, str(path))
 
 
 def test_bad_input(adapters, checkpoints, images, tmp_path, capsys):
