@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create the virtual environment that runs the ORIGINAL LLaVA code (tests/reference/run_original.py):
-# llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU.
+# llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU;
+# every other package pinned in scripts/reference-constraints.txt.
 #
 #   scripts/setup_reference.sh [VENV_DIR]      (default: .venv-orig in the repo root)
 #
@@ -41,8 +42,9 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 run "${PIP[@]}" install --upgrade pip
 # torch first and alone: a local CPU wheel of 2.13.0 is picked up by pip on this machine
 run "${PIP[@]}" install "torch==2.13.0"
-run "${PIP[@]}" install "transformers==4.37.2" "tokenizers>=0.14,<0.16" "accelerate==0.26.1" \
-    "huggingface-hub<0.26" sentencepiece protobuf numpy pillow safetensors
+# Every other package at the version in reference-constraints.txt (transitive ones too).
+run "${PIP[@]}" install -c "$ROOT/scripts/reference-constraints.txt" "transformers==4.37.2" tokenizers \
+    accelerate huggingface-hub sentencepiece protobuf numpy pillow safetensors
 run "${PIP[@]}" install --no-deps "llava-torch==1.2.2.post1"
 
 if ! check; then
