@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
-from .errors import LlavaError
+from . import validate
+from .cli import command, signals_held
+from .errors import LlavaError, LlavaValueError
 from .load import (
     HUB_PATTERNS,
     MLX_FORMAT,
@@ -208,6 +209,7 @@ def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
 def read_source(model: str, vision_tower: Optional[str], scratch: Path):
     """(model, config, source dir, tower dir) through the loader."""
     path = local_checkpoint(model, "model", scratch / "model")
+    validate.checkpoint_files(path)
     raw = read_json(path / "config.json")
     if vision_tower is None and detect_layout(raw) == "original":
         # The original layout names its CLIP tower; stage it too if it ships .bin only and
@@ -335,14 +337,6 @@ def check_out(out: Path, force: bool):
         raise LlavaError(f"--out {out} already exists and is not empty; pass --force to replace it")
 
 
-def check_not_inside(out: Path, source: Optional[Path]):
-    if source is None:
-        return
-    source = source.resolve()
-    if source == out or out in source.parents:
-        raise LlavaError(f"--out {out} holds the checkpoint being converted ({source}); choose another directory")
-
-
 def convert(
     model: str,
     out: str,
@@ -366,7 +360,10 @@ def convert(
     `vision_tower`: the CLIP tower of an original LLaVA-1.5 checkpoint. `force`: replace a
     non-empty `out` (only once the new one is complete).
     """
-    model, vision_tower = str(model), None if vision_tower is None else str(vision_tower)
+    model = validate.path_argument(model, "--model")
+    vision_tower = None if vision_tower is None else validate.path_argument(vision_tower, "--vision-tower")
+    if shard_gb is not None and not (isinstance(shard_gb, (int, float)) and shard_gb >= 0):
+        raise LlavaValueError(f"shard_gb must be a number >= 0, not {shard_gb!r}")
     if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
         raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
     bits = DEFAULT_BITS if q_bits is None else q_bits
@@ -377,10 +374,9 @@ def convert(
         raise LlavaError(f"--q-group-size {group_size} is not supported (choose {', '.join(map(str, GROUP_SIZES))})")
     if dtype is not None and dtype not in DTYPES:
         raise LlavaError(f"--dtype {dtype} is not supported (choose {', '.join(DTYPES)})")
-    out = Path(out).expanduser().absolute()
-    check_out(out, force)
     local = Path(model).expanduser()
-    check_not_inside(out, local if local.is_dir() else None)
+    out = validate.output_dir(out, [local if local.is_dir() else None])
+    check_out(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
@@ -391,8 +387,7 @@ def convert(
         result = tmp / "model"
         result.mkdir()
         loaded, config, path, tower_dir = read_source(model, vision_tower, scratch)
-        check_not_inside(out, path)
-        check_not_inside(out, tower_dir)
+        validate.output_dir(out, [path, tower_dir])
         if quantize and config.quantization:
             q = config.quantization
             raise LlavaError(
@@ -415,10 +410,14 @@ def convert(
         from .load import load
 
         load(str(result))  # everything a user loads: config, weights and shapes, tokenizer
-        shutil.rmtree(scratch, ignore_errors=True)
-        replace_dir(result, out)
+        with signals_held() as received:  # the move into place is all or nothing
+            if received:  # Ctrl-C / SIGTERM before the move: nothing is put in place
+                raise KeyboardInterrupt()
+            shutil.rmtree(scratch, ignore_errors=True)
+            replace_dir(result, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():  # a second Ctrl-C does not leave half the temporary directory
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -454,14 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = convert(**vars(args))
-    except LlavaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    print(summary(out))
+    print(summary(convert(**vars(args))))
     return 0
