@@ -366,8 +366,8 @@ def convert(
         raise LlavaValueError(f"shard_gb must be a number >= 0, not {shard_gb!r}")
     if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
         raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
-    bits = DEFAULT_BITS if q_bits is None else q_bits
-    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else q_group_size
+    bits = DEFAULT_BITS if q_bits is None else validate.integer(q_bits, "--q-bits")
+    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else validate.integer(q_group_size, "--q-group-size")
     if bits not in QUANT_BITS:
         raise LlavaError(f"--q-bits {bits} is not supported (choose {' or '.join(map(str, QUANT_BITS))})")
     if group_size not in GROUP_SIZES:

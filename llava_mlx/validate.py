@@ -69,7 +69,7 @@ def text(value, name: str) -> str:
 def path_argument(value, name: str) -> str:
     """A local path or repo id given as str or os.PathLike, not empty."""
     if not isinstance(value, (str, os.PathLike)):
-        raise LlavaTypeError(f"{name} must be a path or a repo id (str), not {type(value).__name__}")
+        raise LlavaTypeError(f"{name} must be a str or a path, not {type(value).__name__}")
     value = text(os.fspath(value), name)
     if not value.strip():
         raise LlavaValueError(f"{name} is empty")
@@ -91,7 +91,7 @@ def history(value) -> list:
         raise LlavaTypeError(f"history must be a list of (question, answer) pairs, not {type(value).__name__}")
     turns = []
     for i, turn in enumerate(value):
-        if isinstance(turn, (str, bytes)) or not hasattr(turn, "__len__") or len(turn) != 2:
+        if isinstance(turn, (str, bytes, dict)) or not hasattr(turn, "__len__") or len(turn) != 2:
             raise LlavaTypeError(f"history[{i}] must be a (question, answer) pair, not {turn!r:.60}")
         turns.append((text(turn[0], f"history[{i}] question"), text(turn[1], f"history[{i}] answer")))
     return turns
@@ -106,7 +106,7 @@ def image_list(images) -> list:
         return list(images)
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray)):
         return [images]
-    if not hasattr(images, "__iter__"):
+    if not hasattr(images, "__iter__") or isinstance(images, (dict, set, frozenset)):
         raise LlavaTypeError(f"images must be an image or a list of images, not {type(images).__name__}")
     images = list(images)
     for i, image in enumerate(images):
