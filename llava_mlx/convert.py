@@ -209,7 +209,6 @@ def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
 def read_source(model: str, vision_tower: Optional[str], scratch: Path):
     """(model, config, source dir, tower dir) through the loader."""
     path = local_checkpoint(model, "model", scratch / "model")
-    validate.checkpoint_files(path)
     raw = read_json(path / "config.json")
     if vision_tower is None and detect_layout(raw) == "original":
         # The original layout names its CLIP tower; stage it too if it ships .bin only and
@@ -220,6 +219,7 @@ def read_source(model: str, vision_tower: Optional[str], scratch: Path):
     elif vision_tower is not None:
         vision_tower = str(local_checkpoint(vision_tower, "vision tower", scratch / "tower"))
     loaded, config, tower_dir = load_model(path, vision_tower, lazy=True)
+    validate.checkpoint_files(path)
     return loaded, config, path, tower_dir
 
 

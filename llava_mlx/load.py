@@ -345,6 +345,6 @@ def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = Tru
     if vision_tower is not None:
         vision_tower = validate.path_argument(vision_tower, "vision_tower")
     path = resolve(path_or_repo)
-    validate.checkpoint_files(path)
     model, config, tower_dir = load_model(path, vision_tower, lazy)
+    validate.checkpoint_files(path)
     return model, Processor.from_checkpoint(path, config, tower_dir)
