@@ -63,6 +63,8 @@ FLAG_CASES = [
     (["--prompt", "  \n "], "the prompt is empty"),
     (["--prompt", "caf\udcc3 ?"], "the prompt is not valid UTF-8"),  # argv bytes b"caf\xc3 ?"
     (["--prompt", "lone \ud800 surrogate"], "the prompt is not valid UTF-8"),
+    (["--system", "sys\udcff"], "system is not valid UTF-8"),
+    (["--vision-tower", ""], "vision_tower is empty"),
 ]
 
 
@@ -108,6 +110,26 @@ def test_interrupt_inside_main_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(load_module, "load", interrupted)
     assert generate_main(["--model", "any/where", "--prompt", "hi"]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_closed_stdout_and_hangup_are_quiet(checkpoints):
+    """`generate.py | head -c0` (the reader gone): exit 1, nothing on stderr. SIGHUP while the
+    chat waits for the next question: one line, exit 128 + 1."""
+    args = [sys.executable, str(ROOT / "generate.py"), "--model", str(checkpoints[SMALL]), "--max-tokens", "4"]
+    process = subprocess.Popen([*args, "--prompt", "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and stderr == b"", stderr
+    process = subprocess.Popen(
+        [*args, "--prompt", "hi", "--chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=ENV, text=True,
+    )
+    for line in process.stderr:  # the first answer's report: the chat now waits on stdin
+        if line.startswith("Peak memory"):
+            break
+    process.send_signal(signal.SIGHUP)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 129 and stderr.strip() == "terminated (SIGHUP)", stderr
 
 
 # -- checkpoints: every file of the layouts --------------------------------------------------------------
