@@ -255,6 +255,15 @@ def test_broken_checkpoint(name, fragment, broken, images, capsys):
         load(str(broken(name)))
 
 
+def test_truncated_weights(checkpoints, tmp_path, capsys):
+    """A download cut short: the safetensors header promises more than the file holds."""
+    copy = tmp_path / "cut"
+    shutil.copytree(checkpoints[SMALL], copy)
+    shard = copy / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    expect_error(capsys, generate_main, ["--model", str(copy), "--prompt", "hi"], "incomplete download or corrupt")
+
+
 def test_broken_tower_config(checkpoints, tmp_path, capsys):
     tower = tmp_path / "tower"
     shutil.copytree(checkpoints["clip-tower-v1.5-vicuna"], tower)
