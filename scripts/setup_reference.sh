@@ -39,7 +39,7 @@ run() {
 
 run "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-run "${PIP[@]}" install --upgrade pip
+run "${PIP[@]}" install "pip==26.3"
 # torch first and alone: a local CPU wheel of 2.13.0 is picked up by pip on this machine
 run "${PIP[@]}" install "torch==2.13.0"
 # Every other package at the version in reference-constraints.txt (transitive ones too).
