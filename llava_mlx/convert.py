@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -28,8 +27,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
+from . import validate
 from .adapters import checkpoint_kind, read_checkpoint, tokenizer_dir
-from .errors import LlavaError
+from .cli import command, signals_held
+from .errors import LlavaError, LlavaValueError
 from .load import (
     HUB_PATTERNS,
     MLX_FORMAT,
@@ -233,7 +234,9 @@ def read_source(
     elif vision_tower is not None:
         vision_tower = str(local_checkpoint(vision_tower, "vision tower", scratch / "tower"))
     loaded, config, tower_dir = load_model(path, vision_tower, lazy=True, model_base=base, delta=delta)
-    return loaded, config, tokenizer_dir(path, base, delta), tower_dir
+    tokenizer = tokenizer_dir(path, base, delta)
+    validate.checkpoint_files(tokenizer)
+    return loaded, config, tokenizer, tower_dir
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -350,14 +353,6 @@ def check_out(out: Path, force: bool):
         raise LlavaError(f"--out {out} already exists and is not empty; pass --force to replace it")
 
 
-def check_not_inside(out: Path, source: Optional[Path]):
-    if source is None:
-        return
-    source = source.resolve()
-    if source == out or out in source.parents:
-        raise LlavaError(f"--out {out} holds the checkpoint being converted ({source}); choose another directory")
-
-
 def convert(
     model: str,
     out: str,
@@ -385,12 +380,15 @@ def convert(
     LoRA or projector-only checkpoint (merged into it), or with `delta=True`, the base that
     `model`'s delta weights are added to.
     """
-    model, vision_tower = str(model), None if vision_tower is None else str(vision_tower)
-    model_base = None if model_base is None else str(model_base)
+    model = validate.path_argument(model, "--model")
+    vision_tower = None if vision_tower is None else validate.path_argument(vision_tower, "--vision-tower")
+    model_base = None if model_base is None else validate.path_argument(model_base, "--model-base")
+    if shard_gb is not None and not (isinstance(shard_gb, (int, float)) and shard_gb >= 0):
+        raise LlavaValueError(f"shard_gb must be a number >= 0, not {shard_gb!r}")
     if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
         raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
-    bits = DEFAULT_BITS if q_bits is None else q_bits
-    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else q_group_size
+    bits = DEFAULT_BITS if q_bits is None else validate.integer(q_bits, "--q-bits")
+    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else validate.integer(q_group_size, "--q-group-size")
     if bits not in QUANT_BITS:
         raise LlavaError(f"--q-bits {bits} is not supported (choose {' or '.join(map(str, QUANT_BITS))})")
     if group_size not in GROUP_SIZES:
@@ -399,12 +397,10 @@ def convert(
         raise LlavaError("--delta needs --model-base: the model the delta weights were made from")
     if dtype is not None and dtype not in DTYPES:
         raise LlavaError(f"--dtype {dtype} is not supported (choose {', '.join(DTYPES)})")
-    out = Path(out).expanduser().absolute()
-    check_out(out, force)
     local = Path(model).expanduser()
-    check_not_inside(out, local if local.is_dir() else None)
-    if model_base is not None and Path(model_base).expanduser().is_dir():
-        check_not_inside(out, Path(model_base).expanduser())
+    base = Path(model_base).expanduser() if model_base is not None else None
+    out = validate.output_dir(out, [local if local.is_dir() else None, base if base and base.is_dir() else None])
+    check_out(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
@@ -415,8 +411,7 @@ def convert(
         result = tmp / "model"
         result.mkdir()
         loaded, config, path, tower_dir = read_source(model, vision_tower, scratch, model_base, delta)
-        check_not_inside(out, path)
-        check_not_inside(out, tower_dir)
+        validate.output_dir(out, [path, tower_dir])
         if quantize and config.quantization:
             q = config.quantization
             raise LlavaError(
@@ -439,10 +434,14 @@ def convert(
         from .load import load
 
         load(str(result))  # everything a user loads: config, weights and shapes, tokenizer
-        shutil.rmtree(scratch, ignore_errors=True)
-        replace_dir(result, out)
+        with signals_held() as received:  # the move into place is all or nothing
+            if received:  # Ctrl-C / SIGTERM before the move: nothing is put in place
+                raise KeyboardInterrupt()
+            shutil.rmtree(scratch, ignore_errors=True)
+            replace_dir(result, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():  # a second Ctrl-C does not leave half the temporary directory
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -481,15 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.model, args.delta = (args.delta, True) if args.delta is not None else (args.model, False)
-    try:
-        out = convert(**vars(args))
-    except LlavaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    print(summary(out))
+    print(summary(convert(**vars(args))))
     return 0

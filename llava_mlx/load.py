@@ -8,7 +8,6 @@ converted output. Config differences are settled in `read_config`, weight-name
 differences in `sanitize`: nowhere else. Weights stay lazy (memory-mapped by `mx.load`).
 """
 
-import ast
 import glob
 import json
 import os
@@ -19,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import validate
 from .errors import LlavaError
 from .model import LlavaConfig, LlavaModel
 from .vision import layers_to_run
@@ -68,23 +68,29 @@ def resolve(path_or_repo: str, what: str = "model", patterns=HUB_PATTERNS) -> Pa
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; one clear error for anything else."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise LlavaError(f"missing {path.name} in {path.parent}") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise LlavaError(f"{path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise LlavaError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise LlavaError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise LlavaError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def clip_vision_config(params: Optional[dict]) -> dict:
     """A CLIP vision config with transformers' defaults; the full CLIPConfig is unwrapped."""
     params = params.get("vision_config", params) if params else {}
     return {**CLIP_VISION_DEFAULTS, **params}
-
-
-def pinpoints(value):
-    return ast.literal_eval(value) if isinstance(value, str) else value
 
 
 def detect_layout(raw: dict) -> str:
@@ -123,7 +129,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             vision_feature_layer=layer,
             vision_feature_select="cls_patch" if raw.get("vision_feature_select_strategy") == "full" else "patch",
             image_aspect_ratio="anyres" if next_ else "pad",
-            image_grid_pinpoints=pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS)) if next_ else None,
+            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS), "config.json") if next_ else None,
             patch_merge_type="spatial_unpad" if next_ else "flat",
             quantization=raw.get("quantization"),
         )
@@ -132,6 +138,8 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
         if model_type not in ("llava_llama", "llava_mistral"):
             text["model_type"] = "llava_mistral" if "Mistral" in str(raw.get("architectures")) else "llava_llama"
         tower = read_json(tower_dir / "config.json") if tower_dir else None
+        if tower:
+            validate.raw_config(tower, str(tower_dir / "config.json"))
         return "original", LlavaConfig(
             text_config=text,
             vision_config=clip_vision_config(tower) if tower else {},
@@ -139,7 +147,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             vision_feature_layer=raw.get("mm_vision_select_layer", -2),
             vision_feature_select=raw.get("mm_vision_select_feature", "patch"),
             image_aspect_ratio=raw.get("image_aspect_ratio") or "square",
-            image_grid_pinpoints=pinpoints(raw.get("image_grid_pinpoints")),
+            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints"), "config.json"),
             patch_merge_type=raw.get("mm_patch_merge_type", "flat"),
             max_length=raw.get("tokenizer_model_max_length"),
             quantization=raw.get("quantization"),
@@ -210,6 +218,8 @@ def weight_files(path: Path) -> list:
     index = path / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if any(not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..") for n in names):
+            raise LlavaError(f"{index} lists a weight file that is not a plain file name in {path}")
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise LlavaError(f"missing weight shard {missing[0]} in {path} (listed in {index.name})")
@@ -275,13 +285,23 @@ def load_model(
     from .adapters import check_base_fits, read_checkpoint
 
     raw, weights, lora = read_checkpoint(path, model_base, delta)
+    validate.raw_config(raw, str(path / "config.json"))
     tower_dir, has_tower = None, ships_tower(weights)
+    if vision_tower and detect_layout(raw) != "original":
+        raise LlavaError(
+            f"--vision-tower applies only to original (liuhaotian) checkpoints; {path} is a "
+            f"{detect_layout(raw)} checkpoint with its own tower"
+        )
     if detect_layout(raw) == "original":
         location = tower_location(raw, vision_tower)
         tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None
         if tower_dir is None and location:
             tower_dir = _cached_tower(location)
-    layout, config = read_config(raw, tower_dir)
+    try:
+        layout, config = read_config(raw, tower_dir)
+    except ValueError as e:  # LlavaConfig's own checks (e.g. an unknown text model type)
+        raise LlavaError(f"{path / 'config.json'}: {e}") from None
+    validate.model_config(config, str(path / "config.json"))
     if layout == "original" and not has_tower:
         if tower_dir is None:
             raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
@@ -339,7 +359,14 @@ def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = Tru
     from .adapters import tokenizer_dir
     from .processor import Processor
 
+    path_or_repo = validate.path_argument(path_or_repo, "the model")
+    if vision_tower is not None:
+        vision_tower = validate.path_argument(vision_tower, "vision_tower")
+    if model_base is not None:
+        model_base = validate.path_argument(model_base, "model_base")
     path = resolve(path_or_repo)
     base = resolve(model_base, "model base") if model_base else None
     model, config, tower_dir = load_model(path, vision_tower, lazy, base)
-    return model, Processor.from_checkpoint(tokenizer_dir(path, base), config, tower_dir)
+    tokenizer = tokenizer_dir(path, base)
+    validate.checkpoint_files(tokenizer)
+    return model, Processor.from_checkpoint(tokenizer, config, tower_dir)

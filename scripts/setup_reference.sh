@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the virtual environment that runs the ORIGINAL LLaVA code (tests/reference/run_original.py):
 # llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU,
-# and peft 0.11.1 (the builder's LoRA merge; llava pins 0.4.0, which predates use_rslora).
+# and peft 0.11.1 (the builder's LoRA merge; llava pins 0.4.0, which predates use_rslora); every other package
+# pinned in scripts/reference-constraints.txt.
 #
 #   scripts/setup_reference.sh [VENV_DIR]      (default: .venv-orig in the repo root)
 #
@@ -42,14 +43,15 @@ run() {
 
 run "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-run "${PIP[@]}" install --upgrade pip
+run "${PIP[@]}" install "pip==26.3"
 # torch first and alone: a local CPU wheel of 2.13.0 is picked up by pip on this machine
 run "${PIP[@]}" install "torch==2.13.0"
-run "${PIP[@]}" install "transformers==4.37.2" "tokenizers>=0.14,<0.16" "accelerate==0.26.1" \
-    "huggingface-hub<0.26" sentencepiece protobuf numpy pillow safetensors
+# Every other package at the version in reference-constraints.txt (transitive ones too).
+run "${PIP[@]}" install -c "$ROOT/scripts/reference-constraints.txt" "transformers==4.37.2" tokenizers \
+    accelerate huggingface-hub sentencepiece protobuf numpy pillow safetensors
 run "${PIP[@]}" install --no-deps "llava-torch==1.2.2.post1"
-# peft with torch/transformers/accelerate restated, so that pip cannot move them
-run "${PIP[@]}" install "peft==0.11.1" "torch==2.13.0" "transformers==4.37.2" "accelerate==0.26.1" "huggingface-hub<0.26"
+# peft for the builder's LoRA merge; the constraints keep torch and transformers where they are
+run "${PIP[@]}" install -c "$ROOT/scripts/reference-constraints.txt" peft
 
 if ! check; then
     echo "setup_reference.sh: $VENV was created but llava does not import:" >&2
