@@ -30,6 +30,7 @@ log = logging.getLogger("llava_mlx.server")
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 MODEL_PATHS = ("/v1/models", "/models")
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
+CHECK_EVERY = 0.1  # s between checks that a waiting client is still connected
 DRAIN_LIMIT = 64 << 20  # a refused body is read (and dropped) up to this, so the client sees the 413
 
 
@@ -50,6 +51,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "llava-mlx"
     timeout = 60  # s: a client that sends nothing (or reads nothing) for this long is dropped
+    checked = 0.0  # when the connection was last checked for a disconnect
 
     def __init__(self, *args, app=None, **kwargs):
         self.app = app
@@ -192,14 +194,19 @@ class Handler(BaseHTTPRequestHandler):
             raise ClientGone() from None
 
     def _event(self, job: Job):
-        """The job's next event, cancelling it if the client goes away meanwhile."""
+        """The job's next event, cancelling it if the client goes away meanwhile (checked
+        every CHECK_EVERY seconds, even while events keep coming)."""
         while True:
-            try:
-                return job.events.get(timeout=0.1)
-            except queue.Empty:
+            now = time.monotonic()
+            if now >= self.checked + CHECK_EVERY:
+                self.checked = now
                 if client_gone(self.connection):
                     job.cancel()
-                    raise ClientGone() from None
+                    raise ClientGone()
+            try:
+                return job.events.get(timeout=CHECK_EVERY)
+            except queue.Empty:
+                continue
 
     def _complete(self, job: Job, event):
         parts = []

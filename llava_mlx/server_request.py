@@ -260,6 +260,7 @@ def download(where: str, url: str, limits: Limits) -> bytes:
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             connection.request("GET", path, headers={"User-Agent": "llava-mlx", "Accept": "image/*"})
+            sock = connection.sock  # http.client lets go of it once the response will close
             response = connection.getresponse()
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 url = urljoin(url, response.getheader("Location"))
@@ -274,7 +275,7 @@ def download(where: str, url: str, limits: Limits) -> bytes:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError()
-                connection.sock.settimeout(left)
+                sock.settimeout(left)
                 chunk = response.read1(65536)
                 if not chunk:
                     return b"".join(chunks)
