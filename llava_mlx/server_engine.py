@@ -93,6 +93,7 @@ class Engine:
         self.features = FeatureCache(options.feature_cache_bytes)
         self.prompt_cache = PromptCache(options.prompt_cache_bytes)
         self.waiting: deque = deque()
+        self.busy = False
         self.prefilling: deque = deque()
         self.running: dict = {}
         self.counters = dict(requests=0, finished=0, cancelled=0, failed=0, decode_steps=0, batched_steps=0,
@@ -152,11 +153,15 @@ class Engine:
         while not self.stopping.is_set():
             self._drop_cancelled()
             self._admit()
+            self.busy = self.busy or bool(self.prefilling or self.running)
             if self.prefilling:
                 self._prefill_step()
             if self.running:
                 self._decode_step()
             elif not self.prefilling:
+                if self.busy:  # idle now: give MLX's buffer cache back to the system
+                    mx.clear_cache()
+                self.busy = False
                 try:
                     self.waiting.append(self.inbox.get(timeout=0.1))
                 except queue.Empty:
