@@ -15,6 +15,7 @@ import queue
 import select
 import socket
 import sys
+import threading
 import time
 import uuid
 from functools import partial
@@ -74,7 +75,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Cache-Control", "no-cache")
         else:
             self.send_header("Content-Length", str(length))
-        origin = self.headers.get("Origin") if self.headers else None
+        headers = getattr(self, "headers", None)  # unset when the request line itself was bad
+        origin = headers.get("Origin") if headers else None
         if origin and self.app.cors(origin):
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Vary", "Origin")
@@ -178,6 +180,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chat(self):
         app = self.app
+        if not app.slots.acquire(blocking=False):  # bounds the requests held in memory at once
+            self.close_connection = True
+            raise ApiError(429, f"the server is busy: {app.engine.options.max_batch + app.engine.options.max_queue} requests are in progress (--max-batch + --max-queue)")
+        try:
+            self._run_chat()
+        finally:
+            app.slots.release()
+
+    def _run_chat(self):
+        app = self.app
         chat = parse_chat(self._body(), app.limits)
         job = Job(build_prompt(chat, app.processor, app.limits, app.engine.is_cached), chat)
         app.engine.submit(job)
@@ -253,6 +265,7 @@ class App:
         self.engine, self.limits, self.model_id = engine, limits, model_id
         self.api_key, self.allowed_origins = api_key, tuple(allowed_origins)
         self.created = int(time.time())
+        self.slots = threading.BoundedSemaphore(engine.options.max_batch + engine.options.max_queue)
 
     @property
     def processor(self):
@@ -330,7 +343,8 @@ def main(argv=None) -> int:
     except LlavaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    app = App(engine, limits, args.model.rstrip("/"), args.api_key, args.allowed_origins)
+    model_id = Path(args.model).resolve().name if Path(args.model).is_dir() else args.model
+    app = App(engine, limits, model_id, args.api_key, args.allowed_origins)
     try:
         httpd = Server((args.host, args.port), partial(Handler, app=app))
     except OSError as e:

@@ -88,6 +88,7 @@ class Engine:
         self.load_fn, self.options = load_fn, options
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.ready, self.stopping = threading.Event(), threading.Event()
+        self.lock = threading.Lock()  # HTTP threads submit concurrently
         self.load_error: Optional[Exception] = None
         self.model = self.processor = None
         self.features = FeatureCache(options.feature_cache_bytes)
@@ -115,10 +116,11 @@ class Engine:
     def submit(self, job: Job):
         if not self.thread.is_alive():
             raise ApiError(503, "the generation engine has stopped; restart the server")
-        if self.inbox.qsize() + len(self.waiting) >= self.options.max_queue:
-            raise ApiError(429, f"the server is busy: {self.options.max_queue} requests are already waiting (--max-queue)")
-        self.counters["requests"] += 1
-        self.inbox.put(job)
+        with self.lock:
+            if self.inbox.qsize() + len(self.waiting) >= self.options.max_queue:
+                raise ApiError(429, f"the server is busy: {self.options.max_queue} requests are already waiting (--max-queue)")
+            self.counters["requests"] += 1
+            self.inbox.put(job)
 
     def stats(self) -> dict:
         return {

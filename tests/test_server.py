@@ -107,16 +107,13 @@ def test_multi_turn_equals_generate_and_reuses_the_prefix(live_server, loaded, i
 
 def test_concurrent_requests_batch_and_equal_one_by_one(live_server, loaded, images):
     requests = [[user(f"Question {i}: what is this?", images[name])] for i, name in enumerate(SIZES)]
-    lengths = set()
+    first = [ask(live_server, messages, max_tokens=24) for messages in requests]  # caches the images and prompts
+    assert len({r.usage.prompt_tokens for r in first}) == 6  # six different prompt lengths
     before = live_server.health()
     tic = time.perf_counter()
-    alone = []
-    for messages in requests:
-        r = ask(live_server, messages, max_tokens=24)
-        alone.append(r.choices[0].message.content)
-        lengths.add(r.usage.prompt_tokens)
-    one_by_one = time.perf_counter() - tic
-    assert len(lengths) == 6  # six different prompt lengths
+    alone = [ask(live_server, messages, max_tokens=24).choices[0].message.content for messages in requests]
+    one_by_one = time.perf_counter() - tic  # as warm as the concurrent run below
+    assert alone == [r.choices[0].message.content for r in first]
     middle = live_server.health()
     tic = time.perf_counter()
     with ThreadPoolExecutor(6) as pool:
@@ -399,3 +396,13 @@ def test_load(live_server, loaded, images, bad):
     assert after - before < 400, (before, after)
     print(f"load: 90 requests in {elapsed:.1f} s; RSS {before:.0f} -> {after:.0f} MB; "
           f"prompt cache {health['prompt_cache_bytes'] / 1e6:.1f} MB in {health['prompt_cache_entries']} entries")
+
+
+def test_images_in_later_turns_are_templated_where_they_appear(loaded):
+    """Per-turn image counts: [n, 0, ...] is generate()'s prompt; [0, 1] puts the image in turn 2."""
+    for name in (SERVER_MODEL, "orig-v1.6-vicuna", "hf-v1.6-mistral"):  # chat templates and the original's
+        _, processor = loaded(name)
+        history = [("First?", "An answer.")]
+        assert processor.apply_template("Next?", [1, 0], None, history) == processor.apply_template("Next?", 1, None, history)
+        later = processor.apply_template("Next?", [0, 1], None, history)
+        assert later.count("<image>") == 1 and later.index("<image>") > later.index("An answer.")
