@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
@@ -32,6 +33,7 @@ CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 MODEL_PATHS = ("/v1/models", "/models")
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 CHECK_EVERY = 0.1  # s between checks that a waiting client is still connected
+STREAM_EVERY = 0.02  # s: streamed tokens are sent at most this often (each send wakes a thread)
 DRAIN_LIMIT = 64 << 20  # a refused body is read (and dropped) up to this, so the client sees the 413
 
 
@@ -220,11 +222,24 @@ class Handler(BaseHTTPRequestHandler):
             except queue.Empty:
                 continue
 
+    @staticmethod
+    def _queued(job: Job):
+        try:
+            return job.events.get_nowait()
+        except queue.Empty:
+            return None
+
     def _complete(self, job: Job, event):
+        # Wait for the end, not token by token: waking this thread for every token would
+        # make the engine thread wait for the GIL as often.
+        while event[0] == "text" and not job.over.wait(CHECK_EVERY):
+            if client_gone(self.connection):
+                job.cancel()
+                raise ClientGone()
         parts = []
         while event[0] == "text":
             parts.append(event[1])
-            event = self._event(job)
+            event = job.events.get()
         if event[0] == "error":
             raise event[1]
         _, finish, usage = event
@@ -244,8 +259,16 @@ class Handler(BaseHTTPRequestHandler):
 
         self._headers(200, "text/event-stream")
         send({"role": "assistant", "content": ""})
-        while event[0] == "text":
-            send({"content": event[1]})
+        while True:
+            pieces = []
+            while event is not None and event[0] == "text":
+                pieces.append(event[1])
+                event = self._queued(job)
+            if pieces:
+                send({"content": "".join(pieces)})
+            if event is not None:
+                break
+            job.over.wait(STREAM_EVERY)  # let the next tokens gather: one wake-up, not one per token
             event = self._event(job)
         if event[0] == "error":
             self._chunk(b"data: " + json.dumps(event[1].body()).encode() + b"\n\n")
@@ -354,6 +377,7 @@ def main(argv=None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"llava-mlx: serving {app.model_id} on http://{host}:{port} (chat page /, API /v1)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

@@ -39,6 +39,7 @@ class Job:
     chat: Chat
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    over: threading.Event = field(default_factory=threading.Event)  # "done" or "error" is queued
     kv: Optional[list] = None
     embeddings: Optional[mx.array] = None
     prefilled: int = 0
@@ -53,6 +54,7 @@ class Job:
 
     def fail(self, error: ApiError):
         self.events.put(("error", error))
+        self.over.set()
 
 
 @dataclass
@@ -309,6 +311,7 @@ class Engine:
             "prompt_tokens_details": {"cached_tokens": job.cached},
         }
         job.events.put(("done", finish, usage))
+        job.over.set()
         return True
 
     def _remember(self, job: Job, cache):
