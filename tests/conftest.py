@@ -65,4 +65,4 @@ def live_server(checkpoints, tmp_path_factory):
 
     server = start_server(checkpoints[SERVER_MODEL], tmp_path_factory.mktemp("server") / "server.log", *SERVER_ARGS)
     yield server
-    server.stop()
+    assert server.stop() == 0, server.log.read_text()[-2000:]

@@ -29,13 +29,15 @@ class LiveServer:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmRSS")
 
-    def stop(self):
+    def stop(self) -> int:
+        """SIGTERM: the server shuts down cleanly, exit code 0."""
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=20)
+            return self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+            return -9
 
 
 def start_server(model: Path, log: Path, *args) -> LiveServer:

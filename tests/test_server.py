@@ -7,7 +7,10 @@ import http.client
 import http.server
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import struct
 import threading
 import time
@@ -18,7 +21,7 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import SERVER_MODEL
+from conftest import ROOT, SERVER_MODEL
 from llava_mlx.cache import common_prefix, image_key, sequence_keys
 from llava_mlx.generate import stream_generate
 from llava_mlx.processor import load_image
@@ -337,22 +340,64 @@ def test_body_size_route_and_method_errors(live_server):
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
 
 
-def test_api_key(checkpoints, tmp_path):
+def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
+    """A second server: --api-key (401), one batch slot and one queue slot (429), CORS."""
     from serving import start_server
 
-    server = start_server(checkpoints[SERVER_MODEL], tmp_path / "log", "--api-key", "s3cret", "--max-tokens", "4")
+    server = start_server(checkpoints[SERVER_MODEL], tmp_path / "log", "--api-key", "s3cret", "--max-tokens", "400",
+                          "--max-batch", "1", "--max-queue", "1", "--allowed-origins", "https://app.example")
     try:
-        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
         assert_openai_error(*raw(server, "POST", "/v1/chat/completions", body), 401, "API key")
         wrong = {"Content-Type": "application/json", "Authorization": "Bearer nope"}
         assert_openai_error(*raw(server, "POST", "/v1/chat/completions", body, wrong), 401, "API key")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
-        good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
-        assert good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]).usage.completion_tokens > 0
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
+        assert good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4).usage.completion_tokens > 0
         assert server.health()["status"] == "ok"  # health needs no key
+
+        def long_request(i):
+            try:
+                good.chat.completions.create(model="m", messages=[{"role": "user", "content": f"Story {i}"}], max_tokens=400)
+                return 200
+            except openai.RateLimitError as e:
+                assert "busy" in e.message
+                return 429
+
+        with ThreadPoolExecutor(5) as pool:
+            statuses = list(pool.map(long_request, range(5)))
+        assert statuses.count(429) >= 2 and statuses.count(200) >= 1  # 2 slots: the others are turned away
+        assert server.health()["running"] == 0
+
+        allowed = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("OPTIONS", "/v1/chat/completions", headers=allowed)
+        response = connection.getresponse()
+        assert response.status == 204 and response.getheader("Access-Control-Allow-Origin") == "https://app.example"
+        connection.close()
+        cors = {"Content-Type": "application/json", "Authorization": "Bearer s3cret", "Origin": "https://app.example"}
+        assert raw(server, "POST", "/v1/chat/completions", body, cors)[0] == 200
+        cors["Origin"] = "https://other.example"
+        assert_openai_error(*raw(server, "POST", "/v1/chat/completions", body, cors), 403, "not allowed")
     finally:
-        server.stop()
+        assert server.stop() == 0
+
+
+def test_server_command_line_errors(checkpoints, tmp_path):
+    """A bad model or a taken port: one line on stderr, exit code 1."""
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True,
+                              timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+
+    missing = run("--model", str(tmp_path / "absent"))
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: ") and "is not a directory" in missing.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = run("--model", str(checkpoints[SERVER_MODEL]), "--port", str(taken.getsockname()[1]))
+    assert busy.returncode == 1 and "cannot listen on 127.0.0.1" in busy.stderr
+    assert len(busy.stderr.strip().splitlines()) == 1 and "Traceback" not in busy.stderr
 
 
 def test_stop_strings_and_seeds(live_server, loaded, images):
