@@ -181,7 +181,8 @@ def assert_openai_error(status, body, expected_status, fragment):
 
 
 class SlowImages(http.server.BaseHTTPRequestHandler):
-    """A loopback image host: /slow never finishes in time, /missing is a 404."""
+    """A loopback image host: /slow never finishes in time, /to-disk redirects to file://,
+    anything else is a 404."""
 
     def do_GET(self):
         if self.path == "/slow":
@@ -195,6 +196,11 @@ class SlowImages(http.server.BaseHTTPRequestHandler):
                     time.sleep(0.1)
             except (BrokenPipeError, ConnectionResetError):
                 return  # the server gave up, as it should
+        elif self.path == "/to-disk":
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         else:
             self.send_error(404)
 
@@ -277,6 +283,7 @@ def bad_requests(images, image_host):
         "unreachable URL": (image_message(f"http://127.0.0.1:{free_port()}/a.png"), 400, "cannot fetch the image URL"),
         "image URL 404": (image_message(image_host + "/missing"), 400, "HTTP 404"),
         "slow image URL": (image_message(image_host + "/slow"), 400, "within 2 s"),
+        "redirect to the disk": (image_message(image_host + "/to-disk"), 400, "only http(s) URLs"),
         "file URL": (image_message("file:///etc/passwd"), 400, "scheme 'file' is not allowed"),
         "ftp URL": (image_message("ftp://example.com/a.png"), 400, "scheme 'ftp' is not allowed"),
         "no scheme": (image_message("/etc/passwd"), 400, "is not allowed"),
@@ -295,7 +302,7 @@ BAD_CASES = [
     "temperature out of range", "top_p zero", "max_tokens zero", "max_tokens over limit", "max_tokens float",
     "n=2", "seed wrong type", "stop wrong type", "stream wrong type", "stream_options wrong type",
     "model wrong type", "logprobs", "bad base64", "data URI not an image type", "not an image",
-    "truncated image", "unreachable URL", "image URL 404", "slow image URL", "file URL", "ftp URL",
+    "truncated image", "unreachable URL", "image URL 404", "slow image URL", "redirect to the disk", "file URL", "ftp URL",
     "no scheme", "too many images", "over the pixel limit", "pixel bomb", "over the context",
 ]
 
