@@ -1,6 +1,8 @@
 """The chat page at GET /, in a real headless Chromium (Debian's, driven by Playwright):
-attach an image, ask, watch the streamed answer, ask again. The answers are generate()'s."""
+attach an image, ask, watch the streamed answer, ask again; a new chat with a pasted image.
+The answers are generate()'s."""
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +16,13 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 SCREENSHOT = ROOT / "docs" / "server-chat.png"
+# Paste a PNG (base64) as the browser does when an image is on the clipboard.
+PASTE = """png => {
+  const bytes = Uint8Array.from(atob(png), c => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], "pasted.png", { type: "image/png" }));
+  document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: data }));
+}"""
 
 
 def test_chat_page_answers_an_uploaded_image(live_server, loaded, images, tmp_path):
@@ -44,5 +53,17 @@ def test_chat_page_answers_an_uploaded_image(live_server, loaded, images, tmp_pa
             assert "from the cache" in page.inner_text("#status")
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))
+
+            # a new chat, the image pasted from the clipboard this time
+            page.click("#new-chat")
+            assert page.locator(".msg").count() == 0
+            png = base64.b64encode(images["tiny"].read_bytes()).decode()
+            page.evaluate(PASTE, png)
+            page.wait_for_selector("#attached img")
+            page.fill("#prompt", questions[0])
+            page.click("#send")
+            done = page.wait_for_selector(".assistant[data-state=done]", timeout=120_000)
+            expected = generate(model, processor, questions[0], [images["tiny"]], max_tokens=16).text
+            assert done.eval_on_selector("span", "e => e.textContent") == expected
         finally:
             browser.close()
