@@ -244,18 +244,22 @@ class Engine:
             job.prefilled = end
         if job.prefilled == total:
             self.prefilling.popleft()
-            chat = job.chat
-            if chat.temperature == 0:
-                sampler = self.greedy
-            else:
-                base = seeded_sampler(chat.temperature, chat.top_p, chat.seed) if chat.seed is not None else make_sampler(chat.temperature, chat.top_p if chat.top_p < 1 else 0.0)
-                sampler = vocabulary_sampler(base, self.processor.tokenizer.vocab_size, self.rows, 0 < chat.top_p < 1)
             (job.uid,) = self.generator.insert(
-                [[job.prompt.keys[-1]]], max_tokens=[job.prompt.max_tokens], caches=[job.kv], samplers=[sampler]
+                [[job.prompt.keys[-1]]], max_tokens=[job.prompt.max_tokens], caches=[job.kv], samplers=[self._sampler(job.chat)]
             )
             job.kv = job.embeddings = None
             job.detokenizer = self.processor.tokenizer.detokenizer
             self.running[job.uid] = job
+
+    def _sampler(self, chat: Chat):
+        """Greedy requests share one sampler (one batched call); others get their own."""
+        if chat.temperature == 0:
+            return self.greedy
+        if chat.seed is not None:
+            base = seeded_sampler(chat.temperature, chat.top_p, chat.seed)
+        else:
+            base = make_sampler(chat.temperature, chat.top_p if chat.top_p < 1 else 0.0)
+        return vocabulary_sampler(base, self.processor.tokenizer.vocab_size, self.rows, renormalize=0 < chat.top_p < 1)
 
     def _decode_step(self):
         try:
