@@ -170,15 +170,19 @@ class Processor:
     def apply_template(self, question: str, num_images: int = 1, system: Optional[str] = None, history: Sequence = ()) -> str:
         """The conversation so far plus `question`, images in the first user turn: in the
         checkpoint's own chat template when it has one, else the family's template from
-        the original code. `history` holds earlier (question, answer) turns."""
+        the original code. `history` holds earlier (question, answer) turns. `num_images`
+        may also be a list: the images of each turn (the server's messages)."""
         turns = [tuple(t) for t in history] + [(question, None)]
+        counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images] + [0] * len(history)
+        if len(counts) != len(turns):
+            raise ValueError(f"{len(counts)} image counts for {len(turns)} turns")
         hf = self.tokenizer._tokenizer
         if not hf.chat_template:
-            first = (f"{IMAGE_TOKEN}\n" * num_images + turns[0][0], turns[0][1])
-            return family_prompt(self.family, [first] + turns[1:], system)
+            turns = [(f"{IMAGE_TOKEN}\n" * n + q, a) for n, (q, a) in zip(counts, turns)]
+            return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for i, (q, a) in enumerate(turns):
-            images = [{"type": "image"}] * (num_images if i == 0 else 0)
+            images = [{"type": "image"}] * counts[i]
             messages.append({"role": "user", "content": images + [{"type": "text", "text": q}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
