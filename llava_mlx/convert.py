@@ -41,6 +41,7 @@ from .load import (
     tower_location,
 )
 from .model import LlavaConfig, LlavaModel
+from .quantization import RECIPES, bits_summary, recipe_predicate, recorded_entries
 
 QUANT_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -80,14 +81,22 @@ def quantize_choice(path: str, module: nn.Module, group_size: int, quantize_visi
     return "quantize" if module.weight.shape[-1] % group_size == 0 else "skip"
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int, quantize_vision: bool) -> dict:
-    """Quantize `model` in place (lazily); returns the config's `quantization` block."""
+def quantize_model(
+    model: nn.Module, bits: int, group_size: int, quantize_vision: bool, recipe: Optional[str] = None
+) -> dict:
+    """Quantize `model` in place (lazily); returns the config's `quantization` block.
+
+    `recipe` (mixed_4_6 ...): each layer's bits are mlx-lm's choice for it, recorded per module
+    in the block as mlx-lm and mlx-vlm record them; `bits` is then the recipe's low bits."""
     choices = {}
+    mixed = recipe_predicate(recipe, model, group_size) if recipe else None
 
     def predicate(path, module):
         choice = quantize_choice(path, module, group_size, quantize_vision)
         if choice:
             choices[path] = choice
+        if choice == "quantize" and mixed:
+            return mixed(path, module)
         return choice == "quantize"
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
@@ -99,7 +108,10 @@ def quantize_model(model: nn.Module, bits: int, group_size: int, quantize_vision
             f"group size {group_size} divides the input width of no layer to quantize "
             f"(widths {', '.join(map(str, widths))}); choose another --q-group-size"
         )
-    return {"group_size": group_size, "bits": bits, "modules": modules, "skipped": skipped}
+    block = {"group_size": group_size, "bits": bits, "modules": modules, "skipped": skipped}
+    if recipe:
+        block["recipe"] = recipe
+    return {**block, **recorded_entries(model, block)}
 
 
 def quantized_modules(model: nn.Module) -> list:
@@ -116,7 +128,8 @@ def existing_quantization(model: nn.Module, config: LlavaConfig) -> dict:
         for p, m in model.named_modules()
         if p not in modules and quantize_choice(p, m, group_size, vision) == "skip"
     )
-    return {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
+    block = {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
+    return {**block, **recorded_entries(model, block)}
 
 
 def cast(model: nn.Module, dtype):
@@ -134,19 +147,21 @@ def estimate_bytes(
     group_size: int = DEFAULT_GROUP_SIZE,
     quantize_vision: bool = False,
     dtype: str = "float16",
+    quant_predicate: Optional[str] = None,
 ) -> int:
     """Bytes of the weights `convert` writes for `config`, computed from shapes alone.
 
     The model is built lazily (nothing is allocated or computed), cast and quantized
     exactly as `convert` does; MLX's quantized storage is the weight packed into uint32
     (`bits` per value) plus a scale and a bias in `dtype` per group of `group_size`.
-    `bits=None`: unquantized.
+    `bits=None`: unquantized. `quant_predicate`: a mixed recipe (then `bits` is its low bits).
     """
     config = LlavaConfig.from_dict({**config.to_dict(), "quantization": None})
     model = LlavaModel(config)
     cast(model, getattr(mx, dtype))
-    if bits:
-        quantize_model(model, bits, group_size, quantize_vision)
+    if bits or quant_predicate:
+        bits = RECIPES[quant_predicate][0] if quant_predicate else bits
+        quantize_model(model, bits, group_size, quantize_vision, quant_predicate)
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
@@ -343,6 +358,15 @@ def check_not_inside(out: Path, source: Optional[Path]):
         raise LlavaError(f"--out {out} holds the checkpoint being converted ({source}); choose another directory")
 
 
+def check_recipe(recipe: str, q_bits: Optional[int], quantize_vision: bool):
+    if recipe not in RECIPES:
+        raise LlavaError(f"--quant-predicate {recipe} is not a recipe (choose {', '.join(RECIPES)})")
+    if q_bits is not None:
+        raise LlavaError(f"--q-bits does not apply with --quant-predicate: {recipe} sets the bits of each layer")
+    if quantize_vision:
+        raise LlavaError("--quantize-vision does not apply with --quant-predicate: the recipes are for the decoder")
+
+
 def convert(
     model: str,
     out: str,
@@ -355,18 +379,24 @@ def convert(
     force: bool = False,
     progress: bool = True,
     shard_gb: int = MAX_FILE_SIZE_GB,
+    quant_predicate: Optional[str] = None,
 ) -> Path:
     """Convert the LLaVA checkpoint `model` (local directory or Hugging Face repo id) to
     this project's MLX layout in `out`; returns `out`.
 
     `quantize`: the decoder's linear layers, lm_head and embeddings to `q_bits` (4 or 8,
     default 4) with groups of `q_group_size` (32, 64 or 128, default 64); the vision tower
-    and projector too with `quantize_vision`. `dtype`: float16, bfloat16 or float32 for
-    the float parameters (default: as stored).
+    and projector too with `quantize_vision`. `quant_predicate` (mixed_2_6, mixed_3_4,
+    mixed_3_6, mixed_4_6, mixed_4_8; implies `quantize`): mlx-lm's mixed-precision recipe for
+    the decoder, each layer's bits recorded per module in the `quantization` block. `dtype`:
+    float16, bfloat16 or float32 for the float parameters (default: as stored).
     `vision_tower`: the CLIP tower of an original LLaVA-1.5 checkpoint. `force`: replace a
     non-empty `out` (only once the new one is complete).
     """
     model, vision_tower = str(model), None if vision_tower is None else str(vision_tower)
+    if quant_predicate is not None:
+        check_recipe(quant_predicate, q_bits, quantize_vision)
+        quantize = True
     if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
         raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
     bits = DEFAULT_BITS if q_bits is None else q_bits
@@ -375,6 +405,8 @@ def convert(
         raise LlavaError(f"--q-bits {bits} is not supported (choose {' or '.join(map(str, QUANT_BITS))})")
     if group_size not in GROUP_SIZES:
         raise LlavaError(f"--q-group-size {group_size} is not supported (choose {', '.join(map(str, GROUP_SIZES))})")
+    if quant_predicate is not None:
+        bits = RECIPES[quant_predicate][0]  # the default; the recipe raises some layers
     if dtype is not None and dtype not in DTYPES:
         raise LlavaError(f"--dtype {dtype} is not supported (choose {', '.join(DTYPES)})")
     out = Path(out).expanduser().absolute()
@@ -402,7 +434,7 @@ def convert(
         if dtype:
             cast(loaded, getattr(mx, dtype))
         if quantize:
-            block = quantize_model(loaded, bits, group_size, quantize_vision)
+            block = quantize_model(loaded, bits, group_size, quantize_vision, quant_predicate)
         elif config.quantization:
             block = existing_quantization(loaded, config)
         else:
@@ -435,7 +467,7 @@ def summary(out: Path) -> str:
     if not q:
         return f"Wrote {out}: {size}"
     return (
-        f"Wrote {out}: {size}; {q['bits']}-bit, group size {q['group_size']}: "
+        f"Wrote {out}: {size}; {bits_summary(q)}, group size {q['group_size']}: "
         f"{len(q['modules'])} layers quantized, {len(q['skipped'])} left unquantized"
     )
 
@@ -449,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, help=f"group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the float parameters (default: as stored)")
     p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector")
+    p.add_argument(
+        "--quant-predicate",
+        choices=list(RECIPES),
+        help="mixed-precision recipe (mlx-lm's, implies -q): low bits for most layers, high bits for some",
+    )
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new output is complete")
     return p
