@@ -12,6 +12,7 @@ embedding table) and for `v_proj` and `down_proj` in the first and last eighth o
 and every third layer between.
 """
 
+from collections import Counter
 from typing import Callable, Dict, Optional
 
 import mlx.nn as nn
@@ -37,17 +38,14 @@ def module_entries(block: Optional[dict]) -> Dict[str, object]:
 
 
 def module_params(block: dict, path: str) -> Optional[dict]:
-    """How module `path` is quantized according to `block`: {group_size, bits, mode} (its own
+    """How module `path` is quantized according to `block`: {group_size, bits[, mode]} (its own
     entry over the block's defaults), or None when its entry says it stays in float."""
     entry = block.get(path, True)
     if entry is False:
         return None
-    params = {"group_size": block.get("group_size", 64), "bits": block.get("bits", 4), "mode": DEFAULT_MODE}
-    if "mode" in block:
-        params["mode"] = block["mode"]
-    if isinstance(entry, dict):
-        params.update({k: v for k, v in entry.items() if k in ("group_size", "bits", "mode")})
-    return params
+    defaults = {"group_size": 64, "bits": 4, **{k: block[k] for k in ("group_size", "bits", "mode") if k in block}}
+    overrides = {k: v for k, v in entry.items() if k in ("group_size", "bits", "mode")} if isinstance(entry, dict) else {}
+    return {**defaults, **overrides}
 
 
 def recipe_predicate(recipe: str, model: nn.Module, group_size: int) -> Callable[[str, nn.Module], dict]:
@@ -90,11 +88,8 @@ def recorded_entries(model: nn.Module, defaults: dict) -> Dict[str, dict]:
 
 
 def bits_summary(block: dict) -> str:
-    """'4-bit' or, for a mixed block, '4/6-bit (13 layers at 4 bits, 3 at 6)'."""
-    entries = [e for e in module_entries(block).values() if isinstance(e, dict)]
-    counts = {}
-    for entry in entries:
-        counts[entry.get("bits", block["bits"])] = counts.get(entry.get("bits", block["bits"]), 0) + 1
+    """'4-bit' or, for a mixed block, '4/6-bit (13 at 4, 3 at 6 bits)'."""
+    counts = Counter(e.get("bits", block["bits"]) for e in module_entries(block).values() if isinstance(e, dict))
     if len(counts) <= 1:
         return f"{block['bits']}-bit"
     bits = sorted(counts)

@@ -12,6 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from fixtures.preconverted import build_preconverted
+from test_convert import cosine, logits
 from llava_mlx import convert, generate, load
 from llava_mlx.convert import estimate_bytes, main
 from llava_mlx.errors import LlavaError
@@ -35,15 +36,6 @@ MIN_COSINE = {"mixed_2_6": 0.94, "mixed_3_4": 0.975, "mixed_3_6": 0.98, "mixed_4
 # The input of test_convert's 8-bit greedy test (gaps of ≥ 0.82 between the two best logits
 # along the float32 greedy path): the 6-/8-bit-heavy recipes keep all 8 tokens (measured).
 GREEDY = ("[INST] <image>\nWhat is in the picture? [/INST]", "square")
-
-
-def logits(model, inputs) -> np.ndarray:
-    return np.array(model(**inputs)[0].astype(mx.float32))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 def module_bits(model) -> dict:
