@@ -38,18 +38,15 @@ IMAGES = ("tie_wide", "square")
 CASES = [("4-bit", dict(q_bits=4)), ("8-bit", dict(q_bits=8))] + [(r, dict(quant_predicate=r)) for r in RECIPES]
 
 
-def ours(source: Path, out: Path, options: dict) -> Path:
-    options = dict(options)
-    if "q_bits" in options:
-        options["quantize"] = True
-    return convert(str(source), str(out), dtype="float32", progress=False, **options)
+def ours(source: Path, out: Path, options: dict):
+    convert(str(source), str(out), quantize=True, dtype="float32", progress=False, **options)
 
 
-def mlx_vlm(python: str, source: Path, out: Path, options: dict) -> Path:
+def mlx_vlm(python: str, source: Path, out: Path, options: dict):
+    """`python -m mlx_vlm.convert -q` (it keeps the checkpoint's float32)."""
     flags = ["--q-bits", str(options["q_bits"])] if "q_bits" in options else ["--quant-predicate", options["quant_predicate"]]
     command = [python, "-m", "mlx_vlm.convert", "--hf-path", str(source), "--mlx-path", str(out), "-q", *flags]
     subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return out
 
 
 def decoder_bits_per_weight(model) -> float:
@@ -103,11 +100,12 @@ def main(argv=None) -> int:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, options in CASES:
         slug = label.replace("-", "")
-        a = measure(ours(source, work / f"ours-{slug}", options) if not (work / f"ours-{slug}").exists()
-                    else work / f"ours-{slug}", reference, image_paths)
-        theirs = work / f"mlx-vlm-{slug}"
-        b = measure(theirs if theirs.exists() else mlx_vlm(args.mlx_vlm_python, source, theirs, options),
-                    reference, image_paths)
+        mine, theirs = work / f"ours-{slug}", work / f"mlx-vlm-{slug}"  # reused when already there
+        if not mine.exists():
+            ours(source, mine, options)
+        if not theirs.exists():
+            mlx_vlm(args.mlx_vlm_python, source, theirs, options)
+        a, b = measure(mine, reference, image_paths), measure(theirs, reference, image_paths)
         print(f"| {label} | {a['cosine']:.6f} | {b['cosine']:.6f} | {a['error']:.4f} | {b['error']:.4f} "
               f"| {a['same']}/{total} | {b['same']}/{total} | {a['bpw']:.2f} | {b['bpw']:.2f} |", flush=True)
     return 0
