@@ -169,6 +169,19 @@ def test_estimate_bytes_with_a_recipe(recipe, checkpoints, loaded, tmp_path):
     assert estimate_bytes(config, bits=low) < written < estimate_bytes(config, bits=high)
 
 
+def test_estimate_bytes_of_the_7b_recipes():
+    """The README's 7B sizes: over plain 4-bit, mixed_4_6 adds 2 bits a weight to lm_head, the
+    embedding table, and v_proj and down_proj of 16 of the 32 layers (0-3, 6, 9, ..., 27, 28-31)."""
+    text = dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, intermediate_size=14336, vocab_size=32064)
+    config = LlavaConfig(text_config=text, image_aspect_ratio="anyres", patch_merge_type="spatial_unpad",
+                         image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    raised = 16 * (1024 * 4096 + 4096 * 14336) + 2 * 32064 * 4096
+    plain = estimate_bytes(config, bits=4)
+    assert estimate_bytes(config, quant_predicate="mixed_4_6") == plain + raised * 2 // 8
+    assert estimate_bytes(config, quant_predicate="mixed_4_8") == plain + raised * 4 // 8
+
+
 def test_bad_recipe_options(checkpoints, tmp_path, capsys):
     source, out = str(checkpoints[NAME]), str(tmp_path / "out")
     bad = [
