@@ -42,6 +42,7 @@ from .load import (
     tower_location,
 )
 from .model import LlavaConfig, LlavaModel
+from .quantization import RECIPES, bits_summary, recipe_predicate, recorded_entries
 
 QUANT_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -81,14 +82,22 @@ def quantize_choice(path: str, module: nn.Module, group_size: int, quantize_visi
     return "quantize" if module.weight.shape[-1] % group_size == 0 else "skip"
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int, quantize_vision: bool) -> dict:
-    """Quantize `model` in place (lazily); returns the config's `quantization` block."""
+def quantize_model(
+    model: nn.Module, bits: int, group_size: int, quantize_vision: bool, recipe: Optional[str] = None
+) -> dict:
+    """Quantize `model` in place (lazily); returns the config's `quantization` block.
+
+    `recipe` (mixed_4_6 ...): each layer's bits are mlx-lm's choice for it, recorded per module
+    in the block as mlx-lm and mlx-vlm record them; `bits` is then the recipe's low bits."""
     choices = {}
+    mixed = recipe_predicate(recipe, model, group_size) if recipe else None
 
     def predicate(path, module):
         choice = quantize_choice(path, module, group_size, quantize_vision)
         if choice:
             choices[path] = choice
+        if choice == "quantize" and mixed:
+            return mixed(path, module)
         return choice == "quantize"
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
@@ -100,7 +109,10 @@ def quantize_model(model: nn.Module, bits: int, group_size: int, quantize_vision
             f"group size {group_size} divides the input width of no layer to quantize "
             f"(widths {', '.join(map(str, widths))}); choose another --q-group-size"
         )
-    return {"group_size": group_size, "bits": bits, "modules": modules, "skipped": skipped}
+    block = {"group_size": group_size, "bits": bits, "modules": modules, "skipped": skipped}
+    if recipe:
+        block["recipe"] = recipe
+    return {**block, **recorded_entries(model, block)}
 
 
 def quantized_modules(model: nn.Module) -> list:
@@ -117,7 +129,8 @@ def existing_quantization(model: nn.Module, config: LlavaConfig) -> dict:
         for p, m in model.named_modules()
         if p not in modules and quantize_choice(p, m, group_size, vision) == "skip"
     )
-    return {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
+    block = {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
+    return {**block, **recorded_entries(model, block)}
 
 
 def cast(model: nn.Module, dtype):
@@ -135,19 +148,21 @@ def estimate_bytes(
     group_size: int = DEFAULT_GROUP_SIZE,
     quantize_vision: bool = False,
     dtype: str = "float16",
+    quant_predicate: Optional[str] = None,
 ) -> int:
     """Bytes of the weights `convert` writes for `config`, computed from shapes alone.
 
     The model is built lazily (nothing is allocated or computed), cast and quantized
     exactly as `convert` does; MLX's quantized storage is the weight packed into uint32
     (`bits` per value) plus a scale and a bias in `dtype` per group of `group_size`.
-    `bits=None`: unquantized.
+    `bits=None`: unquantized. `quant_predicate`: a mixed recipe (then `bits` is its low bits).
     """
     config = LlavaConfig.from_dict({**config.to_dict(), "quantization": None})
     model = LlavaModel(config)
     cast(model, getattr(mx, dtype))
-    if bits:
-        quantize_model(model, bits, group_size, quantize_vision)
+    if bits or quant_predicate:
+        bits = RECIPES[quant_predicate][0] if quant_predicate else bits
+        quantize_model(model, bits, group_size, quantize_vision, quant_predicate)
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
@@ -353,6 +368,15 @@ def check_out(out: Path, force: bool):
         raise LlavaError(f"--out {out} already exists and is not empty; pass --force to replace it")
 
 
+def check_recipe(recipe: str, q_bits: Optional[int], quantize_vision: bool):
+    if recipe not in RECIPES:
+        raise LlavaError(f"--quant-predicate {recipe} is not a recipe (choose {', '.join(RECIPES)})")
+    if q_bits is not None:
+        raise LlavaError(f"--q-bits does not apply with --quant-predicate: {recipe} sets the bits of each layer")
+    if quantize_vision:
+        raise LlavaError("--quantize-vision does not apply with --quant-predicate: the recipes are for the decoder")
+
+
 def convert(
     model: str,
     out: str,
@@ -367,14 +391,17 @@ def convert(
     shard_gb: int = MAX_FILE_SIZE_GB,
     model_base: Optional[str] = None,
     delta: bool = False,
+    quant_predicate: Optional[str] = None,
 ) -> Path:
     """Convert the LLaVA checkpoint `model` (local directory or Hugging Face repo id) to
     this project's MLX layout in `out`; returns `out`.
 
     `quantize`: the decoder's linear layers, lm_head and embeddings to `q_bits` (4 or 8,
     default 4) with groups of `q_group_size` (32, 64 or 128, default 64); the vision tower
-    and projector too with `quantize_vision`. `dtype`: float16, bfloat16 or float32 for
-    the float parameters (default: as stored).
+    and projector too with `quantize_vision`. `quant_predicate` (mixed_2_6, mixed_3_4,
+    mixed_3_6, mixed_4_6, mixed_4_8; implies `quantize`): mlx-lm's mixed-precision recipe for
+    the decoder, each layer's bits recorded per module in the `quantization` block. `dtype`:
+    float16, bfloat16 or float32 for the float parameters (default: as stored).
     `vision_tower`: the CLIP tower of an original LLaVA-1.5 checkpoint. `force`: replace a
     non-empty `out` (only once the new one is complete). `model_base`: the base model of a
     LoRA or projector-only checkpoint (merged into it), or with `delta=True`, the base that
@@ -385,6 +412,9 @@ def convert(
     model_base = None if model_base is None else validate.path_argument(model_base, "--model-base")
     if shard_gb is not None and not (isinstance(shard_gb, (int, float)) and shard_gb >= 0):
         raise LlavaValueError(f"shard_gb must be a number >= 0, not {shard_gb!r}")
+    if quant_predicate is not None:
+        check_recipe(quant_predicate, q_bits, quantize_vision)
+        quantize = True
     if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
         raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
     bits = DEFAULT_BITS if q_bits is None else validate.integer(q_bits, "--q-bits")
@@ -395,6 +425,8 @@ def convert(
         raise LlavaError(f"--q-group-size {group_size} is not supported (choose {', '.join(map(str, GROUP_SIZES))})")
     if delta and model_base is None:
         raise LlavaError("--delta needs --model-base: the model the delta weights were made from")
+    if quant_predicate is not None:
+        bits = RECIPES[quant_predicate][0]  # the default; the recipe raises some layers
     if dtype is not None and dtype not in DTYPES:
         raise LlavaError(f"--dtype {dtype} is not supported (choose {', '.join(DTYPES)})")
     local = Path(model).expanduser()
@@ -421,7 +453,7 @@ def convert(
         if dtype:
             cast(loaded, getattr(mx, dtype))
         if quantize:
-            block = quantize_model(loaded, bits, group_size, quantize_vision)
+            block = quantize_model(loaded, bits, group_size, quantize_vision, quant_predicate)
         elif config.quantization:
             block = existing_quantization(loaded, config)
         else:
@@ -458,7 +490,7 @@ def summary(out: Path) -> str:
     if not q:
         return f"Wrote {out}: {size}"
     return (
-        f"Wrote {out}: {size}; {q['bits']}-bit, group size {q['group_size']}: "
+        f"Wrote {out}: {size}; {bits_summary(q)}, group size {q['group_size']}: "
         f"{len(q['modules'])} layers quantized, {len(q['skipped'])} left unquantized"
     )
 
@@ -475,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, help=f"group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the float parameters (default: as stored)")
     p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector")
+    p.add_argument(
+        "--quant-predicate",
+        choices=list(RECIPES),
+        help="mixed-precision recipe (mlx-lm's, implies -q): low bits for most layers, high bits for some",
+    )
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new output is complete")
     return p

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 from . import validate
 from .errors import LlavaError
 from .model import LlavaConfig, LlavaModel
+from .quantization import module_entries, module_params
 from .vision import layers_to_run
 
 # Our own converted output says so in its config.json.
@@ -131,7 +132,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             image_aspect_ratio="anyres" if next_ else "pad",
             image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS), "config.json") if next_ else None,
             patch_merge_type="spatial_unpad" if next_ else "flat",
-            quantization=raw.get("quantization"),
+            quantization=read_quantization(raw),
         )
     if layout == "original":
         text = dict(raw)
@@ -150,7 +151,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints"), "config.json"),
             patch_merge_type=raw.get("mm_patch_merge_type", "flat"),
             max_length=raw.get("tokenizer_model_max_length"),
-            quantization=raw.get("quantization"),
+            quantization=read_quantization(raw),
         )
 
 
@@ -171,6 +172,16 @@ RENAMES = [
 # Parameters the vision tower reads as plain arrays (never quantized modules).
 READ_RAW = ("vision_tower.embeddings.position_embedding", "vision_tower.embeddings.patch_embedding")
 DROPPED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "vision_tower.post_layernorm.")
+
+
+def read_quantization(raw: dict) -> Optional[dict]:
+    """The `quantization` block, its per-module entries (mixed precision) under our names."""
+    block = raw.get("quantization")
+    if not isinstance(block, dict):
+        return block
+    entries = module_entries(block)
+    renamed = {rename(f"{k}.weight")[: -len(".weight")]: v for k, v in entries.items()}
+    return {**{k: v for k, v in block.items() if k not in entries}, **renamed}
 
 
 def rename(key: str) -> str:
@@ -203,13 +214,9 @@ def sanitize(weights: Dict[str, mx.array], config: LlavaConfig) -> Dict[str, mx.
         out.pop("language_model.lm_head.weight", None)
     for name in READ_RAW:
         if f"{name}.scales" in out:  # quantized by another tool: we read it as a plain array
-            q = config.quantization or {}
+            q = module_params(config.quantization or {}, name) or module_params({}, name)
             out[f"{name}.weight"] = mx.dequantize(
-                out[f"{name}.weight"],
-                out.pop(f"{name}.scales"),
-                out.pop(f"{name}.biases"),
-                group_size=q.get("group_size", 64),
-                bits=q.get("bits", 4),
+                out[f"{name}.weight"], out.pop(f"{name}.scales"), out.pop(f"{name}.biases"), **q
             )
     return out
 
@@ -311,13 +318,9 @@ def load_model(
     weights = sanitize(weights, config)
     model = LlavaModel(config)
     if config.quantization:
+        # Each module as its weights are stored, with its own bits when the block has an entry.
         q = config.quantization
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            class_predicate=lambda p, m: f"{p}.scales" in weights,
-        )
+        nn.quantize(model, class_predicate=lambda p, m: f"{p}.scales" in weights and module_params(q, p) or False)
     if model_base is not None:
         check_base_fits(dict(tree_flatten(model.parameters())), weights, path, model_base)
     check_weights(model, weights)
