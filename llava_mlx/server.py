@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="An OpenAI-compatible LLaVA server (MLX).")
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     from .load import load
 
     options = EngineOptions(args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes)
-    engine = Engine(partial(load, args.model, vision_tower=args.vision_tower), options)
+    engine = Engine(partial(load, args.model, vision_tower=args.vision_tower, model_base=args.model_base), options)
     limits = Limits(args.max_tokens, args.max_images, args.max_image_pixels, int(args.max_body_mb * (1 << 20)), args.image_url_timeout)
     try:
         engine.start()
