@@ -79,24 +79,26 @@ def bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
     """(n_out, n_in) matrix of 1-D linear interpolation weights.
 
     Torch maps output index i to source (i + 0.5) · n_in / n_out − 0.5, clamped at 0,
-    and blends floor(source) with the next index (the last one repeats at the edge).
+    and blends floor(source) with the next index (the last one repeats at the edge). It
+    does this arithmetic in float32, and so do we: the blend factors then match its own.
     """
-    weights = np.zeros((n_out, n_in), np.float64)
-    scale = n_in / n_out
+    f32 = np.float32
+    weights = np.zeros((n_out, n_in), np.float32)
+    scale = f32(n_in) / f32(n_out)
     for i in range(n_out):
-        source = max((i + 0.5) * scale - 0.5, 0.0)
+        source = max(scale * (f32(i) + f32(0.5)) - f32(0.5), f32(0.0))
         low = min(int(source), n_in - 1)
         high = min(low + 1, n_in - 1)
-        frac = source - low
-        weights[i, low] += 1.0 - frac
+        frac = f32(source - f32(low))
+        weights[i, low] += f32(1.0) - frac
         weights[i, high] += frac
     return weights
 
 
 def resize_bilinear(grid: mx.array, height: int, width: int) -> mx.array:
     """(..., H, W, D) → (..., height, width, D), separably: rows, then columns."""
-    rows = mx.array(bilinear_weights(grid.shape[-3], height).astype(np.float32)).astype(grid.dtype)
-    cols = mx.array(bilinear_weights(grid.shape[-2], width).astype(np.float32)).astype(grid.dtype)
+    rows = mx.array(bilinear_weights(grid.shape[-3], height)).astype(grid.dtype)
+    cols = mx.array(bilinear_weights(grid.shape[-2], width)).astype(grid.dtype)
     grid = mx.einsum("hH,...HWd->...hWd", rows, grid)
     return mx.einsum("wW,...hWd->...hwd", cols, grid)
 
