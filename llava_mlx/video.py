@@ -22,13 +22,18 @@ DEFAULT_NUM_FRAMES = 8
 VIDEO_TOKEN = "<video>"
 
 
-def count_frames(container, stream) -> int:
-    """Frames in `stream`: from the header when it says, else by counting packets (no decoding)."""
-    if stream.frames:
-        return int(stream.frames)
-    count = sum(1 for packet in container.demux(stream) if packet.size)
-    container.seek(0)
-    return count
+def count_frames(path: str) -> int:
+    """Frames in the first video stream: from the header when it says, else by counting
+    packets (demuxing only, no decoding; raw streams such as .h264 have no count)."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise LlavaError(f"cannot read video {path}: it has no video stream")
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def decode_frames(path: str, num_frames: int) -> List[np.ndarray]:
@@ -38,15 +43,11 @@ def decode_frames(path: str, num_frames: int) -> List[np.ndarray]:
     if not Path(path).is_file():
         raise LlavaError(f"video not found: {path}")
     try:
+        wanted = set(frame_indices(count_frames(path), num_frames))
+        last = max(wanted) if wanted else -1
+        frames = []
         with av.open(path) as container:
-            if not container.streams.video:
-                raise LlavaError(f"cannot read video {path}: it has no video stream")
-            stream = container.streams.video[0]
-            total = count_frames(container, stream)
-            wanted = set(frame_indices(total, num_frames))
-            last = max(wanted) if wanted else -1
-            frames = []
-            for index, frame in enumerate(container.decode(stream)):
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
                 if index in wanted:
                     frames.append(frame.to_ndarray(format="rgb24"))
                 if index >= last:
