@@ -64,6 +64,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "processor_config.json",
     "generation_config.json",
+    "video_preprocessor_config.json",
 )
 TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer.model", "vocab.json")
 PREPROCESSOR = "preprocessor_config.json"
@@ -441,7 +442,9 @@ def summary(out: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert a LLaVA 1.5/1.6 checkpoint to MLX, optionally quantized.")
+    p = argparse.ArgumentParser(
+        description="Convert a LLaVA 1.5/1.6, OneVision or NeXT-Video checkpoint to MLX, optionally quantized."
+    )
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder (linears, lm_head, embeddings)")
