@@ -87,23 +87,27 @@ def load_video(source, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
 
 def video_settings(path: Path, image_settings: dict) -> dict:
     """Resize / crop / normalisation of video frames from `video_preprocessor_config.json`;
-    the image settings (said in a warning) when the checkpoint has none."""
+    from `preprocessor_config.json` (said in a warning) when the checkpoint has none (hub
+    repos from before transformers' video processors), else the image settings."""
     file = path / "video_preprocessor_config.json"
     if not file.exists():
-        warnings.warn(f"{path} has no video_preprocessor_config.json: frames are preprocessed like images")
-        return {"size": image_settings["size"], "square": False, **image_settings}
+        file = path / "preprocessor_config.json"
+        warnings.warn(f"{path} has no video_preprocessor_config.json: video frames are preprocessed like images")
+    if not file.exists():
+        return {**image_settings, "square": False}
     raw = json.loads(file.read_text(encoding="utf-8"))
     size = raw.get("size") or {}
+    if not isinstance(size, dict):
+        size = {"shortest_edge": size}
     square = "height" in size and "shortest_edge" not in size
     side = int(size.get("shortest_edge") or size.get("height") or image_settings["size"])
     crop = raw.get("crop_size") if raw.get("do_center_crop") else None
-    crop = int(crop.get("height") if isinstance(crop, dict) else crop) if crop else side
     return {
         "size": side,
-        "crop": crop,
+        "crop": int(crop.get("height") if isinstance(crop, dict) else crop) if crop else side,
         "square": square,
-        "mean": tuple(raw.get("image_mean", image_settings["mean"])),
-        "std": tuple(raw.get("image_std", image_settings["std"])),
+        "mean": tuple(raw.get("image_mean") or image_settings["mean"]),
+        "std": tuple(raw.get("image_std") or image_settings["std"]),
     }
 
 

@@ -136,3 +136,18 @@ def test_bad_video_arrays(family_loaded):
     ]:
         with pytest.raises(LlavaError, match=fragment):
             generate(model, processor, "x", videos=[video], max_tokens=1)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_video_settings_fallback(name, family, tmp_path):
+    """A checkpoint without video_preprocessor_config.json (hub repos made before transformers'
+    video processors) preprocesses frames as its image processor config says, and says so."""
+    import shutil
+
+    from llava_mlx.video import video_settings
+
+    shutil.copy(family[name] / "preprocessor_config.json", tmp_path)
+    image_settings = {"size": 0, "crop": 0, "mean": (0.0,), "std": (1.0,)}
+    with pytest.warns(UserWarning, match="no video_preprocessor_config.json"):
+        fallback = video_settings(tmp_path, image_settings)
+    assert fallback == video_settings(family[name], image_settings)
