@@ -7,35 +7,24 @@ that LLaVA never uses (OneVision takes the last encoder layer's hidden state, be
 activation and epsilon of the config.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .vision import Encoder, layers_to_run
+from .vision import Encoder, VisionConfig, layers_to_run, patch_embed
 
 
 @dataclass
-class SiglipConfig:
+class SiglipConfig(VisionConfig):
     # SigLIP so400m-patch14-384: the tower of every released LLaVA-OneVision checkpoint.
     hidden_size: int = 1152
     intermediate_size: int = 4304
     num_hidden_layers: int = 26
     num_attention_heads: int = 16
     image_size: int = 384
-    patch_size: int = 14
-    num_channels: int = 3
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
-
-    @classmethod
-    def from_dict(cls, params: dict) -> "SiglipConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
-
-    @property
-    def patches_per_side(self) -> int:
-        return self.image_size // self.patch_size
 
 
 class SiglipEmbeddings(nn.Module):
@@ -48,13 +37,7 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.patches_per_side**2, config.hidden_size)
 
     def __call__(self, pixels: mx.array) -> mx.array:
-        # pixels (B, H, W, C); the stride == kernel convolution as a matmul over patches.
-        B, H, W, C = pixels.shape
-        p = self.patch_size
-        patches = pixels.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(B, (H // p) * (W // p), p * p * C)
-        weight = self.patch_embedding.weight  # (D, p, p, C)
-        x = patches @ weight.reshape(weight.shape[0], -1).T + self.patch_embedding.bias
+        x = patch_embed(pixels, self.patch_embedding.weight, self.patch_size) + self.patch_embedding.bias
         return x + self.position_embedding.weight
 
 

@@ -38,19 +38,24 @@ def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("images"))
 
 
-@pytest.fixture(scope="session")
-def loaded(checkpoints):
-    """Load each checkpoint once: loaded(name) -> (model, processor)."""
+def loader(paths):
+    """get(name) -> (model, processor), each checkpoint loaded once."""
     from llava_mlx import load
 
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = load(str(checkpoints[name]))
+            cache[name] = load(str(paths[name]))
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoints):
+    """Load each checkpoint once: loaded(name) -> (model, processor)."""
+    return loader(checkpoints)
 
 
 @pytest.fixture(scope="session")
@@ -62,13 +67,4 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="session")
 def family_loaded(family):
     """Load each family checkpoint once: family_loaded(name) -> (model, processor)."""
-    from llava_mlx import load
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load(str(family[name]))
-        return cache[name]
-
-    return get
+    return loader(family)

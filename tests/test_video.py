@@ -1,29 +1,14 @@
 """Video input: files (PyAV), arrays and PIL lists through the API and generate.py; bad input."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
 from llava_mlx import LlavaError, generate, stream_generate
-from llava_mlx.generate import main
 from llava_mlx.video import decode_frames, load_video
+from test_cli import expect_error, run_cli
 
 FAMILY = ["hub-onevision", "hub-next-video"]
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "generate.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -98,14 +83,6 @@ def test_stream_without_frame_count(tmp_path, family):
         assert container.streams.video[0].frames == 0
     assert len(load_video(str(path), 1000)) == 24
     assert len(load_video(str(path), 3)) == 3
-
-
-def expect_error(capsys, argv, fragment):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 1
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and fragment in err, err
 
 
 def test_bad_videos(family, checkpoints, tmp_path, capsys):
