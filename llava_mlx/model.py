@@ -101,11 +101,10 @@ class LlavaConfig:
         if self.vision_feature_select == "cls_patch" and self.vision_model_type == "clip":
             return self.crops(size) * (side**2 + 1)  # only meaningful with a flat merge
         crops = self.crops(size, several)
-        merge = "flat" if crops == 1 and not self.uses_anyres else self.image_merge
         grid = grid_shape(size, self.pinpoints, self.vision.image_size) if crops > 1 else None
+        max_tiles = anyres_max_tiles(self.image_aspect_ratio)
         return image_positions(
-            size, crops, side, merge, grid, self.unpad_rounding, anyres_max_tiles(self.image_aspect_ratio),
-            newline=self.uses_newline and (merge != "flat" or several),
+            size, crops, side, self.image_merge, grid, self.unpad_rounding, max_tiles, newline=self.uses_newline
         )
 
     def crops(self, size, several: bool = False) -> int:
@@ -124,13 +123,6 @@ class LlavaConfig:
     @property
     def unpad_rounding(self) -> str:
         return "round" if self.conventions == "transformers" else "truncate"
-
-    @property
-    def video_side(self) -> int:
-        """Side of a pooled frame's feature map."""
-        from .merge import pooled_side
-
-        return pooled_side(self.vision.patches_per_side, self.video_pool, self.video_pool_stride)
 
     def video_token_count(self, frames: int) -> int:
         """Positions a video of `frames` frames takes in the decoder's sequence."""
@@ -165,17 +157,12 @@ class LlavaModel(nn.Module):
         """Projected features of every crop, (n_crops, patches, text_dim), in one batch."""
         return self.multi_modal_projector(self.tower_features(pixel_values))
 
-    def merge_image(self, features: mx.array, size, several: bool = False) -> mx.array:
+    def merge_image(self, features: mx.array, size) -> mx.array:
         """The sequence of one image from the features of its crops (merge.py)."""
         config = self.config
-        if not config.uses_anyres and config.vision_feature_select != "cls_patch":
-            return features.reshape(-1, features.shape[-1])
-        if features.shape[0] == 1 and not config.uses_newline:
-            return features[0]
-        merge = config.image_merge
         grid = grid_shape(size, config.pinpoints, config.vision.image_size) if features.shape[0] > 1 else None
-        newline = self.image_newline if config.uses_newline and (merge != "flat" or several) else None
-        return IMAGE_MERGES[merge](
+        newline = self.image_newline if config.uses_newline else None
+        return IMAGE_MERGES[config.image_merge](
             features,
             newline,
             size=size,
@@ -194,7 +181,7 @@ class LlavaModel(nn.Module):
             )
         features = self.encode_images(pixel_values)
         starts = np.cumsum([0] + counts)
-        return [self.merge_image(features[starts[i] : starts[i + 1]], s, several) for i, s in enumerate(sizes)]
+        return [self.merge_image(features[starts[i] : starts[i + 1]], s) for i, s in enumerate(sizes)]
 
     def video_features(self, frames: mx.array) -> mx.array:
         """(positions, text_dim) of one video from its preprocessed frames (T, H, W, 3):
