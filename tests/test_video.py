@@ -128,3 +128,19 @@ def test_video_settings_fallback(name, family, tmp_path):
     with pytest.warns(UserWarning, match="no video_preprocessor_config.json"):
         fallback = video_settings(tmp_path, image_settings)
     assert fallback == video_settings(family[name], image_settings)
+
+
+def test_chat_about_a_video_reuses_it(family, family_loaded):
+    """A second turn about the same video neither re-encodes it nor re-runs its positions,
+    and answers as a cold run does."""
+    from llava_mlx.cache import SessionCache
+
+    model, processor = family_loaded("hub-onevision")
+    path, cache = str(family["clip.mp4"]), SessionCache()
+    options = dict(videos=[path], num_frames=3, max_tokens=5)
+    first = generate(model, processor, "What happens?", cache=cache, **options)
+    history = [("What happens?", first.text.strip())]
+    pieces = list(stream_generate(model, processor, "And then?", history=history, cache=cache, **options))
+    cold = generate(model, processor, "And then?", history=history, **options)
+    assert pieces[-1].cached_tokens > model.config.video_token_count(3)
+    assert [p.token for p in pieces if p.finish_reason is None] == cold.tokens
