@@ -157,8 +157,9 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
     if layout == "llava-hf":
         text = dict(raw.get("text_config") or {})
         text.setdefault("model_type", "qwen2" if model_type == "llava_onevision" else "llama")
-        if "vocab_size" in raw:
-            text.setdefault("vocab_size", raw["vocab_size"])
+        for key in ("vocab_size", "tie_word_embeddings"):  # some configs say these at the top only
+            if key in raw:
+                text.setdefault(key, raw[key])
         siglip = model_type == "llava_onevision"
         layer = raw.get("vision_feature_layer", -1 if siglip else -2)
         if not isinstance(layer, int):

@@ -154,3 +154,22 @@ def test_downscale_triggers_only_above_threshold(family_loaded, family):
     assert under == side * side + 38 * 15
     ratio = (40 * 14 / (9 * side * side)) ** 0.5
     assert over == side * side + int(40 // ratio) * (int(14 // ratio) + 1)
+
+
+def test_tied_embeddings_said_at_the_top_only(family, family_loaded, tmp_path):
+    """A config whose text_config leaves tie_word_embeddings to the top level (Qwen2's default
+    is untied) still ties: the hub file has no lm_head."""
+    import json
+    import shutil
+
+    from llava_mlx import load
+
+    copy = tmp_path / "onevision"
+    shutil.copytree(family["hub-onevision"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    del config["text_config"]["tie_word_embeddings"]
+    (copy / "config.json").write_text(json.dumps(config))
+    model, processor = load(str(copy))
+    reference, _ = family_loaded("hub-onevision")
+    ids = processor.tokenize("<|im_start|>user hello<|im_end|>")
+    assert np.array_equal(np.asarray(model(ids)), np.asarray(reference(ids)))
