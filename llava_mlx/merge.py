@@ -7,12 +7,14 @@ model type:
                                    OneVision images: base crop then one newline)
                   'spatial_unpad'  base crop, then the tiles stitched into one map, the
                                    padding dropped, a newline after every row (LLaVA-1.6)
+                                   with `max_tiles` N ('anyres_max_N', OneVision) the
+                                   unpadded map is first resized bilinearly when it
+                                   exceeds N tiles' worth of features
                   'spatial'        base crop, then the stitched map as it is
-                  'anyres_max'     as 'spatial_unpad', then a bilinear downscale when the
-                                   map exceeds N tiles' worth of features (OneVision)
     VIDEO_POOLS   'average' / 'max'  stride × stride pooling (LLaVA-NeXT-Video, before
                                    the projector), 'bilinear' halving (OneVision, after it)
-    NEWLINES      'grid' (after each row), 'one_token' (once at the end), 'no_token'
+    NEWLINES      'grid' (after each row), 'frame' (after each frame), 'one_token' (once
+                  at the end: OneVision), 'no_token' (NeXT-Video)
 
 Two conventions exist for the anyres geometry: the original LLaVA code's (pinpoints as
 (width, height), unpadding truncates) and transformers' (pinpoints as (height, width),
