@@ -1,5 +1,13 @@
-"""The one error type the CLIs turn into a single line on stderr."""
+"""The one error type the CLIs turn into a single line on stderr, and the one way to say
+that the code had to guess."""
+
+import sys
 
 
 class LlavaError(Exception):
     """Bad input or an unusable checkpoint: the message says what and how to fix it."""
+
+
+def warn(message: str):
+    """A guess or a fallback the user should know about: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
-from .errors import LlavaError
+from .errors import LlavaError, warn
 from .model import IMAGE_PLACEHOLDER, LlavaConfig
 from .tokenizer import SentencePieceTokenizer
 
@@ -149,6 +149,11 @@ class Processor:
         # The original ran Mistral's converted fast tokenizer (legacy rules), others slow.
         legacy = True if config.text_config["model_type"] == "mistral" else None
         sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
+        if sentencepiece is None and config.text_config["model_type"] in ("llama", "mistral"):
+            warn(
+                f"{path} has no tokenizer.model: tokenising with transformers' rules, which can "
+                "differ from the original LLaVA's after special tokens and <image>"
+            )
         return cls(tokenizer, config, image_settings(path, tower_dir, config), sentencepiece)
 
     # -- prompts ----------------------------------------------------------------------
