@@ -131,6 +131,8 @@ def stream_generate(
     turns in `history` [(question, answer), ...]. Passing the same `cache` (SessionCache)
     to successive calls reuses encoded images and the KV cache of the shared prefix.
     """
+    if kv_bits and max_kv_size:
+        raise LlavaError("kv_bits and max_kv_size cannot be combined: MLX's rotating KV cache is not quantized")
     start = time.perf_counter()
     if seed is not None:
         mx.random.seed(seed)
