@@ -292,10 +292,13 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
         if tower_dir is None and location:
             tower_dir = _cached_tower(location)
         if tower_dir is None and has_tower:
+            config_file = path / "config.json"
+            unread = f"the vision tower '{location}' named in {config_file} cannot be read" if location else (
+                f"{config_file} names no vision tower"
+            )
             warn(
-                f"the vision tower '{location}' named in {path / 'config.json'} cannot be read: guessing "
-                "CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image mean and std); "
-                "pass --vision-tower PATH_OR_REPO (vision_tower= in Python) to use the right one"
+                f"{unread}: guessing CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image "
+                "mean and std); pass --vision-tower PATH_OR_REPO (vision_tower= in Python) to use the right one"
             )
     layout, config = read_config(raw, tower_dir)
     if layout == "original" and not has_tower:

@@ -91,3 +91,14 @@ def test_tokenising_without_tokenizer_model_is_a_stated_fallback(checkpoints, tm
     assert processor.sentencepiece is None
     load(str(checkpoints["hf-v1.5-vicuna"]))
     assert capsys.readouterr().err == ""
+
+
+def test_original_without_a_named_tower_is_a_stated_guess(checkpoints, tmp_path, capsys):
+    path = tmp_path / "unnamed"
+    edited_copy(checkpoints["orig-v1.6-vicuna"], path)
+    config = json.loads((path / "config.json").read_text())
+    del config["mm_vision_tower"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlavaError, match="disagree"):
+        load(str(path))
+    assert capsys.readouterr().err.startswith(f"warning: {path / 'config.json'} names no vision tower: guessing CLIP")
