@@ -11,15 +11,15 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Generator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step as lm_generate_step
 from mlx_lm.sample_utils import make_sampler
-from PIL import Image
 
+from . import validate
 from .cache import SessionCache, sequence_keys
+from .cli import command
 from .errors import LlavaError
 from .processor import load_image
 
@@ -131,12 +131,12 @@ def stream_generate(
     turns in `history` [(question, answer), ...]. Passing the same `cache` (SessionCache)
     to successive calls reuses encoded images and the KV cache of the shared prefix.
     """
-    if kv_bits and max_kv_size:
-        raise LlavaError("kv_bits and max_kv_size cannot be combined: MLX's rotating KV cache is not quantized")
     start = time.perf_counter()
+    images, history = validate.generation_inputs(prompt, images, system, history, cache)
+    validate.generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, kv_bits, max_kv_size)
     if seed is not None:
         mx.random.seed(seed)
-    images = [load_image(im) for im in ([images] if isinstance(images, (str, Path, Image.Image)) else images)]
+    images = [load_image(im) for im in images]
     text = prepare_prompt(processor, prompt, len(images), template, system, history)
     ids = processor.encode_prompt(text, len(images))
     cache = cache if cache is not None else SessionCache()
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (replaces the template's)")
     p.add_argument("--no-template", action="store_true", help="use --prompt as written, <image> placeholders included")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model (path or repo id)")
     p.add_argument("--chat", action="store_true", help="after --prompt (if given), read more questions from stdin")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
     p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
@@ -255,20 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def chat_questions(first: Optional[str], interactive: bool):
     """--prompt, then (with --chat) one question per line of stdin until EOF or 'q'."""
-    if first:
+    if first is not None:
         yield first
     if not interactive:
         return
     while True:
         if sys.stdin.isatty():
             print(">> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as e:
+            raise LlavaError(f"stdin is not valid UTF-8 text (byte {e.start} of the line)") from None
         if not line or line.strip() in ("q", "quit", "exit"):
             return
         if line.strip():
             yield line.strip()
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .load import load
@@ -285,25 +290,22 @@ def main(argv=None) -> int:
         max_kv_size=args.max_kv_size,
     )
     first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
-    try:
-        model, processor = load(args.model, vision_tower=args.vision_tower)
-        cache, history, response = SessionCache(), [], None
-        for question in chat_questions(first, args.chat):
-            # The images belong to the first turn; later turns only prefill their new text.
-            answer = []
-            for response in stream_generate(
-                model, processor, question, args.image, history=history, cache=cache, **options
-            ):
-                print(response.text, end="", flush=True)
-                answer.append(response.text)
-            print(flush=True)
-            history.append((question, "".join(answer).strip()))
-            report(response)
-    except LlavaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    validate.generation_options(**{k: v for k, v in options.items() if k not in ("template", "system")})
+    if first is not None:
+        validate.prompt(first)
+    model, processor = load(args.model, vision_tower=args.vision_tower, model_base=args.model_base)
+    cache, history, response = SessionCache(), [], None
+    for question in chat_questions(first, args.chat):
+        # The images belong to the first turn; later turns only prefill their new text.
+        answer = []
+        for response in stream_generate(
+            model, processor, question, args.image, history=history, cache=cache, **options
+        ):
+            print(response.text, end="", flush=True)
+            answer.append(response.text)
+        print(flush=True)
+        history.append((question, "".join(answer).strip()))
+        report(response)
     return 0
 
 

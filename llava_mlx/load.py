@@ -8,7 +8,6 @@ converted output. Config differences are settled in `read_config`, weight-name
 differences in `sanitize`: nowhere else. Weights stay lazy (memory-mapped by `mx.load`).
 """
 
-import ast
 import glob
 import json
 import os
@@ -19,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import validate
 from .errors import LlavaError, warn
 from .model import LlavaConfig, LlavaModel
 from .vision import layers_to_run
@@ -38,7 +38,10 @@ CLIP_VISION_DEFAULTS = dict(
     hidden_act="quick_gelu",
 )
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# + the .bin files of LoRA and projector-only checkpoints (adapters.py), which ship no others
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"] + [
+    "adapter_model.bin", "non_lora_trainables.bin", "mm_projector.bin"
+]
 
 
 def resolve(path_or_repo: str, what: str = "model", patterns=HUB_PATTERNS) -> Path:
@@ -65,23 +68,29 @@ def resolve(path_or_repo: str, what: str = "model", patterns=HUB_PATTERNS) -> Pa
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; one clear error for anything else."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise LlavaError(f"missing {path.name} in {path.parent}") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise LlavaError(f"{path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise LlavaError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise LlavaError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise LlavaError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def clip_vision_config(params: Optional[dict]) -> dict:
     """A CLIP vision config with transformers' defaults; the full CLIPConfig is unwrapped."""
     params = params.get("vision_config", params) if params else {}
     return {**CLIP_VISION_DEFAULTS, **params}
-
-
-def pinpoints(value):
-    return ast.literal_eval(value) if isinstance(value, str) else value
 
 
 def detect_layout(raw: dict) -> str:
@@ -120,13 +129,15 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             vision_feature_layer=layer,
             vision_feature_select="cls_patch" if raw.get("vision_feature_select_strategy") == "full" else "patch",
             image_aspect_ratio="anyres" if next_ else "pad",
-            image_grid_pinpoints=pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS)) if next_ else None,
+            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS), "config.json") if next_ else None,
             patch_merge_type="spatial_unpad" if next_ else "flat",
             quantization=raw.get("quantization"),
         )
     if layout == "original":
         text = dict(raw, model_type=original_text_type(raw))
         tower = read_json(tower_dir / "config.json") if tower_dir else None
+        if tower:
+            validate.raw_config(tower, str(tower_dir / "config.json"))
         return "original", LlavaConfig(
             text_config=text,
             vision_config=clip_vision_config(tower) if tower else {},
@@ -134,7 +145,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             vision_feature_layer=raw.get("mm_vision_select_layer", -2),
             vision_feature_select=raw.get("mm_vision_select_feature", "patch"),
             image_aspect_ratio=raw.get("image_aspect_ratio") or "square",
-            image_grid_pinpoints=pinpoints(raw.get("image_grid_pinpoints")),
+            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints"), "config.json"),
             patch_merge_type=raw.get("mm_patch_merge_type", "flat"),
             max_length=raw.get("tokenizer_model_max_length"),
             quantization=raw.get("quantization"),
@@ -228,6 +239,8 @@ def weight_files(path: Path) -> list:
     index = path / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if any(not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..") for n in names):
+            raise LlavaError(f"{index} lists a weight file that is not a plain file name in {path}")
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise LlavaError(f"missing weight shard {missing[0]} in {path} (listed in {index.name})")
@@ -281,11 +294,25 @@ def tower_location(raw: dict, vision_tower: Optional[str]) -> Optional[str]:
     return vision_tower or raw.get("mm_vision_tower") or raw.get("vision_tower")
 
 
-def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True):
-    """(model, config, tower_dir) from a local checkpoint directory."""
-    raw = read_json(path / "config.json")
-    weights = load_weights(path)
+def load_model(
+    path: Path,
+    vision_tower: Optional[str] = None,
+    lazy: bool = True,
+    model_base: Optional[Path] = None,
+    delta: bool = False,
+):
+    """(model, config, tower_dir) from a local checkpoint directory; LoRA, projector-only and
+    delta checkpoints (adapters.py) with their local `model_base`."""
+    from .adapters import check_base_fits, read_checkpoint
+
+    raw, weights, lora = read_checkpoint(path, model_base, delta)
+    validate.raw_config(raw, str(path / "config.json"))
     tower_dir, has_tower = None, ships_tower(weights)
+    if vision_tower and detect_layout(raw) != "original":
+        raise LlavaError(
+            f"--vision-tower applies only to original (liuhaotian) checkpoints; {path} is a "
+            f"{detect_layout(raw)} checkpoint with its own tower"
+        )
     if detect_layout(raw) == "original":
         location = tower_location(raw, vision_tower)
         tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None
@@ -300,11 +327,17 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
                 f"{unread}: guessing CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image "
                 "mean and std); pass --vision-tower PATH_OR_REPO (vision_tower= in Python) to use the right one"
             )
-    layout, config = read_config(raw, tower_dir)
+    try:
+        layout, config = read_config(raw, tower_dir)
+    except ValueError as e:  # LlavaConfig's own checks (e.g. an unknown text model type)
+        raise LlavaError(f"{path / 'config.json'}: {e}") from None
+    validate.model_config(config, str(path / "config.json"))
     if layout == "original" and not has_tower:
         if tower_dir is None:
             raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
         weights = {**load_weights(tower_dir), **weights}
+    if lora is not None:
+        weights = lora.merge(weights)  # into the float weights, before any quantization
     weights = sanitize(weights, config)
     model = LlavaModel(config)
     if config.quantization:
@@ -315,6 +348,8 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
             bits=q["bits"],
             class_predicate=lambda p, m: f"{p}.scales" in weights,
         )
+    if model_base is not None:
+        check_base_fits(dict(tree_flatten(model.parameters())), weights, path, model_base)
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
@@ -343,14 +378,25 @@ def _cached_tower(location: str) -> Optional[Path]:
         return None
 
 
-def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True):
+def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True, model_base: Optional[str] = None):
     """Load a LLaVA checkpoint (local directory or Hugging Face repo id).
 
     Returns `(model, processor)`. `vision_tower` overrides the CLIP tower of the original
-    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one.
+    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one. `model_base` (a path
+    or repo id) is the language model a LoRA or projector-only checkpoint was trained from:
+    the LoRA is merged into its weights at load.
     """
+    from .adapters import tokenizer_dir
     from .processor import Processor
 
+    path_or_repo = validate.path_argument(path_or_repo, "the model")
+    if vision_tower is not None:
+        vision_tower = validate.path_argument(vision_tower, "vision_tower")
+    if model_base is not None:
+        model_base = validate.path_argument(model_base, "model_base")
     path = resolve(path_or_repo)
-    model, config, tower_dir = load_model(path, vision_tower, lazy)
-    return model, Processor.from_checkpoint(path, config, tower_dir)
+    base = resolve(model_base, "model base") if model_base else None
+    model, config, tower_dir = load_model(path, vision_tower, lazy, base)
+    tokenizer = tokenizer_dir(path, base)
+    validate.checkpoint_files(tokenizer)
+    return model, Processor.from_checkpoint(tokenizer, config, tower_dir)

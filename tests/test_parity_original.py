@@ -44,25 +44,14 @@ def case_name(variant, images, raw=False):
     return f"{'raw-' if raw else ''}{variant}-{'+'.join(images) or 'text'}"
 
 
-def run_original(jobs, out):
-    """name -> reference npz: every job in one run of the original code (its start-up is slow)."""
+@pytest.fixture(scope="session")
+def original(checkpoints, images, tmp_path_factory):
+    """name -> reference npz (computed once by the original code)."""
     if not os.path.exists(REFERENCE_PYTHON):
         pytest.fail(
             f"the original-LLaVA reference environment is missing ({REFERENCE_PYTHON}): "
             "run `bash scripts/setup_reference.sh` (or set LLAVA_REFERENCE_PYTHON)"
         )
-    (out / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run(
-        [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "run_original.py"), str(out / "jobs.json"), str(out)],
-        capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}
-
-
-@pytest.fixture(scope="session")
-def original(checkpoints, images, tmp_path_factory):
-    """name -> reference npz (computed once by the original code)."""
     jobs = [
         {
             "name": case_name(variant, ims),
@@ -84,6 +73,17 @@ def original(checkpoints, images, tmp_path_factory):
         for variant, prompt, ims in RAW
     ]
     return run_original(jobs, tmp_path_factory.mktemp("original"))
+
+
+def run_original(jobs, out, timeout=1800):
+    """name -> npz of each job of tests/reference/run_original.py, in one run of the original code."""
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run(
+        [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "run_original.py"), str(out / "jobs.json"), str(out)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}
 
 
 def assert_logits_close(ours, ref):
