@@ -9,7 +9,7 @@ from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from PIL import Image
 
 from .model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
@@ -62,6 +62,15 @@ def common_prefix(a: list, b: list) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def make_kv_cache(model, max_kv_size: Optional[int] = None) -> list:
+    """One KV cache per decoder layer; rotating (the first 4 positions kept, as mlx-lm does)
+    when `max_kv_size` is given. mlx-lm's make_prompt_cache ignores max_kv_size for models
+    with their own make_cache, llama's included."""
+    if max_kv_size is None:
+        return make_prompt_cache(model.language_model)
+    return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.language_model.layers]
 
 
 class SessionCache:
@@ -125,7 +134,7 @@ class SessionCache:
             else:
                 reuse = 0
         if reuse == 0:
-            self.kv = make_prompt_cache(model.language_model, max_kv_size=max_kv_size)
+            self.kv = make_kv_cache(model, max_kv_size)
         self.kv_options = options
         self.keys = keys[:reuse]
         return self.kv, reuse

@@ -77,20 +77,28 @@ def prepare_prompt(
     return processor.apply_template(question, num_images, system, history, num_videos)
 
 
-def vocabulary_sampler(sampler, vocabulary: int, rows: int, renormalize: bool):
-    """Never pick ids past the tokenizer's base vocabulary.
+def vocabulary_sampler(sampler, vocabulary: int, rows: int, eos_ids=()):
+    """Never pick ids past the tokenizer's base vocabulary, except the end-of-turn ids.
 
     llava-hf pads the embeddings (32000 -> 32064 rows) and adds `<image>` and `<pad>`:
-    ids the original model, with its 32000 rows, could not produce. The kept ids are a
-    prefix, so slicing keeps their numbers; top-p needs the slice renormalised.
+    ids the original model, with its 32000 rows, could not produce. An end of turn that
+    is an added token past the base vocabulary (chatml's `<|im_end|>` in some tokenizers)
+    must stay reachable, or generation never stops. The kept ids are renormalised, so
+    top-p sees their own distribution.
     """
     if rows <= vocabulary:
         return sampler
-    if renormalize:
-        return lambda logprobs: sampler(
-            logprobs[..., :vocabulary] - mx.logsumexp(logprobs[..., :vocabulary], axis=-1, keepdims=True)
-        )
-    return lambda logprobs: sampler(logprobs[..., :vocabulary])
+    allowed = mx.arange(rows) < vocabulary
+    extra = [i for i in eos_ids if vocabulary <= i < rows]
+    if extra:
+        allowed = allowed | (mx.arange(rows)[:, None] == mx.array(extra)[None]).any(axis=1)
+    mask = mx.where(allowed, 0.0, -float("inf"))
+
+    def sample(logprobs):
+        kept = logprobs + mask
+        return sampler(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
+
+    return sample
 
 
 def head_size(text_config: dict) -> int:
@@ -172,7 +180,7 @@ def stream_generate(
             make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
             processor.tokenizer.vocab_size,
             model.config.text_config["vocab_size"],
-            renormalize=0.0 < top_p < 1.0,
+            processor.tokenizer.eos_token_ids,
         ),
         prompt_cache=kv,
         prefill_step_size=prefill_step_size,

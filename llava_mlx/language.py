@@ -84,11 +84,16 @@ def normalize_text_config(params: dict) -> dict:
 def context_length(config: dict) -> int:
     """Longest sequence the decoder handles exactly.
 
-    A sliding window caps it: mlx-lm's llama has no all-sliding-window attention, and no
-    released LLaVA sets one (LLaVA-1.6-Mistral uses Mistral-v0.2, window null).
+    Dynamic NTK rope scaling extends it by its factor. A sliding window caps it: mlx-lm's
+    llama has no all-sliding-window attention, and no released LLaVA sets one
+    (LLaVA-1.6-Mistral uses Mistral-v0.2, window null).
     """
     window = config.get("sliding_window")
-    return min(config["max_position_embeddings"], window or config["max_position_embeddings"])
+    limit = config["max_position_embeddings"]
+    scaling = config.get("rope_scaling") or {}
+    if (scaling.get("type") or scaling.get("rope_type")) == "dynamic":
+        limit = int(limit * scaling["factor"])  # dynamic NTK stretches the base past it
+    return min(limit, window or limit)
 
 
 def build_language_model(config: dict):

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import validate
-from .errors import LlavaError
+from .errors import LlavaError, warn
 from .model import LlavaConfig, LlavaModel
 from .quantization import module_entries, module_params
 from .vision import layers_to_run
@@ -192,9 +192,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
         )
         return "llava-hf", LlavaConfig(**{**fields, **family_fields(raw)})
     if layout == "original":
-        text = dict(raw)
-        if model_type not in ("llava_llama", "llava_mistral"):
-            text["model_type"] = "llava_mistral" if "Mistral" in str(raw.get("architectures")) else "llava_llama"
+        text = dict(raw, model_type=original_text_type(raw))
         tower = read_json(tower_dir / "config.json") if tower_dir else None
         if tower:
             validate.raw_config(tower, str(tower_dir / "config.json"))
@@ -210,6 +208,29 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             max_length=raw.get("tokenizer_model_max_length"),
             quantization=read_quantization(raw),
         )
+
+
+# The original code's LLaVA classes with a llama-architecture decoder (Vicuna, Mistral, Yi).
+ORIGINAL_TYPES = ("llava_llama", "llava_mistral")
+ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llava_llama", "LlavaMistralForCausalLM": "llava_mistral"}
+
+
+def original_text_type(raw: dict) -> str:
+    """llava_llama or llava_mistral; any other decoder (MPT, Qwen, Gemma ...) is refused by name.
+
+    liuhaotian's LLaVA-1.5 configs say model_type 'llava': their `architectures` tell.
+    """
+    model_type, architectures = raw.get("model_type", ""), raw.get("architectures") or []
+    if model_type in ORIGINAL_TYPES:
+        return model_type
+    known = [ORIGINAL_ARCHITECTURES[a] for a in architectures if a in ORIGINAL_ARCHITECTURES]
+    if model_type in ("llava", "") and (known or not architectures):
+        return known[0] if known else "llava_llama"
+    name = "/".join(architectures) or model_type
+    raise LlavaError(
+        f"original LLaVA checkpoint of type '{model_type}' ({name}) is not supported: "
+        "only the llama and mistral decoders (LlavaLlamaForCausalLM, LlavaMistralForCausalLM) are"
+    )
 
 
 # Name rewrites, first match wins: every layout's names → ours (llava-hf 4.x names).
@@ -368,6 +389,15 @@ def load_model(
         tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None
         if tower_dir is None and location:
             tower_dir = _cached_tower(location)
+        if tower_dir is None and has_tower:
+            config_file = path / "config.json"
+            unread = f"the vision tower '{location}' named in {config_file} cannot be read" if location else (
+                f"{config_file} names no vision tower"
+            )
+            warn(
+                f"{unread}: guessing CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image "
+                "mean and std); pass --vision-tower PATH_OR_REPO (vision_tower= in Python) to use the right one"
+            )
     try:
         layout, config = read_config(raw, tower_dir)
     except ValueError as e:  # LlavaConfig's own checks (e.g. an unknown text model type)

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
 from . import validate
-from .errors import LlavaError
+from .errors import LlavaError, warn
 from .fetch import fetch
 from .model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, LlavaConfig
 from .tokenizer import SentencePieceTokenizer
@@ -168,6 +168,11 @@ class Processor:
             sentencepiece = None
         else:
             sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
+            if sentencepiece is None and config.text_config["model_type"] in ("llama", "mistral"):
+                warn(
+                    f"{path} has no tokenizer.model: tokenising with transformers' rules, which can "
+                    "differ from the original LLaVA's after special tokens and <image>"
+                )
         images = image_settings(path, tower_dir, config)
         videos = video_settings(path, images) if config.video_pool else None
         processor = cls(tokenizer, config, images, sentencepiece, videos)

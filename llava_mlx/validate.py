@@ -160,6 +160,8 @@ def generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, 
         raise LlavaValueError(f"kv_bits must be {' or '.join(map(str, KV_BITS))}, not {kv_bits}")
     if max_kv_size is not None:
         integer(max_kv_size, "max_kv_size", 1)
+        if kv_bits is not None:
+            raise LlavaValueError("kv_bits and max_kv_size cannot be combined: MLX's rotating KV cache is not quantized")
 
 
 # -- checkpoints --------------------------------------------------------------------------------

@@ -34,6 +34,14 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def variants(checkpoints, tmp_path_factory):
+    """Original-layout checkpoints with one config option changed (fixtures/build_variants.py)."""
+    from fixtures.build_variants import build_variants
+
+    return build_variants(tmp_path_factory.mktemp("variants"), checkpoints)
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("images"))
 
