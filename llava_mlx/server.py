@@ -2,7 +2,8 @@
 
 The command line: it loads the model in the engine thread (server_engine.py), then serves
 HTTP (server_http.py) until interrupted. Requests are checked and prepared by
-server_request.py; reuse across requests lives in server_cache.py.
+server_request.py; reuse across requests lives in server_cache.py. With --kv-bits the
+engine serves one request at a time through stream_generate (server_serial.py).
 """
 
 import argparse
@@ -17,6 +18,7 @@ from .errors import LlavaError
 from .server_engine import Engine, EngineOptions
 from .server_http import App, Handler, Server
 from .server_request import Limits
+from .server_serial import SerialEngine
 
 log = logging.getLogger("llava_mlx.server")
 
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=o.max_batch, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=o.max_queue, help="requests waiting for a batch slot before 429")
     p.add_argument("--prefill-step-size", type=int, default=o.prefill_step_size)
-    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache (requests are then served one at a time)")
     p.add_argument("--prompt-cache-bytes", type=int, default=o.prompt_cache_bytes, help="LRU prompt (KV) cache size; 0 disables it")
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height of one image")
@@ -53,14 +55,12 @@ def main(argv=None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_body_mb <= 0 or args.image_url_timeout <= 0 or args.prompt_cache_bytes < 0:
         parser.error("--max-body-mb and --image-url-timeout must be positive, --prompt-cache-bytes not negative")
-    if args.kv_bits:
-        print("error: --kv-bits: mlx-lm's BatchGenerator cannot batch quantized KV caches; serve without it", file=sys.stderr)
-        return 1
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .load import load
 
-    options = EngineOptions(args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes)
-    engine = Engine(partial(load, args.model, vision_tower=args.vision_tower, model_base=args.model_base), options)
+    options = EngineOptions(args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes, kv_bits=args.kv_bits)
+    # mlx-lm's BatchGenerator cannot batch quantized KV caches: one request at a time, as mlx-lm's server does.
+    engine = (SerialEngine if args.kv_bits else Engine)(partial(load, args.model, vision_tower=args.vision_tower, model_base=args.model_base), options)
     limits = Limits(args.max_tokens, args.max_images, args.max_image_pixels, int(args.max_body_mb * (1 << 20)), args.image_url_timeout)
     try:
         engine.start()

@@ -64,6 +64,7 @@ class EngineOptions:
     prefill_step_size: int = 2048
     prompt_cache_bytes: int = 2 << 30
     feature_cache_bytes: int = 1 << 30
+    kv_bits: Optional[int] = None  # quantized KV: requests are served one at a time (server_serial.py)
 
 
 def seeded_sampler(temperature: float, top_p: float, seed: int):
@@ -148,7 +149,7 @@ class Engine:
             self.generator = self._new_generator()
             vocab = self.processor.tokenizer.vocab_size
             self.rows = self.model.config.text_config["vocab_size"]
-            self.greedy = vocabulary_sampler(make_sampler(0.0), vocab, self.rows, renormalize=False)
+            self.greedy = vocabulary_sampler(make_sampler(0.0), vocab, self.rows, self.processor.tokenizer.eos_token_ids)
         except Exception as e:  # reported by start() in the main thread
             self.load_error = e
             return
@@ -259,7 +260,8 @@ class Engine:
             base = seeded_sampler(chat.temperature, chat.top_p, chat.seed)
         else:
             base = make_sampler(chat.temperature, chat.top_p if chat.top_p < 1 else 0.0)
-        return vocabulary_sampler(base, self.processor.tokenizer.vocab_size, self.rows, renormalize=0 < chat.top_p < 1)
+        tokenizer = self.processor.tokenizer
+        return vocabulary_sampler(base, tokenizer.vocab_size, self.rows, tokenizer.eos_token_ids)
 
     def _decode_step(self):
         try:

@@ -81,6 +81,7 @@ class Prompt:
     images: Dict[str, Image.Image]  # key -> image, all of them
     keys: list  # the merged sequence, position by position
     max_tokens: int
+    text: str  # the prompt in the chat template, one <image> per image
 
     @property
     def image_positions(self) -> int:
@@ -337,7 +338,7 @@ def build_prompt(chat: Chat, processor, limits: Limits, is_cached: Callable[[str
         )
     by_key = dict(zip(keys, images))
     pixels = {key: pixel_values(processor, im) for key, im in by_key.items() if not is_cached(key)}
-    return Prompt(ids, keys, lengths, pixels, by_key, merged, min(chat.max_tokens, context - len(merged)))
+    return Prompt(ids, keys, lengths, pixels, by_key, merged, min(chat.max_tokens, context - len(merged)), text)
 
 
 def pixel_values(processor, image: Image.Image) -> tuple:
