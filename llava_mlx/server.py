@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     try:
         engine.start()
     except LlavaError as e:
+        engine.stop()
         print(f"error: {e}", file=sys.stderr)
         return 1
     model_id = Path(args.model).resolve().name if Path(args.model).is_dir() else args.model

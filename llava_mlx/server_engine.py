@@ -9,6 +9,7 @@ and decode steps alternate, so a long new prompt never stalls the running answer
 more than one chunk. HTTP threads talk to the engine only through queues.
 """
 
+import gc
 import logging
 import queue
 import threading
@@ -140,6 +141,11 @@ class Engine:
     def stop(self):
         self.stopping.set()
         self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            # Free the model's arrays now: left to the interpreter's shutdown, right after
+            # the engine thread ended, they sometimes abort the process (MLX 0.32, CPU).
+            self.model = self.processor = self.generator = None
+            gc.collect()
 
     # -- the engine thread ---------------------------------------------------------------
     def _run(self):

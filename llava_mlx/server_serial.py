@@ -9,6 +9,8 @@ quantized caches and hands the longest cached prefix to `stream_generate` throug
 `SessionCache`.
 """
 
+from typing import Optional
+
 from .cache import SessionCache
 from .generate import head_size, kv_group_size, stream_generate
 from .server_engine import Engine, Job
@@ -18,6 +20,7 @@ class SerialEngine(Engine):
     def __init__(self, load_fn, options):
         super().__init__(load_fn, options)
         self.session = SessionCache()  # the image features; its KV is set per request
+        self.current: Optional[Job] = None
 
     def is_cached(self, key: str) -> bool:
         # stream_generate preprocesses and encodes the images itself: the HTTP threads
@@ -25,7 +28,7 @@ class SerialEngine(Engine):
         return True
 
     def stats(self) -> dict:
-        return {**super().stats(), "kv_bits": self.options.kv_bits}
+        return {**super().stats(), "running": int(self.current is not None), "kv_bits": self.options.kv_bits}
 
     def _new_generator(self):
         # No batch; a head size the KV cannot be quantized with fails the start-up here.
@@ -55,7 +58,7 @@ class SerialEngine(Engine):
             cache=self.session,
         )
         p.pixels, p.images = {}, {}
-        failed = True
+        failed, self.current = True, job
         try:
             for r in steps:
                 if job.cancelled.is_set() or self.stopping.is_set():
@@ -70,6 +73,7 @@ class SerialEngine(Engine):
                     break
             failed = False
         finally:
+            self.current = None
             steps.close()  # stream_generate records what the KV holds
             self._remember_session(keep=not failed)
 

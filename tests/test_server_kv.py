@@ -6,6 +6,9 @@ the start-up with one line."""
 import os
 import subprocess
 import sys
+import time
+
+import openai
 
 import pytest
 
@@ -14,7 +17,7 @@ from llava_mlx import load
 from llava_mlx.cache import SessionCache
 from llava_mlx.generate import stream_generate
 from serving import start_server
-from test_server import ask, user
+from test_server import ask, client, user
 
 TOKENS = 16
 KV_MODEL = "orig-gqa"  # llama with GQA, head size 32: MLX quantizes it in groups of 32
@@ -23,7 +26,7 @@ KV_MODEL = "orig-gqa"  # llama with GQA, head size 32: MLX quantizes it in group
 @pytest.fixture(scope="module")
 def kv_server(variants, tmp_path_factory):
     log = tmp_path_factory.mktemp("kv-server") / "server.log"
-    server = start_server(variants[KV_MODEL], log, "--kv-bits", "8", "--max-tokens", "64", "--prompt-cache-bytes", str(24 << 20))
+    server = start_server(variants[KV_MODEL], log, "--kv-bits", "8", "--max-tokens", "600", "--prompt-cache-bytes", str(24 << 20))
     yield server
     assert server.stop() == 0, server.log.read_text()[-2000:]
 
@@ -87,6 +90,28 @@ def test_stop_string_ends_the_answer(kv_server, kv_model, images):
     r = ask(kv_server, [user("What is in the image?", images["square"])], stop=[stop])
     assert r.choices[0].message.content == text[: text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_disconnect_cancels_the_request(kv_server, images):
+    """A streamed and a plain request whose clients go away are cancelled between tokens
+    (both questions run to 600 tokens on this fixture), and the server goes on serving."""
+    before = kv_server.health()
+    stream = ask(kv_server, [user("A long story please.", images["tall"])], max_tokens=600, stream=True)
+    next(iter(stream))
+    stream.close()
+    with pytest.raises(openai.APITimeoutError):
+        client(kv_server).with_options(timeout=1.0).chat.completions.create(
+            model="llava", messages=[user("Another long one.", images["tall"])], max_tokens=600)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = kv_server.health()
+        if health["cancelled"] - before["cancelled"] >= 2 and health["running"] == 0:
+            break
+        time.sleep(0.2)
+    assert health["cancelled"] - before["cancelled"] == 2
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert health["generated_tokens"] == before["generated_tokens"]  # neither finished
+    assert ask(kv_server, [user("What is in the image?", images["wide"])]).choices[0].message.content
 
 
 def test_kv_bits_with_head_size_16_fails_at_start(checkpoints):
