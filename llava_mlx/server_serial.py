@@ -14,6 +14,7 @@ from typing import Optional
 from .cache import SessionCache
 from .generate import head_size, kv_group_size, stream_generate
 from .server_engine import Engine, Job
+from .server_request import ApiError
 
 
 class SerialEngine(Engine):
@@ -61,7 +62,10 @@ class SerialEngine(Engine):
         failed, self.current = True, job
         try:
             for r in steps:
-                if job.cancelled.is_set() or self.stopping.is_set():
+                if self.stopping.is_set():
+                    job.fail(ApiError(503, "the server is shutting down"))
+                    break
+                if job.cancelled.is_set():
                     self.counters["cancelled"] += 1
                     break
                 job.cached = r.cached_tokens

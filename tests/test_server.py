@@ -137,21 +137,28 @@ def test_concurrent_requests_batch_and_equal_one_by_one(live_server, loaded, ima
           f"together {concurrent:.2f} s, {steps_together} steps; largest batch {after['max_batch']}")
 
 
-def test_disconnect_cancels_the_request(live_server, images):
-    """A streamed and a plain request whose clients go away are cancelled, their KV freed."""
-    before = live_server.health()
-    stream = ask(live_server, [user("A long story please.", images["square"])], max_tokens=600, stream=True)
+def disconnect_twice(server, image):
+    """Ask twice about `image` for 600 tokens, leaving a streamed and a plain request
+    early; the server's health (before, after both are no longer running)."""
+    before = server.health()
+    stream = ask(server, [user("A long story please.", image)], max_tokens=600, stream=True)
     next(iter(stream))
     stream.close()
     with pytest.raises(openai.APITimeoutError):
-        client(live_server).with_options(timeout=1.0).chat.completions.create(
-            model="llava", messages=[user("Another long one.", images["square"])], max_tokens=600)
+        client(server).with_options(timeout=1.0).chat.completions.create(
+            model="llava", messages=[user("Another long one.", image)], max_tokens=600)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        health = live_server.health()
+        health = server.health()
         if health["cancelled"] - before["cancelled"] >= 2 and health["running"] == 0:
             break
         time.sleep(0.2)
+    return before, health
+
+
+def test_disconnect_cancels_the_request(live_server, images):
+    """A streamed and a plain request whose clients go away are cancelled, their KV freed."""
+    before, health = disconnect_twice(live_server, images["square"])
     assert health["cancelled"] - before["cancelled"] == 2
     assert health["running"] == 0 and health["waiting"] == 0
     assert health["generated_tokens"] - before["generated_tokens"] < 2 * 600  # neither ran to the end

@@ -6,9 +6,6 @@ the start-up with one line."""
 import os
 import subprocess
 import sys
-import time
-
-import openai
 
 import pytest
 
@@ -17,7 +14,7 @@ from llava_mlx import load
 from llava_mlx.cache import SessionCache
 from llava_mlx.generate import stream_generate
 from serving import start_server
-from test_server import ask, client, user
+from test_server import ask, disconnect_twice, user
 
 TOKENS = 16
 KV_MODEL = "orig-gqa"  # llama with GQA, head size 32: MLX quantizes it in groups of 32
@@ -95,19 +92,7 @@ def test_stop_string_ends_the_answer(kv_server, kv_model, images):
 def test_disconnect_cancels_the_request(kv_server, images):
     """A streamed and a plain request whose clients go away are cancelled between tokens
     (both questions run to 600 tokens on this fixture), and the server goes on serving."""
-    before = kv_server.health()
-    stream = ask(kv_server, [user("A long story please.", images["tall"])], max_tokens=600, stream=True)
-    next(iter(stream))
-    stream.close()
-    with pytest.raises(openai.APITimeoutError):
-        client(kv_server).with_options(timeout=1.0).chat.completions.create(
-            model="llava", messages=[user("Another long one.", images["tall"])], max_tokens=600)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        health = kv_server.health()
-        if health["cancelled"] - before["cancelled"] >= 2 and health["running"] == 0:
-            break
-        time.sleep(0.2)
+    before, health = disconnect_twice(kv_server, images["tall"])
     assert health["cancelled"] - before["cancelled"] == 2
     assert health["running"] == 0 and health["waiting"] == 0
     assert health["generated_tokens"] == before["generated_tokens"]  # neither finished
