@@ -19,9 +19,9 @@ from mlx_lm.generate import generate_step as lm_generate_step
 from mlx_lm.sample_utils import make_sampler
 from PIL import Image
 
+from . import distributed
 from .cache import SessionCache, sequence_keys
 from .errors import LlavaError
-from .processor import load_image
 
 DEFAULT_MODEL = "mlx-community/llava-v1.6-mistral-7b-4bit"
 DEFAULT_PROMPT = "Describe this image."
@@ -124,15 +124,16 @@ def stream_generate(
     to successive calls reuses encoded images and the KV cache of the shared prefix.
     """
     start = time.perf_counter()
+    seed = distributed.agree_seed(model, seed)
     if seed is not None:
         mx.random.seed(seed)
-    images = [load_image(im) for im in ([images] if isinstance(images, (str, Path, Image.Image)) else images)]
+    images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
     text = prepare_prompt(processor, prompt, len(images), template, system, history)
     ids = processor.encode_prompt(text, len(images))
     cache = cache if cache is not None else SessionCache()
 
     tic = time.perf_counter()
-    image_keys, features = cache.image_features(model, processor, images)
+    image_keys, features = distributed.image_features(model, processor, images, cache)
     encode_time = time.perf_counter() - tic
     keys = sequence_keys(ids, image_keys, features)
     length, context = len(keys), model.config.context_length
@@ -201,6 +202,7 @@ def stream_generate(
         yield response(detokenizer.last_segment, finish)
     finally:
         cache.record(keys, generated)
+        distributed.settle(model)
 
 
 def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
@@ -240,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
     p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
     p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions")
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- (not tensor-) parallel")
     return p
 
 
@@ -275,33 +278,37 @@ def main(argv=None) -> int:
         max_kv_size=args.max_kv_size,
     )
     first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
+    model = None
     try:
-        model, processor = load(args.model, vision_tower=args.vision_tower)
+        model, processor = load(args.model, vision_tower=args.vision_tower, pipeline=args.pipeline)
         cache, history, response = SessionCache(), [], None
+        shown = distributed.is_main(model)  # under mlx.launch the answer is printed once
         for question in chat_questions(first, args.chat):
             # The images belong to the first turn; later turns only prefill their new text.
             answer = []
             for response in stream_generate(
                 model, processor, question, args.image, history=history, cache=cache, **options
             ):
-                print(response.text, end="", flush=True)
+                if shown:
+                    print(response.text, end="", flush=True)
                 answer.append(response.text)
-            print(flush=True)
+            if shown:
+                print(flush=True)
             history.append((question, "".join(answer).strip()))
-            report(response)
+            report(response, distributed.label(model))
     except LlavaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {distributed.label(model)}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 0
 
 
-def report(r: GenerationResponse):
+def report(r: GenerationResponse, prefix: str = ""):
     print(
-        f"Prompt: {r.prompt_tokens} tokens ({r.image_positions} image positions), "
+        f"{prefix}Prompt: {r.prompt_tokens} tokens ({r.image_positions} image positions), "
         f"{r.prompt_tps:.1f} tokens/s\n"
-        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
-        f"Peak memory: {r.peak_memory:.3f} GB",
+        f"{prefix}Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
+        f"{prefix}Peak memory: {r.peak_memory:.3f} GB",
         file=sys.stderr,
     )

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import distributed
 from .errors import LlavaError
 from .model import LlavaConfig, LlavaModel
 from .vision import layers_to_run
@@ -260,8 +261,9 @@ def tower_location(raw: dict, vision_tower: Optional[str]) -> Optional[str]:
     return vision_tower or raw.get("mm_vision_tower") or raw.get("vision_tower")
 
 
-def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True):
-    """(model, config, tower_dir) from a local checkpoint directory."""
+def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True, group=None, pipeline=False):
+    """(model, config, tower_dir) from a local checkpoint directory; with a distributed
+    `group`, this rank's shard of it (see distributed.py), evaluated."""
     raw = read_json(path / "config.json")
     weights = load_weights(path)
     tower_dir, has_tower = None, ships_tower(weights)
@@ -275,7 +277,7 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
         if tower_dir is None:
             raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
         weights = {**load_weights(tower_dir), **weights}
-    weights = sanitize(weights, config)
+    raw, weights = weights, sanitize(weights, config)
     model = LlavaModel(config)
     if config.quantization:
         q = config.quantization
@@ -286,8 +288,10 @@ def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True
             class_predicate=lambda p, m: f"{p}.scales" in weights,
         )
     check_weights(model, weights)
+    if group is not None:
+        weights = distributed.shard(model, weights, group, pipeline, raw, weight_files(path))
     model.load_weights(list(weights.items()), strict=True)
-    if not lazy:
+    if not lazy or group is not None:
         mx.eval(model.parameters())
     model.eval()
     return model, config, tower_dir
@@ -313,14 +317,16 @@ def _cached_tower(location: str) -> Optional[Path]:
         return None
 
 
-def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True):
+def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True, pipeline: bool = False):
     """Load a LLaVA checkpoint (local directory or Hugging Face repo id).
 
     Returns `(model, processor)`. `vision_tower` overrides the CLIP tower of the original
-    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one.
+    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one. Under `mlx.launch`
+    with several ranks the decoder is sharded over them: tensor parallel, or pipeline
+    parallel with `pipeline=True` (no effect in a single process).
     """
     from .processor import Processor
 
     path = resolve(path_or_repo)
-    model, config, tower_dir = load_model(path, vision_tower, lazy)
+    model, config, tower_dir = load_model(path, vision_tower, lazy, distributed.world(), pipeline)
     return model, Processor.from_checkpoint(path, config, tower_dir)
