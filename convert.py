@@ -2,7 +2,10 @@
 
 import sys
 
-from llava_mlx.convert import main
+try:  # Ctrl-C while the libraries load: one line, no traceback
+    from llava_mlx.convert import main
+except KeyboardInterrupt:
+    sys.exit(print("interrupted", file=sys.stderr) or 130)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,13 +24,15 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def sequence_keys(input_ids, image_keys: List[str], features: List[mx.array]) -> list:
-    """What each position of the merged sequence holds: a token id or (image, index)."""
+def sequence_keys(input_ids, image_keys: List[str], features: list) -> list:
+    """What each position of the merged sequence holds: a token id or (image, index).
+
+    `features` are the images' features, or only their lengths (positions)."""
     keys, images = [], iter(zip(image_keys, features))
     for token in input_ids:
         if token == IMAGE_PLACEHOLDER:
             key, feats = next(images)
-            keys.extend((key, i) for i in range(feats.shape[0]))
+            keys.extend((key, i) for i in range(feats if isinstance(feats, int) else feats.shape[0]))
         else:
             keys.append(int(token))
     return keys

@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -28,19 +27,22 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
-from .errors import LlavaError
+from . import validate
+from .adapters import checkpoint_kind, read_checkpoint, tokenizer_dir
+from .cli import command, signals_held
+from .errors import LlavaError, LlavaValueError
 from .load import (
     HUB_PATTERNS,
     MLX_FORMAT,
     detect_layout,
     load_model,
-    load_weights,
     read_json,
     resolve,
     ships_tower,
     tower_location,
 )
 from .model import LlavaConfig, LlavaModel
+from .quantization import RECIPES, bits_summary, recipe_predicate, recorded_entries
 
 QUANT_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -80,14 +82,22 @@ def quantize_choice(path: str, module: nn.Module, group_size: int, quantize_visi
     return "quantize" if module.weight.shape[-1] % group_size == 0 else "skip"
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int, quantize_vision: bool) -> dict:
-    """Quantize `model` in place (lazily); returns the config's `quantization` block."""
+def quantize_model(
+    model: nn.Module, bits: int, group_size: int, quantize_vision: bool, recipe: Optional[str] = None
+) -> dict:
+    """Quantize `model` in place (lazily); returns the config's `quantization` block.
+
+    `recipe` (mixed_4_6 ...): each layer's bits are mlx-lm's choice for it, recorded per module
+    in the block as mlx-lm and mlx-vlm record them; `bits` is then the recipe's low bits."""
     choices = {}
+    mixed = recipe_predicate(recipe, model, group_size) if recipe else None
 
     def predicate(path, module):
         choice = quantize_choice(path, module, group_size, quantize_vision)
         if choice:
             choices[path] = choice
+        if choice == "quantize" and mixed:
+            return mixed(path, module)
         return choice == "quantize"
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
@@ -99,7 +109,10 @@ def quantize_model(model: nn.Module, bits: int, group_size: int, quantize_vision
             f"group size {group_size} divides the input width of no layer to quantize "
             f"(widths {', '.join(map(str, widths))}); choose another --q-group-size"
         )
-    return {"group_size": group_size, "bits": bits, "modules": modules, "skipped": skipped}
+    block = {"group_size": group_size, "bits": bits, "modules": modules, "skipped": skipped}
+    if recipe:
+        block["recipe"] = recipe
+    return {**block, **recorded_entries(model, block)}
 
 
 def quantized_modules(model: nn.Module) -> list:
@@ -116,7 +129,8 @@ def existing_quantization(model: nn.Module, config: LlavaConfig) -> dict:
         for p, m in model.named_modules()
         if p not in modules and quantize_choice(p, m, group_size, vision) == "skip"
     )
-    return {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
+    block = {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
+    return {**block, **recorded_entries(model, block)}
 
 
 def cast(model: nn.Module, dtype):
@@ -134,19 +148,21 @@ def estimate_bytes(
     group_size: int = DEFAULT_GROUP_SIZE,
     quantize_vision: bool = False,
     dtype: str = "float16",
+    quant_predicate: Optional[str] = None,
 ) -> int:
     """Bytes of the weights `convert` writes for `config`, computed from shapes alone.
 
     The model is built lazily (nothing is allocated or computed), cast and quantized
     exactly as `convert` does; MLX's quantized storage is the weight packed into uint32
     (`bits` per value) plus a scale and a bias in `dtype` per group of `group_size`.
-    `bits=None`: unquantized.
+    `bits=None`: unquantized. `quant_predicate`: a mixed recipe (then `bits` is its low bits).
     """
     config = LlavaConfig.from_dict({**config.to_dict(), "quantization": None})
     model = LlavaModel(config)
     cast(model, getattr(mx, dtype))
-    if bits:
-        quantize_model(model, bits, group_size, quantize_vision)
+    if bits or quant_predicate:
+        bits = RECIPES[quant_predicate][0] if quant_predicate else bits
+        quantize_model(model, bits, group_size, quantize_vision, quant_predicate)
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
@@ -159,10 +175,7 @@ def stage_bin(src: Path, scratch: Path, chunk_bytes: int = 1 << 30) -> Path:
     """A copy of checkpoint `src` whose PyTorch `.bin` weights are re-saved as safetensors
     (the loader reads only those) in files of about `chunk_bytes`; other files are linked.
     The `.bin` files are memory-mapped, so memory holds about one chunk at a time."""
-    try:
-        import torch
-    except ImportError:
-        raise LlavaError(f"{src} has only PyTorch .bin weights: reading them needs torch (pip install torch)") from None
+    torch = import_torch(f"{src} has only PyTorch .bin weights")
     scratch.mkdir(parents=True)
     for item in src.iterdir():
         if item.suffix != ".bin" and item.name != "pytorch_model.bin.index.json":
@@ -171,17 +184,28 @@ def stage_bin(src: Path, scratch: Path, chunk_bytes: int = 1 << 30) -> Path:
         state = _torch_load(torch, file)
         chunk, size, part = {}, 0, 0
         for i, (key, tensor) in enumerate(state.items()):
-            tensor = tensor.detach().contiguous()
-            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
-                chunk[key] = mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
-            else:
-                chunk[key] = mx.array(tensor.numpy())
+            chunk[key] = to_mx(torch, tensor)
             size += chunk[key].nbytes
             if size >= chunk_bytes or i == len(state) - 1:
                 save_shard(scratch / f"{file.stem}-{part:04d}.safetensors", chunk)
                 chunk, size, part = {}, 0, part + 1
         del state
     return scratch
+
+
+def import_torch(reason: str):
+    try:
+        import torch
+    except ImportError:
+        raise LlavaError(f"{reason}: reading them needs torch (pip install torch)") from None
+    return torch
+
+
+def to_mx(torch, tensor) -> mx.array:
+    tensor = tensor.detach().contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
+        return mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
+    return mx.array(tensor.numpy())
 
 
 def _torch_load(torch, file: Path) -> dict:
@@ -195,8 +219,11 @@ def _torch_load(torch, file: Path) -> dict:
 
 
 def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
-    """A directory with safetensors weights: the checkpoint itself, or its `.bin` re-saved."""
+    """A directory with safetensors weights: the checkpoint itself, or its `.bin` re-saved.
+    LoRA and projector-only checkpoints are left as they are: adapters.py reads their files."""
     path = resolve(path_or_repo, what)
+    if checkpoint_kind(path) != "full":
+        return path
     if not has_safetensors(path) and not (path / INDEX).exists():
         if not glob.glob(str(path / "*.bin")) and not Path(path_or_repo).expanduser().is_dir():
             path = resolve(path_or_repo, what, HUB_PATTERNS + ["*.bin"])  # a hub repo with .bin only
@@ -205,20 +232,26 @@ def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
     return path
 
 
-def read_source(model: str, vision_tower: Optional[str], scratch: Path):
-    """(model, config, source dir, tower dir) through the loader."""
-    path = local_checkpoint(model, "model", scratch / "model")
-    raw = read_json(path / "config.json")
+def read_source(
+    model: str, vision_tower: Optional[str], scratch: Path, model_base: Optional[str] = None, delta: bool = False
+):
+    """(model, config, tokenizer dir, tower dir) through the loader; LoRA, projector-only and
+    delta checkpoints merged with `model_base`."""
+    path = local_checkpoint(model, "delta weights" if delta else "model", scratch / "model")
+    base = local_checkpoint(model_base, "model base", scratch / "base") if model_base else None
+    raw, weights, _ = read_checkpoint(path, base, delta)
     if vision_tower is None and detect_layout(raw) == "original":
         # The original layout names its CLIP tower; stage it too if it ships .bin only and
         # the checkpoint has no tower weights of its own (LLaVA-1.5).
         location = tower_location(raw, None)
-        if location and "mm_vision_tower" in raw and not ships_tower(load_weights(path)):
+        if location and "mm_vision_tower" in raw and not ships_tower(weights):
             vision_tower = str(local_checkpoint(location, "vision tower", scratch / "tower"))
     elif vision_tower is not None:
         vision_tower = str(local_checkpoint(vision_tower, "vision tower", scratch / "tower"))
-    loaded, config, tower_dir = load_model(path, vision_tower, lazy=True)
-    return loaded, config, path, tower_dir
+    loaded, config, tower_dir = load_model(path, vision_tower, lazy=True, model_base=base, delta=delta)
+    tokenizer = tokenizer_dir(path, base, delta)
+    validate.checkpoint_files(tokenizer)
+    return loaded, config, tokenizer, tower_dir
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -335,12 +368,13 @@ def check_out(out: Path, force: bool):
         raise LlavaError(f"--out {out} already exists and is not empty; pass --force to replace it")
 
 
-def check_not_inside(out: Path, source: Optional[Path]):
-    if source is None:
-        return
-    source = source.resolve()
-    if source == out or out in source.parents:
-        raise LlavaError(f"--out {out} holds the checkpoint being converted ({source}); choose another directory")
+def check_recipe(recipe: str, q_bits: Optional[int], quantize_vision: bool):
+    if recipe not in RECIPES:
+        raise LlavaError(f"--quant-predicate {recipe} is not a recipe (choose {', '.join(RECIPES)})")
+    if q_bits is not None:
+        raise LlavaError(f"--q-bits does not apply with --quant-predicate: {recipe} sets the bits of each layer")
+    if quantize_vision:
+        raise LlavaError("--quantize-vision does not apply with --quant-predicate: the recipes are for the decoder")
 
 
 def convert(
@@ -355,32 +389,50 @@ def convert(
     force: bool = False,
     progress: bool = True,
     shard_gb: int = MAX_FILE_SIZE_GB,
+    model_base: Optional[str] = None,
+    delta: bool = False,
+    quant_predicate: Optional[str] = None,
 ) -> Path:
     """Convert the LLaVA checkpoint `model` (local directory or Hugging Face repo id) to
     this project's MLX layout in `out`; returns `out`.
 
     `quantize`: the decoder's linear layers, lm_head and embeddings to `q_bits` (4 or 8,
     default 4) with groups of `q_group_size` (32, 64 or 128, default 64); the vision tower
-    and projector too with `quantize_vision`. `dtype`: float16, bfloat16 or float32 for
-    the float parameters (default: as stored).
+    and projector too with `quantize_vision`. `quant_predicate` (mixed_2_6, mixed_3_4,
+    mixed_3_6, mixed_4_6, mixed_4_8; implies `quantize`): mlx-lm's mixed-precision recipe for
+    the decoder, each layer's bits recorded per module in the `quantization` block. `dtype`:
+    float16, bfloat16 or float32 for the float parameters (default: as stored).
     `vision_tower`: the CLIP tower of an original LLaVA-1.5 checkpoint. `force`: replace a
-    non-empty `out` (only once the new one is complete).
+    non-empty `out` (only once the new one is complete). `model_base`: the base model of a
+    LoRA or projector-only checkpoint (merged into it), or with `delta=True`, the base that
+    `model`'s delta weights are added to.
     """
-    model, vision_tower = str(model), None if vision_tower is None else str(vision_tower)
+    model = validate.path_argument(model, "--model")
+    vision_tower = None if vision_tower is None else validate.path_argument(vision_tower, "--vision-tower")
+    model_base = None if model_base is None else validate.path_argument(model_base, "--model-base")
+    if shard_gb is not None and not (isinstance(shard_gb, (int, float)) and shard_gb >= 0):
+        raise LlavaValueError(f"shard_gb must be a number >= 0, not {shard_gb!r}")
+    if quant_predicate is not None:
+        check_recipe(quant_predicate, q_bits, quantize_vision)
+        quantize = True
     if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
         raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
-    bits = DEFAULT_BITS if q_bits is None else q_bits
-    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else q_group_size
+    bits = DEFAULT_BITS if q_bits is None else validate.integer(q_bits, "--q-bits")
+    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else validate.integer(q_group_size, "--q-group-size")
     if bits not in QUANT_BITS:
         raise LlavaError(f"--q-bits {bits} is not supported (choose {' or '.join(map(str, QUANT_BITS))})")
     if group_size not in GROUP_SIZES:
         raise LlavaError(f"--q-group-size {group_size} is not supported (choose {', '.join(map(str, GROUP_SIZES))})")
+    if delta and model_base is None:
+        raise LlavaError("--delta needs --model-base: the model the delta weights were made from")
+    if quant_predicate is not None:
+        bits = RECIPES[quant_predicate][0]  # the default; the recipe raises some layers
     if dtype is not None and dtype not in DTYPES:
         raise LlavaError(f"--dtype {dtype} is not supported (choose {', '.join(DTYPES)})")
-    out = Path(out).expanduser().absolute()
-    check_out(out, force)
     local = Path(model).expanduser()
-    check_not_inside(out, local if local.is_dir() else None)
+    base = Path(model_base).expanduser() if model_base is not None else None
+    out = validate.output_dir(out, [local if local.is_dir() else None, base if base and base.is_dir() else None])
+    check_out(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
@@ -390,9 +442,8 @@ def convert(
         scratch = tmp / ".scratch"  # .bin weights re-saved as safetensors, removed at the end
         result = tmp / "model"
         result.mkdir()
-        loaded, config, path, tower_dir = read_source(model, vision_tower, scratch)
-        check_not_inside(out, path)
-        check_not_inside(out, tower_dir)
+        loaded, config, path, tower_dir = read_source(model, vision_tower, scratch, model_base, delta)
+        validate.output_dir(out, [path, tower_dir])
         if quantize and config.quantization:
             q = config.quantization
             raise LlavaError(
@@ -402,7 +453,7 @@ def convert(
         if dtype:
             cast(loaded, getattr(mx, dtype))
         if quantize:
-            block = quantize_model(loaded, bits, group_size, quantize_vision)
+            block = quantize_model(loaded, bits, group_size, quantize_vision, quant_predicate)
         elif config.quantization:
             block = existing_quantization(loaded, config)
         else:
@@ -415,10 +466,14 @@ def convert(
         from .load import load
 
         load(str(result))  # everything a user loads: config, weights and shapes, tokenizer
-        shutil.rmtree(scratch, ignore_errors=True)
-        replace_dir(result, out)
+        with signals_held() as received:  # the move into place is all or nothing
+            if received:  # Ctrl-C / SIGTERM before the move: nothing is put in place
+                raise KeyboardInterrupt()
+            shutil.rmtree(scratch, ignore_errors=True)
+            replace_dir(result, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():  # a second Ctrl-C does not leave half the temporary directory
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -435,33 +490,36 @@ def summary(out: Path) -> str:
     if not q:
         return f"Wrote {out}: {size}"
     return (
-        f"Wrote {out}: {size}; {q['bits']}-bit, group size {q['group_size']}: "
+        f"Wrote {out}: {size}; {bits_summary(q)}, group size {q['group_size']}: "
         f"{len(q['modules'])} layers quantized, {len(q['skipped'])} left unquantized"
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Convert a LLaVA 1.5/1.6 checkpoint to MLX, optionally quantized.")
-    p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="local checkpoint directory or Hugging Face repo id")
+    source.add_argument("--delta", help="delta weights (first LLaVA releases) to add to --model-base")
+    p.add_argument("--model-base", help="base model of a LoRA, projector-only or --delta checkpoint")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder (linears, lm_head, embeddings)")
     p.add_argument("--q-bits", type=int, choices=QUANT_BITS, help=f"bits per weight (default {DEFAULT_BITS})")
     p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, help=f"group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the float parameters (default: as stored)")
     p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector")
+    p.add_argument(
+        "--quant-predicate",
+        choices=list(RECIPES),
+        help="mixed-precision recipe (mlx-lm's, implies -q): low bits for most layers, high bits for some",
+    )
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new output is complete")
     return p
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = convert(**vars(args))
-    except LlavaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    print(summary(out))
+    args.model, args.delta = (args.delta, True) if args.delta is not None else (args.model, False)
+    print(summary(convert(**vars(args))))
     return 0

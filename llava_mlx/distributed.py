@@ -78,7 +78,7 @@ import os, signal, sys, time
 pid, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 time.sleep(timeout)
 print(message, file=sys.stderr, flush=True)
-os.kill(pid, signal.SIGTERM)
+os.kill(pid, signal.SIGKILL)  # the stuck call holds the interpreter: no handler could run
 """
 
 
@@ -203,8 +203,6 @@ def group_of(model) -> Optional[mx.distributed.Group]:
 def label(model) -> str:
     """'rank r/n ' for a sharded model's messages, '' in a single process."""
     group = group_of(model)
-    if group is None and launched() and model is None:  # failed before the model was sharded
-        return f"[rank {os.environ.get('MLX_RANK', '?')}] "
     return f"[rank {group.rank()}/{group.size()}] " if group else ""
 
 

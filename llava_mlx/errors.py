@@ -3,3 +3,11 @@
 
 class LlavaError(Exception):
     """Bad input or an unusable checkpoint: the message says what and how to fix it."""
+
+
+class LlavaTypeError(LlavaError, TypeError):
+    """An API argument of the wrong type (catchable as TypeError too)."""
+
+
+class LlavaValueError(LlavaError, ValueError):
+    """An API argument out of range (catchable as ValueError too)."""

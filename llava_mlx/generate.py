@@ -11,16 +11,15 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Generator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step as lm_generate_step
 from mlx_lm.sample_utils import make_sampler
-from PIL import Image
 
-from . import distributed
+from . import distributed, validate
 from .cache import SessionCache, sequence_keys
+from .cli import command
 from .errors import LlavaError
 
 DEFAULT_MODEL = "mlx-community/llava-v1.6-mistral-7b-4bit"
@@ -124,10 +123,11 @@ def stream_generate(
     to successive calls reuses encoded images and the KV cache of the shared prefix.
     """
     start = time.perf_counter()
+    images, history = validate.generation_inputs(prompt, images, system, history, cache)
+    validate.generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, kv_bits, max_kv_size)
     seed = distributed.agree_seed(model, seed)
     if seed is not None:
         mx.random.seed(seed)
-    images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
     text = prepare_prompt(processor, prompt, len(images), template, system, history)
     ids = processor.encode_prompt(text, len(images))
     cache = cache if cache is not None else SessionCache()
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (replaces the template's)")
     p.add_argument("--no-template", action="store_true", help="use --prompt as written, <image> placeholders included")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model (path or repo id)")
     p.add_argument("--chat", action="store_true", help="after --prompt (if given), read more questions from stdin")
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
     p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
@@ -248,20 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def chat_questions(first: Optional[str], interactive: bool):
     """--prompt, then (with --chat) one question per line of stdin until EOF or 'q'."""
-    if first:
+    if first is not None:
         yield first
     if not interactive:
         return
     while True:
         if sys.stdin.isatty():
             print(">> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as e:
+            raise LlavaError(f"stdin is not valid UTF-8 text (byte {e.start} of the line)") from None
         if not line or line.strip() in ("q", "quit", "exit"):
             return
         if line.strip():
             yield line.strip()
 
 
+@command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .load import load
@@ -278,29 +283,25 @@ def main(argv=None) -> int:
         max_kv_size=args.max_kv_size,
     )
     first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
-    model = None
-    try:
-        model, processor = load(args.model, vision_tower=args.vision_tower, pipeline=args.pipeline)
-        cache, history, response = SessionCache(), [], None
-        shown = distributed.is_main(model)  # under mlx.launch the answer is printed once
-        for question in chat_questions(first, args.chat):
-            # The images belong to the first turn; later turns only prefill their new text.
-            answer = []
-            for response in stream_generate(
-                model, processor, question, args.image, history=history, cache=cache, **options
-            ):
-                if shown:
-                    print(response.text, end="", flush=True)
-                answer.append(response.text)
+    validate.generation_options(**{k: v for k, v in options.items() if k not in ("template", "system")})
+    if first is not None:
+        validate.prompt(first)
+    model, processor = load(args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline)
+    cache, history, response = SessionCache(), [], None
+    shown = distributed.is_main(model)  # under mlx.launch the answer is printed once
+    for question in chat_questions(first, args.chat):
+        # The images belong to the first turn; later turns only prefill their new text.
+        answer = []
+        for response in stream_generate(
+            model, processor, question, args.image, history=history, cache=cache, **options
+        ):
             if shown:
-                print(flush=True)
-            history.append((question, "".join(answer).strip()))
-            report(response, distributed.label(model))
-    except LlavaError as e:
-        print(f"error: {distributed.label(model)}{e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+                print(response.text, end="", flush=True)
+            answer.append(response.text)
+        if shown:
+            print(flush=True)
+        history.append((question, "".join(answer).strip()))
+        report(response, distributed.label(model))
     return 0
 
 

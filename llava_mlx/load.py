@@ -8,7 +8,6 @@ converted output. Config differences are settled in `read_config`, weight-name
 differences in `sanitize`: nowhere else. Weights stay lazy (memory-mapped by `mx.load`).
 """
 
-import ast
 import glob
 import json
 import os
@@ -19,9 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import distributed
+from . import distributed, validate
 from .errors import LlavaError
 from .model import LlavaConfig, LlavaModel
+from .quantization import module_entries, module_params
 from .vision import layers_to_run
 
 # Our own converted output says so in its config.json.
@@ -39,7 +39,10 @@ CLIP_VISION_DEFAULTS = dict(
     hidden_act="quick_gelu",
 )
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# + the .bin files of LoRA and projector-only checkpoints (adapters.py), which ship no others
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"] + [
+    "adapter_model.bin", "non_lora_trainables.bin", "mm_projector.bin"
+]
 
 
 def resolve(path_or_repo: str, what: str = "model", patterns=HUB_PATTERNS) -> Path:
@@ -66,23 +69,29 @@ def resolve(path_or_repo: str, what: str = "model", patterns=HUB_PATTERNS) -> Pa
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from `path`; one clear error for anything else."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except FileNotFoundError:
         raise LlavaError(f"missing {path.name} in {path.parent}") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise LlavaError(f"{path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise LlavaError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise LlavaError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise LlavaError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def clip_vision_config(params: Optional[dict]) -> dict:
     """A CLIP vision config with transformers' defaults; the full CLIPConfig is unwrapped."""
     params = params.get("vision_config", params) if params else {}
     return {**CLIP_VISION_DEFAULTS, **params}
-
-
-def pinpoints(value):
-    return ast.literal_eval(value) if isinstance(value, str) else value
 
 
 def detect_layout(raw: dict) -> str:
@@ -121,15 +130,17 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             vision_feature_layer=layer,
             vision_feature_select="cls_patch" if raw.get("vision_feature_select_strategy") == "full" else "patch",
             image_aspect_ratio="anyres" if next_ else "pad",
-            image_grid_pinpoints=pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS)) if next_ else None,
+            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS), "config.json") if next_ else None,
             patch_merge_type="spatial_unpad" if next_ else "flat",
-            quantization=raw.get("quantization"),
+            quantization=read_quantization(raw),
         )
     if layout == "original":
         text = dict(raw)
         if model_type not in ("llava_llama", "llava_mistral"):
             text["model_type"] = "llava_mistral" if "Mistral" in str(raw.get("architectures")) else "llava_llama"
         tower = read_json(tower_dir / "config.json") if tower_dir else None
+        if tower:
+            validate.raw_config(tower, str(tower_dir / "config.json"))
         return "original", LlavaConfig(
             text_config=text,
             vision_config=clip_vision_config(tower) if tower else {},
@@ -137,10 +148,10 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             vision_feature_layer=raw.get("mm_vision_select_layer", -2),
             vision_feature_select=raw.get("mm_vision_select_feature", "patch"),
             image_aspect_ratio=raw.get("image_aspect_ratio") or "square",
-            image_grid_pinpoints=pinpoints(raw.get("image_grid_pinpoints")),
+            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints"), "config.json"),
             patch_merge_type=raw.get("mm_patch_merge_type", "flat"),
             max_length=raw.get("tokenizer_model_max_length"),
-            quantization=raw.get("quantization"),
+            quantization=read_quantization(raw),
         )
 
 
@@ -161,6 +172,16 @@ RENAMES = [
 # Parameters the vision tower reads as plain arrays (never quantized modules).
 READ_RAW = ("vision_tower.embeddings.position_embedding", "vision_tower.embeddings.patch_embedding")
 DROPPED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "vision_tower.post_layernorm.")
+
+
+def read_quantization(raw: dict) -> Optional[dict]:
+    """The `quantization` block, its per-module entries (mixed precision) under our names."""
+    block = raw.get("quantization")
+    if not isinstance(block, dict):
+        return block
+    entries = module_entries(block)
+    renamed = {rename(f"{k}.weight")[: -len(".weight")]: v for k, v in entries.items()}
+    return {**{k: v for k, v in block.items() if k not in entries}, **renamed}
 
 
 def rename(key: str) -> str:
@@ -193,13 +214,9 @@ def sanitize(weights: Dict[str, mx.array], config: LlavaConfig) -> Dict[str, mx.
         out.pop("language_model.lm_head.weight", None)
     for name in READ_RAW:
         if f"{name}.scales" in out:  # quantized by another tool: we read it as a plain array
-            q = config.quantization or {}
+            q = module_params(config.quantization or {}, name) or module_params({}, name)
             out[f"{name}.weight"] = mx.dequantize(
-                out[f"{name}.weight"],
-                out.pop(f"{name}.scales"),
-                out.pop(f"{name}.biases"),
-                group_size=q.get("group_size", 64),
-                bits=q.get("bits", 4),
+                out[f"{name}.weight"], out.pop(f"{name}.scales"), out.pop(f"{name}.biases"), **q
             )
     return out
 
@@ -208,6 +225,8 @@ def weight_files(path: Path) -> list:
     index = path / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if any(not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..") for n in names):
+            raise LlavaError(f"{index} lists a weight file that is not a plain file name in {path}")
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise LlavaError(f"missing weight shard {missing[0]} in {path} (listed in {index.name})")
@@ -261,35 +280,57 @@ def tower_location(raw: dict, vision_tower: Optional[str]) -> Optional[str]:
     return vision_tower or raw.get("mm_vision_tower") or raw.get("vision_tower")
 
 
-def load_model(path: Path, vision_tower: Optional[str] = None, lazy: bool = True, group=None, pipeline=False):
-    """(model, config, tower_dir) from a local checkpoint directory; with a distributed
-    `group`, this rank's shard of it (see distributed.py), evaluated."""
-    raw = read_json(path / "config.json")
-    weights = load_weights(path)
+def load_model(
+    path: Path,
+    vision_tower: Optional[str] = None,
+    lazy: bool = True,
+    model_base: Optional[Path] = None,
+    delta: bool = False,
+    group=None,
+    pipeline: bool = False,
+):
+    """(model, config, tower_dir) from a local checkpoint directory; LoRA, projector-only and
+    delta checkpoints (adapters.py) with their local `model_base`; with a distributed `group`,
+    this rank's shard of it (see distributed.py), evaluated."""
+    from .adapters import check_base_fits, read_checkpoint
+
+    raw, weights, lora = read_checkpoint(path, model_base, delta)
+    validate.raw_config(raw, str(path / "config.json"))
     tower_dir, has_tower = None, ships_tower(weights)
+    if vision_tower and detect_layout(raw) != "original":
+        raise LlavaError(
+            f"--vision-tower applies only to original (liuhaotian) checkpoints; {path} is a "
+            f"{detect_layout(raw)} checkpoint with its own tower"
+        )
     if detect_layout(raw) == "original":
         location = tower_location(raw, vision_tower)
         tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None
         if tower_dir is None and location:
             tower_dir = _cached_tower(location)
-    layout, config = read_config(raw, tower_dir)
+    try:
+        layout, config = read_config(raw, tower_dir)
+    except ValueError as e:  # LlavaConfig's own checks (e.g. an unknown text model type)
+        raise LlavaError(f"{path / 'config.json'}: {e}") from None
+    validate.model_config(config, str(path / "config.json"))
     if layout == "original" and not has_tower:
         if tower_dir is None:
             raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
         weights = {**load_weights(tower_dir), **weights}
-    raw, weights = weights, sanitize(weights, config)
+    stored = dict(weights)  # as read from the files: a sharded rank reads its slices of these
+    if lora is not None:
+        weights = lora.merge(weights)  # into the float weights, before any quantization
+    weights = sanitize(weights, config)
     model = LlavaModel(config)
     if config.quantization:
+        # Each module as its weights are stored, with its own bits when the block has an entry.
         q = config.quantization
-        nn.quantize(
-            model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            class_predicate=lambda p, m: f"{p}.scales" in weights,
-        )
+        nn.quantize(model, class_predicate=lambda p, m: f"{p}.scales" in weights and module_params(q, p) or False)
+    if model_base is not None:
+        check_base_fits(dict(tree_flatten(model.parameters())), weights, path, model_base)
     check_weights(model, weights)
     if group is not None:
-        weights = distributed.shard(model, weights, group, pipeline, raw, weight_files(path))
+        files = weight_files(path) + (weight_files(model_base) if model_base else [])
+        weights = distributed.shard(model, weights, group, pipeline, stored, files)
     model.load_weights(list(weights.items()), strict=True)
     if not lazy or group is not None:
         mx.eval(model.parameters())
@@ -317,16 +358,33 @@ def _cached_tower(location: str) -> Optional[Path]:
         return None
 
 
-def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True, pipeline: bool = False):
+def load(
+    path_or_repo: str,
+    vision_tower: Optional[str] = None,
+    lazy: bool = True,
+    model_base: Optional[str] = None,
+    pipeline: bool = False,
+):
     """Load a LLaVA checkpoint (local directory or Hugging Face repo id).
 
     Returns `(model, processor)`. `vision_tower` overrides the CLIP tower of the original
-    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one. Under `mlx.launch`
-    with several ranks the decoder is sharded over them: tensor parallel, or pipeline
-    parallel with `pipeline=True` (no effect in a single process).
+    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one. `model_base` (a path
+    or repo id) is the language model a LoRA or projector-only checkpoint was trained from:
+    the LoRA is merged into its weights at load. Under `mlx.launch` with several ranks the
+    decoder is sharded over them: tensor parallel, or pipeline parallel with `pipeline=True`
+    (no effect in a single process).
     """
+    from .adapters import tokenizer_dir
     from .processor import Processor
 
+    path_or_repo = validate.path_argument(path_or_repo, "the model")
+    if vision_tower is not None:
+        vision_tower = validate.path_argument(vision_tower, "vision_tower")
+    if model_base is not None:
+        model_base = validate.path_argument(model_base, "model_base")
     path = resolve(path_or_repo)
-    model, config, tower_dir = load_model(path, vision_tower, lazy, distributed.world(), pipeline)
-    return model, Processor.from_checkpoint(path, config, tower_dir)
+    base = resolve(model_base, "model base") if model_base else None
+    model, config, tower_dir = load_model(path, vision_tower, lazy, base, group=distributed.world(), pipeline=pipeline)
+    tokenizer = tokenizer_dir(path, base)
+    validate.checkpoint_files(tokenizer)
+    return model, Processor.from_checkpoint(tokenizer, config, tower_dir)

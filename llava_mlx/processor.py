@@ -7,8 +7,7 @@ text right after `<image>` can come out differently.
 """
 
 import io
-import json
-import urllib.request
+import re
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -18,14 +17,18 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
+from . import validate
 from .errors import LlavaError
+from .fetch import fetch
 from .model import IMAGE_PLACEHOLDER, LlavaConfig
 from .tokenizer import SentencePieceTokenizer
 
 IMAGE_TOKEN = "<image>"
 # Larger images are refused before decoding them (a decompression bomb guard).
 MAX_PIXELS = 50_000_000
-URL_TIMEOUT = 30
+# An image URL is read within this many seconds in total, and at most this many bytes.
+URL_TIMEOUT = 60
+URL_MAX_BYTES = 100 * 2**20
 
 # The original conversation templates (llava/conversation.py) by family.
 LLAVA_V1_SYSTEM = (
@@ -67,22 +70,15 @@ def template_family(config: LlavaConfig, tokenizer) -> str:
 
 
 def load_image(source) -> Image.Image:
-    """An RGB PIL image from a path, an http(s) URL or a PIL image; one clear error otherwise."""
+    """An RGB PIL image from a path, an http(s) URL, a PIL image, a NumPy array of uint8
+    pixels or an image file's bytes; one clear error otherwise."""
+    if isinstance(source, np.ndarray):
+        source = validate.image_array(source)
     if isinstance(source, Image.Image):
         image = source
         name = "image"
     else:
-        name = str(source)
-        if name.startswith(("http://", "https://")):
-            try:
-                with urllib.request.urlopen(name, timeout=URL_TIMEOUT) as response:
-                    data = io.BytesIO(response.read())
-            except (OSError, ValueError) as e:
-                raise LlavaError(f"cannot download image {name}: {e}") from None
-        else:
-            if not Path(name).is_file():
-                raise LlavaError(f"image not found: {name}")
-            data = name
+        name, data = image_file(source)
         try:
             with warnings.catch_warnings():  # we apply our own pixel limit below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -101,6 +97,23 @@ def load_image(source) -> Image.Image:
         return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:
         raise LlavaError(f"cannot read image {name}: truncated or corrupt ({e})") from None
+
+
+def image_file(source):
+    """(name, what Image.open reads) for an image given by path, URL or encoded bytes."""
+    if isinstance(source, (bytes, bytearray)):
+        return "(bytes)", io.BytesIO(source)
+    validate.image_list([source])  # anything else: a TypeError saying what is accepted
+    name = validate.text(str(source), "the image name")
+    if not name.strip():
+        raise LlavaError("an image name is empty")
+    if name.startswith(("http://", "https://")):
+        return name, io.BytesIO(fetch(name, "image", URL_TIMEOUT, URL_MAX_BYTES))
+    if not Path(name).is_file():
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", name):
+            raise LlavaError(f"cannot read image {name}: only http(s) URLs are downloaded")
+        raise LlavaError(f"image not found: {name}" + (" (a directory)" if Path(name).is_dir() else ""))
+    return name, name
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -149,25 +162,34 @@ class Processor:
         # The original ran Mistral's converted fast tokenizer (legacy rules), others slow.
         legacy = True if config.text_config["model_type"] == "mistral" else None
         sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
-        return cls(tokenizer, config, image_settings(path, tower_dir, config), sentencepiece)
+        processor = cls(tokenizer, config, image_settings(path, tower_dir, config), sentencepiece)
+        processor.apply_template("hi")  # a broken chat template fails here, not mid-conversation
+        return processor
 
     # -- prompts ----------------------------------------------------------------------
     def apply_template(self, question: str, num_images: int = 1, system: Optional[str] = None, history: Sequence = ()) -> str:
         """The conversation so far plus `question`, images in the first user turn: in the
         checkpoint's own chat template when it has one, else the family's template from
-        the original code. `history` holds earlier (question, answer) turns."""
+        the original code. `history` holds earlier (question, answer) turns. `num_images`
+        may also be a list: the images of each turn (the server's messages)."""
         turns = [tuple(t) for t in history] + [(question, None)]
+        counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images] + [0] * len(history)
+        if len(counts) != len(turns):
+            raise ValueError(f"{len(counts)} image counts for {len(turns)} turns")
         hf = self.tokenizer._tokenizer
         if not hf.chat_template:
-            first = (f"{IMAGE_TOKEN}\n" * num_images + turns[0][0], turns[0][1])
-            return family_prompt(self.family, [first] + turns[1:], system)
+            turns = [(f"{IMAGE_TOKEN}\n" * n + q, a) for n, (q, a) in zip(counts, turns)]
+            return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for i, (q, a) in enumerate(turns):
-            images = [{"type": "image"}] * (num_images if i == 0 else 0)
+            images = [{"type": "image"}] * counts[i]
             messages.append({"role": "user", "content": images + [{"type": "text", "text": q}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
-        prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            prompt = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template is the checkpoint's own Jinja code: any error is its
+            raise LlavaError(f"the checkpoint's chat template fails: {type(e).__name__}: {str(e)[:200]}") from None
         bos = hf.bos_token
         return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
 
@@ -213,7 +235,7 @@ class Processor:
 
     def __call__(self, prompt: str, images: Sequence = ()) -> dict:
         """Inputs for `model(**inputs)`: the raw prompt, one `<image>` per image, no template."""
-        images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        prompt, images = validate.prompt(prompt), validate.image_list(images)
         ids = self.encode_prompt(prompt, len(images))
         inputs = {"input_ids": mx.array([ids], dtype=mx.int32), "pixel_values": None, "image_sizes": None}
         if images:
@@ -226,11 +248,13 @@ class Processor:
 def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -> dict:
     """Resize / crop / normalisation settings: the checkpoint's preprocessor_config.json,
     else the vision tower's (original layout), else CLIP's defaults at the tower's size."""
-    raw = {}
+    from .load import read_json
+
+    raw, where = {}, "CLIP's defaults"
     for directory in (path, tower_dir):
         if directory is not None and (directory / "preprocessor_config.json").exists():
-            with open(directory / "preprocessor_config.json", encoding="utf-8") as f:
-                raw = json.load(f)
+            where = str(directory / "preprocessor_config.json")
+            raw = read_json(directory / "preprocessor_config.json")
             break
     side = config.vision.image_size
 
@@ -239,9 +263,13 @@ def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -
             return int(value.get(key) or value.get("height") or side)
         return int(value) if value else side
 
-    return {
-        "size": edge(raw.get("size"), "shortest_edge"),
-        "crop": edge(raw.get("crop_size"), "height"),
-        "mean": tuple(raw.get("image_mean", CLIP_MEAN)),
-        "std": tuple(raw.get("image_std", CLIP_STD)),
-    }
+    try:
+        settings = {
+            "size": edge(raw.get("size"), "shortest_edge"),
+            "crop": edge(raw.get("crop_size"), "height"),
+            "mean": tuple(raw.get("image_mean", CLIP_MEAN)),
+            "std": tuple(raw.get("image_std", CLIP_STD)),
+        }
+    except (TypeError, ValueError) as e:
+        raise LlavaError(f"{where}: unreadable image sizes ({e})") from None
+    return validate.image_settings(settings, where)

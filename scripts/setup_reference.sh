@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Create the virtual environment that runs the ORIGINAL LLaVA code (tests/reference/run_original.py):
-# llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU.
+# llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU,
+# and peft 0.11.1 (the builder's LoRA merge; llava pins 0.4.0, which predates use_rslora); every other package
+# pinned in scripts/reference-constraints.txt.
 #
 #   scripts/setup_reference.sh [VENV_DIR]      (default: .venv-orig in the repo root)
 #
-# Idempotent: does nothing if VENV_DIR already imports llava's builder, mm_utils and conversation.
+# Idempotent: does nothing if VENV_DIR already imports llava's builder, mm_utils, conversation and peft.
 # Quiet on success; exits non-zero (with pip's output) on any failure.
 set -euo pipefail
 
@@ -19,6 +21,9 @@ assert transformers.__version__ == "4.37.2", transformers.__version__
 from llava.model.builder import load_pretrained_model
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.conversation import conv_templates
+import peft
+assert peft.__version__ == "0.11.1", peft.__version__
+from peft import PeftModel
 EOF
 }
 
@@ -38,12 +43,15 @@ run() {
 
 run "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-run "${PIP[@]}" install --upgrade pip
+run "${PIP[@]}" install "pip==26.3"
 # torch first and alone: a local CPU wheel of 2.13.0 is picked up by pip on this machine
 run "${PIP[@]}" install "torch==2.13.0"
-run "${PIP[@]}" install "transformers==4.37.2" "tokenizers>=0.14,<0.16" "accelerate==0.26.1" \
-    "huggingface-hub<0.26" sentencepiece protobuf numpy pillow safetensors
+# Every other package at the version in reference-constraints.txt (transitive ones too).
+run "${PIP[@]}" install -c "$ROOT/scripts/reference-constraints.txt" "transformers==4.37.2" tokenizers \
+    accelerate huggingface-hub sentencepiece protobuf numpy pillow safetensors
 run "${PIP[@]}" install --no-deps "llava-torch==1.2.2.post1"
+# peft for the builder's LoRA merge; the constraints keep torch and transformers where they are
+run "${PIP[@]}" install -c "$ROOT/scripts/reference-constraints.txt" peft
 
 if ! check; then
     echo "setup_reference.sh: $VENV was created but llava does not import:" >&2

@@ -50,3 +50,19 @@ def loaded(checkpoints):
         return cache[name]
 
     return get
+
+
+# The live server the server and chat-page tests share: LLaVA-1.6 (images of different
+# sizes give prompts of different lengths), limits small enough to reach in a test.
+SERVER_MODEL = "hf-v1.6-vicuna"
+SERVER_ARGS = ["--max-tokens", "600", "--max-batch", "8", "--max-images", "3", "--max-image-pixels", "4000000",
+               "--max-body-mb", "4", "--image-url-timeout", "2", "--prompt-cache-bytes", str(24 << 20)]
+
+
+@pytest.fixture(scope="session")
+def live_server(checkpoints, tmp_path_factory):
+    from serving import start_server
+
+    server = start_server(checkpoints[SERVER_MODEL], tmp_path_factory.mktemp("server") / "server.log", *SERVER_ARGS)
+    yield server
+    assert server.stop() == 0, server.log.read_text()[-2000:]

@@ -72,11 +72,15 @@ def original(checkpoints, images, tmp_path_factory):
         }
         for variant, prompt, ims in RAW
     ]
-    out = tmp_path_factory.mktemp("original")
+    return run_original(jobs, tmp_path_factory.mktemp("original"))
+
+
+def run_original(jobs, out, timeout=1800):
+    """name -> npz of each job of tests/reference/run_original.py, in one run of the original code."""
     (out / "jobs.json").write_text(json.dumps(jobs))
     result = subprocess.run(
         [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "run_original.py"), str(out / "jobs.json"), str(out)],
-        capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}

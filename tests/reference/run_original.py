@@ -10,7 +10,10 @@ JOBS.json: a list of jobs (or {"jobs": [...]}), each
      "images": ["/abs/wide_1000x600.png"],
      "question": "What is in the image?", "conv_mode": "llava_v1",   # llava_v1 | mistral_instruct | chatml_direct
        # or instead: "prompt": "raw text with <image> placeholders"
-     "new_tokens": 16}
+     "new_tokens": 16,
+     "model_base": "/abs/base-vicuna",       # optional: the base of a LoRA or projector-only checkpoint
+     "apply_delta": true}                    # optional, with model_base: `checkpoint` holds delta weights,
+                                             # applied by llava/model/apply_delta.py into OUT_DIR/<name>-target
 With "question", the prompt is built as llava/eval/run_llava.py does: "<image>\n" + question (one
 "<image>\n" per image when there are several), conv.append_message(USER, qs),
 conv.append_message(ASSISTANT, None), conv.get_prompt().
@@ -73,22 +76,29 @@ class _Float32Torch(types.ModuleType):
 _MODELS = {}
 
 
-def load(checkpoint):
+def _float32(module, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with `module.torch` seeing float16 as float32."""
+    saved = module.torch
+    module.torch = _Float32Torch()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        module.torch = saved
+
+
+def load(checkpoint, model_base=None):
+    """The builder's model; with model_base its LoRA ('lora' in the name) or projector-only path."""
     checkpoint = str(pathlib.Path(checkpoint).resolve())
-    if checkpoint not in _MODELS:
+    key = (checkpoint, model_base)
+    if key not in _MODELS:
         name = "llava-" + os.path.basename(checkpoint.rstrip("/"))
-        saved = builder.torch
-        builder.torch = _Float32Torch()
-        try:
-            tokenizer, model, image_processor, _ = builder.load_pretrained_model(
-                checkpoint, None, name, device_map="cpu", device="cpu")
-        finally:
-            builder.torch = saved
+        tokenizer, model, image_processor, _ = _float32(
+            builder, builder.load_pretrained_model, checkpoint, model_base, name, device_map="cpu", device="cpu")
         model.eval()
         for p in model.parameters():
             assert p.dtype == torch.float32, p.dtype
-        _MODELS[checkpoint] = (tokenizer, model, image_processor)
-    return _MODELS[checkpoint]
+        _MODELS[key] = (tokenizer, model, image_processor)
+    return _MODELS[key]
 
 
 def build_prompt(question, conv_mode, n_images):
@@ -106,8 +116,15 @@ def _as_list(images_tensor, n):
     return [t[i] for i in range(n)]
 
 
-def run_job(job):
-    tokenizer, model, image_processor = load(job["checkpoint"])
+def run_job(job, out_dir):
+    checkpoint, model_base = job["checkpoint"], job.get("model_base")
+    if job.get("apply_delta"):
+        import llava.model.apply_delta as apply_delta
+
+        target = str(out_dir / f"{job['name']}-target")
+        _float32(apply_delta, apply_delta.apply_delta, model_base, target, checkpoint)
+        checkpoint, model_base = target, None
+    tokenizer, model, image_processor = load(checkpoint, model_base)
     images = [Image.open(p).convert("RGB") for p in job["images"]]
     image_sizes = [im.size for im in images]
     if "prompt" in job:
@@ -194,9 +211,9 @@ def main(argv):
         job = jobs[i]
         ck = str(pathlib.Path(job["checkpoint"]).resolve())
         if current is not None and ck != current:
-            _MODELS.pop(current, None)
+            _MODELS.clear()
         current = ck
-        res = run_job(job)
+        res = run_job(job, out_dir)
         np.savez(out_dir / f"{job['name']}.npz", **res)
         print(f"{job['name']}: L={res['logits'].shape[0]} image_tokens={res['image_token_counts'].tolist()} "
               f"crops={res['num_crops'].tolist()} greedy={res['greedy'].tolist()}", flush=True)

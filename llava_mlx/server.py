@@ -1,0 +1,90 @@
+"""An OpenAI-compatible LLaVA server: `python server.py --model PATH_OR_REPO`.
+
+The command line: it loads the model in the engine thread (server_engine.py), then serves
+HTTP (server_http.py) until interrupted. Requests are checked and prepared by
+server_request.py; reuse across requests lives in server_cache.py.
+"""
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from functools import partial
+from pathlib import Path
+
+from .errors import LlavaError
+from .server_engine import Engine, EngineOptions
+from .server_http import App, Handler, Server
+from .server_request import Limits
+
+log = logging.getLogger("llava_mlx.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, o = Limits(), EngineOptions()
+    p = argparse.ArgumentParser(description="An OpenAI-compatible LLaVA server (MLX).")
+    p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
+    p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="default and largest max_tokens of a request")
+    p.add_argument("--max-batch", type=int, default=o.max_batch, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=o.max_queue, help="requests waiting for a batch slot before 429")
+    p.add_argument("--prefill-step-size", type=int, default=o.prefill_step_size)
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
+    p.add_argument("--prompt-cache-bytes", type=int, default=o.prompt_cache_bytes, help="LRU prompt (KV) cache size; 0 disables it")
+    p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height of one image")
+    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20), help="request body (and image URL download) size")
+    p.add_argument("--image-url-timeout", type=float, default=d.image_url_timeout, help="seconds to download one image URL")
+    p.add_argument("--allowed-origins", nargs="*", default=[], help="web origins allowed to call the API (CORS), or '*'")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("max_tokens", "max_batch", "max_queue", "prefill_step_size", "max_images", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_body_mb <= 0 or args.image_url_timeout <= 0 or args.prompt_cache_bytes < 0:
+        parser.error("--max-body-mb and --image-url-timeout must be positive, --prompt-cache-bytes not negative")
+    if args.kv_bits:
+        print("error: --kv-bits: mlx-lm's BatchGenerator cannot batch quantized KV caches; serve without it", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .load import load
+
+    options = EngineOptions(args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes)
+    engine = Engine(partial(load, args.model, vision_tower=args.vision_tower, model_base=args.model_base), options)
+    limits = Limits(args.max_tokens, args.max_images, args.max_image_pixels, int(args.max_body_mb * (1 << 20)), args.image_url_timeout)
+    try:
+        engine.start()
+    except LlavaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    model_id = Path(args.model).resolve().name if Path(args.model).is_dir() else args.model
+    app = App(engine, limits, model_id, args.api_key, args.allowed_origins)
+    try:
+        httpd = Server((args.host, args.port), partial(Handler, app=app))
+    except OSError as e:
+        engine.stop()
+        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    host, port = httpd.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
+    print(f"llava-mlx: serving {app.model_id} on http://{host}:{port} (chat page /, API /v1)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        print("llava-mlx: stopped", file=sys.stderr)
+    finally:
+        httpd.server_close()
+        engine.stop()
+    return 0

@@ -1,0 +1,316 @@
+"""The server's HTTP side: routes, access rules, OpenAI-shaped responses and errors.
+
+HTTP on the standard library (`ThreadingHTTPServer`, as mlx-lm's server): a thread per
+connection checks the request and prepares its images and prompt, then waits on its
+job's queue while the engine thread (server_engine.py) runs it; the answer goes back as
+JSON or as server-sent events. Endpoints: POST /v1/chat/completions (also without /v1),
+GET /v1/models, GET /health, and GET / (a chat page).
+"""
+
+import hmac
+import json
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .server_engine import Engine, Job
+from .server_request import ApiError, Limits, build_prompt, parse_chat
+
+log = logging.getLogger("llava_mlx.server")
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+MODEL_PATHS = ("/v1/models", "/models")
+PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
+CHECK_EVERY = 0.1  # s between checks that a waiting client is still connected
+STREAM_EVERY = 0.02  # s: streamed tokens are sent at most this often (each send wakes a thread)
+DRAIN_LIMIT = 64 << 20  # a refused body is read (and dropped) up to this, so the client sees the 413
+
+
+class ClientGone(Exception):
+    """The client closed its connection: its request is cancelled."""
+
+
+def client_gone(connection) -> bool:
+    """Whether the peer has closed the connection (readable with nothing to read)."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "llava-mlx"
+    timeout = 60  # s: a client that sends nothing (or reads nothing) for this long is dropped
+    checked = 0.0  # when the connection was last checked for a disconnect
+
+    def __init__(self, *args, app=None, **kwargs):
+        self.app = app
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, fmt, *args):
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    # -- responses -------------------------------------------------------------------
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own errors (malformed request line, headers) as JSON."""
+        self.close_connection = True
+        self._json(code, ApiError(code, message or HTTPStatus(code).phrase).body())
+
+    def _headers(self, status: int, content_type: str, length=None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if length is None:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Cache-Control", "no-cache")
+        else:
+            self.send_header("Content-Length", str(length))
+        headers = getattr(self, "headers", None)  # unset when the request line itself was bad
+        origin = headers.get("Origin") if headers else None
+        if origin and self.app.cors(origin):
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _json(self, status: int, body: dict):
+        data = json.dumps(body).encode()
+        self._headers(status, "application/json", len(data))
+        self.wfile.write(data)
+
+    def _chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    # -- routes ----------------------------------------------------------------------
+    def _route(self, method: str):
+        path = self.path.split("?", 1)[0]
+        known = {"/": "GET", "/health": "GET", **{p: "GET" for p in MODEL_PATHS}, **{p: "POST" for p in CHAT_PATHS}}
+        try:
+            self.app.check_origin(self.headers.get("Origin"), self.headers.get("Host"))
+            if path not in known:
+                raise ApiError(404, f"no route {method} {path}", code="not_found")
+            if known[path] != method:
+                raise ApiError(405, f"{path} takes {known[path]}, not {method}", code="method_not_allowed")
+            if path == "/":
+                page = PAGE.read_bytes()
+                self._headers(200, "text/html; charset=utf-8", len(page))
+                self.wfile.write(page)
+            elif path == "/health":
+                self._json(200, {"status": "ok", "model": self.app.model_id, **self.app.engine.stats()})
+            else:
+                self.app.check_key(self.headers.get("Authorization"))
+                if path in MODEL_PATHS:
+                    self._json(200, {"object": "list", "data": [self.app.model_card()]})
+                else:
+                    self._chat()
+        except ApiError as e:
+            self._json(e.status, e.body())
+        except ClientGone:
+            self.close_connection = True
+            log.info("%s closed its connection: request cancelled", self.address_string())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:
+            log.exception("request failed")
+            self.close_connection = True
+            self._json(500, ApiError(500, f"internal error: {type(e).__name__}").body())
+
+    def do_GET(self):
+        self._route("GET")
+
+    def do_POST(self):
+        self._route("POST")
+
+    def do_OPTIONS(self):  # CORS preflight
+        origin = self.headers.get("Origin")
+        if not origin or not self.app.cors(origin):
+            return self._json(403, ApiError(403, f"origin {origin!r} is not allowed (--allowed-origins)").body())
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Origin", origin)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_PUT(self):
+        self._route("PUT")
+
+    do_DELETE = do_PATCH = do_PUT
+
+    # -- chat completions ------------------------------------------------------------
+    def _body(self) -> bytes:
+        limit = self.app.limits.max_body_bytes
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise ApiError(411, "send the request body with a Content-Length (no chunked uploads)")
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self.close_connection = True
+            raise ApiError(411, "a Content-Length header is required")
+        size = int(length)
+        if size > limit:
+            self.close_connection = True
+            self._drain(min(size, DRAIN_LIMIT))
+            raise ApiError(413, f"the request body is {size:,} bytes, over the limit of {limit:,} (--max-body-mb)", code="request_too_large")
+        data = self.rfile.read(size)
+        if len(data) < size:
+            self.close_connection = True
+            raise ApiError(400, f"the request body ended after {len(data)} of {size} bytes")
+        return data
+
+    def _drain(self, size: int):
+        while size > 0:
+            chunk = self.rfile.read(min(size, 1 << 20))
+            if not chunk:
+                return
+            size -= len(chunk)
+
+    def _chat(self):
+        app = self.app
+        if not app.slots.acquire(blocking=False):  # bounds the requests held in memory at once
+            self.close_connection = True
+            raise ApiError(429, f"the server is busy: {app.engine.options.max_batch + app.engine.options.max_queue} requests are in progress (--max-batch + --max-queue)")
+        try:
+            self._run_chat()
+        finally:
+            app.slots.release()
+
+    def _run_chat(self):
+        app = self.app
+        chat = parse_chat(self._body(), app.limits)
+        job = Job(build_prompt(chat, app.processor, app.limits, app.engine.is_cached), chat)
+        app.engine.submit(job)
+        try:
+            first = self._event(job)
+            if first[0] == "error":
+                raise first[1]
+            if chat.stream:
+                self._stream(job, first)
+            else:
+                self._complete(job, first)
+        except (ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError):
+            job.cancel()
+            raise ClientGone() from None
+
+    def _event(self, job: Job):
+        """The job's next event, cancelling it if the client goes away meanwhile (checked
+        every CHECK_EVERY seconds, even while events keep coming)."""
+        while True:
+            now = time.monotonic()
+            if now >= self.checked + CHECK_EVERY:
+                self.checked = now
+                if client_gone(self.connection):
+                    job.cancel()
+                    raise ClientGone()
+            try:
+                return job.events.get(timeout=CHECK_EVERY)
+            except queue.Empty:
+                continue
+
+    @staticmethod
+    def _queued(job: Job):
+        try:
+            return job.events.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _complete(self, job: Job, event):
+        # Wait for the end, not token by token: waking this thread for every token would
+        # make the engine thread wait for the GIL as often.
+        while event[0] == "text" and not job.over.wait(CHECK_EVERY):
+            if client_gone(self.connection):
+                job.cancel()
+                raise ClientGone()
+        parts = []
+        while event[0] == "text":
+            parts.append(event[1])
+            event = job.events.get()
+        if event[0] == "error":
+            raise event[1]
+        _, finish, usage = event
+        message = {"role": "assistant", "content": "".join(parts)}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        self._json(200, {**self.app.envelope("chat.completion"), "choices": [choice], "usage": usage})
+
+    def _stream(self, job: Job, event):
+        envelope = self.app.envelope("chat.completion.chunk")
+
+        def send(delta=None, finish=None, usage=None, choices=True):
+            chunk = dict(envelope)
+            chunk["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}] if choices else []
+            if job.chat.include_usage:
+                chunk["usage"] = usage
+            self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+        self._headers(200, "text/event-stream")
+        send({"role": "assistant", "content": ""})
+        while True:
+            pieces = []
+            while event is not None and event[0] == "text":
+                pieces.append(event[1])
+                event = self._queued(job)
+            if pieces:
+                send({"content": "".join(pieces)})
+            if event is not None:
+                break
+            job.over.wait(STREAM_EVERY)  # let the next tokens gather: one wake-up, not one per token
+            event = self._event(job)
+        if event[0] == "error":
+            self._chunk(b"data: " + json.dumps(event[1].body()).encode() + b"\n\n")
+        else:
+            _, finish, usage = event
+            send(finish=finish)
+            if job.chat.include_usage:
+                send(usage=usage, choices=False)
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+
+class App:
+    """What every handler shares: the engine, the limits, the access rules."""
+
+    def __init__(self, engine: Engine, limits: Limits, model_id: str, api_key=None, allowed_origins=()):
+        self.engine, self.limits, self.model_id = engine, limits, model_id
+        self.api_key, self.allowed_origins = api_key, tuple(allowed_origins)
+        self.created = int(time.time())
+        self.slots = threading.BoundedSemaphore(engine.options.max_batch + engine.options.max_queue)
+
+    @property
+    def processor(self):
+        return self.engine.processor
+
+    def check_key(self, authorization):
+        if self.api_key is None:
+            return
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+
+    def cors(self, origin: str) -> bool:
+        return "*" in self.allowed_origins or origin in self.allowed_origins
+
+    def check_origin(self, origin, host):
+        """Browsers send Origin: a page of another site may not use this server unless allowed."""
+        if origin and origin not in (f"http://{host}", f"https://{host}") and not self.cors(origin):
+            raise ApiError(403, f"origin {origin!r} is not allowed (--allowed-origins)", code="origin_not_allowed")
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "llava-mlx"}
+
+    def envelope(self, kind: str) -> dict:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": self.model_id}
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True

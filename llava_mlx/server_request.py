@@ -1,0 +1,346 @@
+"""An OpenAI chat request, checked field by field, made into what the engine runs.
+
+Everything here runs in the HTTP threads, never touches MLX, and turns every bad input
+into an `ApiError` (an OpenAI-shaped 4xx naming the field): JSON, fields and their types,
+roles and their order, images (base64, http(s) URLs bounded in time and size, other
+schemes refused: the server's disk is never read), the image and pixel limits, and the
+context. The messages become the prompt exactly as `generate(..., history=...)` builds it.
+"""
+
+import base64
+import binascii
+import http.client
+import io
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+from urllib.parse import urljoin, urlsplit
+
+from PIL import Image, UnidentifiedImageError
+
+from .cache import image_key, sequence_keys
+from .errors import LlavaError
+from .processor import IMAGE_TOKEN, MAX_PIXELS, load_image
+
+ROLES = ("system", "developer", "user", "assistant")
+MAX_STOPS = 4
+MAX_REDIRECTS = 3
+
+
+class ApiError(Exception):
+    """An error the client caused (or, with status 5xx, one it did not), OpenAI's shape."""
+
+    TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 512  # the default answer length, and the most a request may ask for
+    max_images: int = 4  # per request, all messages together
+    max_image_pixels: int = 20_000_000  # width x height of one image, checked before decoding
+    max_body_bytes: int = 20 << 20  # a request body; also the most an image URL may return
+    image_url_timeout: float = 10.0  # s, for the whole download of one image URL
+
+
+@dataclass
+class Chat:
+    """A checked request: the conversation and the generation options."""
+
+    system: Optional[str]
+    turns: List[tuple]  # [(question, answer)], the last answer None
+    image_counts: List[int]  # images of each turn
+    image_urls: List[tuple]  # [(where, url)] in order
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass
+class Prompt:
+    """What the engine needs: token ids, the images' keys, pixels of those not cached."""
+
+    ids: List[int]
+    image_keys: List[str]
+    image_lengths: List[int]
+    pixels: Dict[str, tuple]  # key -> (pixel_values, (width, height)), images not cached
+    images: Dict[str, Image.Image]  # key -> image, all of them
+    keys: list  # the merged sequence, position by position
+    max_tokens: int
+
+    @property
+    def image_positions(self) -> int:
+        return sum(self.image_lengths)
+
+
+def _number(body, name, low, high, default, low_open=False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a number", name)
+    if value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ApiError(400, f"'{name}' is {value}: it must be in {bound}", name)
+    return float(value)
+
+
+def _integer(body, name, default=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"'{name}' must be an integer", name)
+    return value
+
+
+def _boolean(body, name, default=False, param=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{param or name}' must be true or false", param or name)
+    return value
+
+
+def parse_chat(raw: bytes, limits: Limits) -> Chat:
+    """The request body → a Chat, or an ApiError saying which field is wrong and why."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise ApiError(400, "'model' must be a string", "model")
+    n = _integer(body, "n", 1)
+    if n != 1:
+        raise ApiError(400, f"'n' is {n}: only one choice per request is supported", "n")
+    if _boolean(body, "logprobs"):
+        raise ApiError(400, "'logprobs' is not supported", "logprobs")
+    if body.get("tools"):
+        raise ApiError(400, "'tools' are not supported by LLaVA", "tools")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, name, limits.max_tokens)
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise ApiError(400, f"'{name}' is {max_tokens}: it must be between 1 and {limits.max_tokens} (--max-tokens)", name)
+    seed = _integer(body, "seed")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    system, turns, counts, urls = parse_messages(body.get("messages"), limits)
+    return Chat(
+        system=system,
+        turns=turns,
+        image_counts=counts,
+        image_urls=urls,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
+        top_p=_number(body, "top_p", 0.0, 1.0, 1.0, low_open=True),
+        seed=seed,
+        stop=stop,
+        stream=_boolean(body, "stream"),
+        include_usage=_boolean(options or {}, "include_usage", param="stream_options.include_usage"),
+    )
+
+
+def _parts(content, where: str, images_allowed: bool):
+    """(text, [(where, url)]) of a message's content: a string or a list of parts."""
+    if isinstance(content, str):
+        parts = [{"type": "text", "text": content}]
+    elif isinstance(content, list) and content:
+        parts = content
+    else:
+        raise ApiError(400, f"{where} must be a string or a non-empty list of content parts", "messages")
+    texts, urls = [], []
+    for j, part in enumerate(parts):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{at}.text must be a string", "messages")
+            if IMAGE_TOKEN in part["text"]:
+                raise ApiError(400, f"{at}.text contains '{IMAGE_TOKEN}': send images as image_url parts", "messages")
+            texts.append(part["text"])
+        elif kind == "image_url" and images_allowed:
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise ApiError(400, f"{at}.image_url.url must be a non-empty string", "messages")
+            urls.append((at, url))
+        elif kind == "image_url":
+            raise ApiError(400, f"{at}: only user messages may hold images", "messages")
+        else:
+            raise ApiError(400, f"{at}: unsupported content part type {kind!r} (use 'text' or 'image_url')", "messages")
+    return "\n".join(texts), urls
+
+
+def parse_messages(messages, limits: Limits):
+    """(system, turns, image counts per turn, image urls) from OpenAI messages.
+
+    The order LLaVA's templates know: an optional system message, then user and
+    assistant alternating, ending with the user's question.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    system, turns, counts, urls = None, [], [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{where} must be an object", "messages")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"{where}.role is {role!r}: it must be one of {', '.join(ROLES)}", "messages")
+        text, images = _parts(message.get("content"), f"{where}.content", role == "user")
+        if role in ("system", "developer"):
+            if i != 0:
+                raise ApiError(400, f"{where}: a {role} message may only come first", "messages")
+            system = text
+        elif role == "user":
+            if turns and turns[-1][1] is None:
+                raise ApiError(400, f"{where}: two user messages in a row (merge them, or add the assistant's answer)", "messages")
+            turns.append((text, None))
+            counts.append(len(images))
+            urls.extend(images)
+        else:
+            if not turns or turns[-1][1] is not None:
+                raise ApiError(400, f"{where}: an assistant message must answer a user message", "messages")
+            turns[-1] = (turns[-1][0], text)
+    if not turns or turns[-1][1] is not None:
+        raise ApiError(400, "the last message must be the user's", "messages")
+    if len(urls) > limits.max_images:
+        raise ApiError(400, f"{len(urls)} images: at most {limits.max_images} per request (--max-images)", "messages")
+    return system, turns, counts, urls
+
+
+# -- images ---------------------------------------------------------------------------
+def image_bytes(where: str, url: str, limits: Limits) -> bytes:
+    """The bytes of a data: URI or an http(s) URL; any other scheme is refused."""
+    if url.startswith("data:"):
+        header, sep, data = url.partition(",")
+        if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
+            raise ApiError(400, f"{where}: a data URI must be data:image/...;base64,...", "messages")
+        try:
+            return base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where}: the image's base64 data is invalid", "messages") from None
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ApiError(400, f"{where}: image URL scheme {scheme or 'none'!r} is not allowed (use https:// or a data: URI)", "messages")
+    return download(where, url, limits)
+
+
+def download(where: str, url: str, limits: Limits) -> bytes:
+    """GET an http(s) URL within `image_url_timeout` seconds and `max_body_bytes` bytes."""
+    deadline = time.monotonic() + limits.image_url_timeout
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ApiError(400, f"{where}: cannot fetch image URL {url!r} (only http(s) URLs)", "messages")
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=limits.image_url_timeout)
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request("GET", path, headers={"User-Agent": "llava-mlx", "Accept": "image/*"})
+            sock = connection.sock  # http.client lets go of it once the response will close
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urljoin(url, response.getheader("Location"))
+                continue
+            if response.status != 200:
+                raise ApiError(400, f"{where}: fetching the image URL gave HTTP {response.status}", "messages")
+            size = response.getheader("Content-Length")
+            if size and size.isdigit() and int(size) > limits.max_body_bytes:
+                raise ApiError(400, f"{where}: the image URL's body is {int(size):,} bytes, over {limits.max_body_bytes:,}", "messages")
+            chunks, total = [], 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError()
+                sock.settimeout(left)
+                chunk = response.read1(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                total += len(chunk)
+                if total > limits.max_body_bytes:
+                    raise ApiError(400, f"{where}: the image URL returned more than {limits.max_body_bytes:,} bytes", "messages")
+                chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(400, f"{where}: the image URL did not answer within {limits.image_url_timeout:g} s", "messages") from None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise ApiError(400, f"{where}: cannot fetch the image URL ({type(e).__name__}: {e})", "messages") from None
+        finally:
+            connection.close()
+    raise ApiError(400, f"{where}: the image URL redirects more than {MAX_REDIRECTS} times", "messages")
+
+
+def decode_image(where: str, data: bytes, limits: Limits) -> Image.Image:
+    """An RGB image from bytes, its size checked against the limit before decoding."""
+    try:
+        with warnings.catch_warnings():  # our own limit applies, below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ApiError(400, f"{where}: the image has more than {limits.max_image_pixels:,} pixels (--max-image-pixels)", "messages") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ApiError(400, f"{where}: not an image, or a corrupt one", "messages") from None
+    width, height = image.size
+    limit = min(limits.max_image_pixels, MAX_PIXELS)
+    if width * height > limit:
+        raise ApiError(400, f"{where}: the image is {width}x{height}, more than {limit:,} pixels (--max-image-pixels)", "messages")
+    try:
+        return load_image(image)
+    except LlavaError as e:
+        raise ApiError(400, f"{where}: {e}", "messages") from None
+    except Exception as e:  # Pillow's decoders raise many types on malformed files
+        raise ApiError(400, f"{where}: cannot decode the image ({type(e).__name__})", "messages") from None
+
+
+# -- the prompt -----------------------------------------------------------------------
+def build_prompt(chat: Chat, processor, limits: Limits, is_cached: Callable[[str], bool]) -> Prompt:
+    """Token ids in the checkpoint's chat template, images fetched and keyed by content,
+    the context checked, and the pixels of images whose features are not cached."""
+    images = [decode_image(where, image_bytes(where, url, limits), limits) for where, url in chat.image_urls]
+    history, (question, _) = chat.turns[:-1], chat.turns[-1]
+    text = processor.apply_template(question, chat.image_counts, chat.system, history)
+    ids = processor.encode_prompt(text, len(images))
+    config = processor.config
+    keys = [image_key(im) for im in images]
+    lengths = [config.image_token_count(im.size) for im in images]
+    merged = sequence_keys(ids, keys, lengths)
+    context = config.context_length
+    if len(merged) >= context:
+        raise ApiError(
+            400,
+            f"the prompt is {len(merged)} positions long ({sum(lengths)} of them for {len(images)} image(s)) "
+            f"and the context is {context}: no room for an answer",
+            "messages",
+            "context_length_exceeded",
+        )
+    by_key = dict(zip(keys, images))
+    pixels = {key: pixel_values(processor, im) for key, im in by_key.items() if not is_cached(key)}
+    return Prompt(ids, keys, lengths, pixels, by_key, merged, min(chat.max_tokens, context - len(merged)))
+
+
+def pixel_values(processor, image: Image.Image) -> tuple:
+    """(crops, (width, height)) of one image, as the vision tower takes them."""
+    values, sizes = processor.preprocess([image])
+    return values, tuple(int(v) for v in sizes[0])

@@ -1,0 +1,312 @@
+"""Every input checked where it enters: the CLIs, `load`, `generate` / `stream_generate`,
+the processor and `convert`. Each check raises one clear error naming the input (a
+`LlavaTypeError` / `LlavaValueError`, i.e. a LlavaError that is also a TypeError /
+ValueError), so nothing deeper has to cope with a wrong type, a NaN or a negative size.
+"""
+
+import ast
+import math
+import os
+from numbers import Integral, Real
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+from PIL import Image
+
+from .errors import LlavaError, LlavaTypeError, LlavaValueError
+
+KV_BITS = (4, 8)
+ASPECT_RATIOS = ("pad", "anyres", "square")
+MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
+FEATURE_SELECTS = ("patch", "cls_patch")
+# llava-hf's vision_feature_select_strategy: 'default' drops the class token, 'full' keeps it.
+SELECT_STRATEGIES = (None, "default", "full")
+# JSON files of a checkpoint that we or transformers read: each must be a JSON object.
+CHECKPOINT_JSON = (
+    "config.json",
+    "model.safetensors.index.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+# -- scalars ------------------------------------------------------------------------------
+def integer(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise LlavaTypeError(f"{name} must be an integer, not {type(value).__name__} {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise LlavaValueError(f"{name} must be {bounds}, not {value}")
+    return int(value)
+
+
+def number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise LlavaTypeError(f"{name} must be a number, not {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise LlavaValueError(f"{name} must be a finite number, not {value}")
+    return float(value)
+
+
+def text(value, name: str) -> str:
+    """A str that is valid Unicode (no lone surrogates: what invalid UTF-8 in argv becomes)."""
+    if not isinstance(value, str):
+        raise LlavaTypeError(f"{name} must be a str, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LlavaValueError(f"{name} is not valid UTF-8 text (bad character at position {e.start})") from None
+    return value
+
+
+def path_argument(value, name: str) -> str:
+    """A local path or repo id given as str or os.PathLike, not empty."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise LlavaTypeError(f"{name} must be a str or a path, not {type(value).__name__}")
+    value = text(os.fspath(value), name)
+    if not value.strip():
+        raise LlavaValueError(f"{name} is empty")
+    return value
+
+
+# -- generation -----------------------------------------------------------------------------
+def prompt(value, name: str = "the prompt") -> str:
+    if not text(value, name).strip():
+        raise LlavaValueError(f"{name} is empty")
+    return value
+
+
+def history(value) -> list:
+    """[(question, answer), ...] of str."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise LlavaTypeError(f"history must be a list of (question, answer) pairs, not {type(value).__name__}")
+    turns = []
+    for i, turn in enumerate(value):
+        if isinstance(turn, (str, bytes, dict)) or not hasattr(turn, "__len__") or len(turn) != 2:
+            raise LlavaTypeError(f"history[{i}] must be a (question, answer) pair, not {turn!r:.60}")
+        turns.append((text(turn[0], f"history[{i}] question"), text(turn[1], f"history[{i}] answer")))
+    return turns
+
+
+def image_list(images) -> list:
+    """`images` as a list: None, one image (path, URL, PIL image, NumPy array, encoded
+    bytes) or a sequence of them."""
+    if images is None:
+        return []
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray)):
+        return [images]
+    if not hasattr(images, "__iter__") or isinstance(images, (dict, set, frozenset)):
+        raise LlavaTypeError(f"images must be an image or a list of images, not {type(images).__name__}")
+    images = list(images)
+    for i, image in enumerate(images):
+        if not isinstance(image, (str, os.PathLike, Image.Image, np.ndarray, bytes, bytearray)):
+            raise LlavaTypeError(
+                f"images[{i}] is a {type(image).__name__}: pass a path, an http(s) URL, a PIL image, "
+                "a NumPy array (height, width, 3) of uint8 or the encoded bytes of an image file"
+            )
+    return images
+
+
+def image_array(array: np.ndarray) -> Image.Image:
+    """A PIL image from an app's pixel array: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8."""
+    if array.dtype != np.uint8:
+        raise LlavaTypeError(
+            f"an image array must be uint8 (0..255), not {array.dtype}; e.g. (pixels * 255).astype(np.uint8)"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise LlavaValueError(f"an image array must be (height, width[, 3 or 4]), not {array.shape}")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise LlavaValueError(f"the image array is empty ({array.shape})")
+    return Image.fromarray(np.ascontiguousarray(array))  # L, RGB or RGBA by shape
+
+
+def generation_inputs(prompt_, images, system, history_, cache):
+    """(images as a list, history as a list) after checking every argument's type."""
+    from .cache import SessionCache
+
+    prompt(prompt_)
+    if system is not None:
+        text(system, "system")
+    if cache is not None and not isinstance(cache, SessionCache):
+        raise LlavaTypeError(f"cache must be a SessionCache, not {type(cache).__name__}")
+    return image_list(images), history(history_)
+
+
+def generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, kv_bits, max_kv_size):
+    integer(max_tokens, "max_tokens", -1)  # -1: up to the context length
+    if number(temperature, "temperature") < 0:
+        raise LlavaValueError(f"temperature must be >= 0 (0: greedy), not {temperature}")
+    if not 0.0 < number(top_p, "top_p") <= 1.0:
+        raise LlavaValueError(f"top_p must be in (0, 1] (1: off), not {top_p}")
+    if seed is not None:
+        integer(seed, "seed", 0, 2**64 - 1)
+    integer(prefill_step_size, "prefill_step_size", 1)
+    if kv_bits is not None and integer(kv_bits, "kv_bits") not in KV_BITS:
+        raise LlavaValueError(f"kv_bits must be {' or '.join(map(str, KV_BITS))}, not {kv_bits}")
+    if max_kv_size is not None:
+        integer(max_kv_size, "max_kv_size", 1)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def checkpoint_files(path: Path):
+    """The small files of a checkpoint directory, before anything parses them half-way."""
+    from .load import read_json
+
+    for name in CHECKPOINT_JSON:
+        if (path / name).exists():
+            read_json(path / name)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise LlavaError(f"no tokenizer in {path} (tokenizer.json, tokenizer.model or vocab.json)")
+    model_file = path / "tokenizer.model"
+    if model_file.exists():
+        import sentencepiece as spm
+
+        try:
+            spm.SentencePieceProcessor(model_proto=model_file.read_bytes())
+        except (RuntimeError, OSError) as e:
+            raise LlavaError(f"{model_file} is not a SentencePiece model ({str(e).splitlines()[0][:80]})") from None
+
+
+def pinpoints(value, where: str):
+    """image_grid_pinpoints as a list; configs sometimes hold it as a string."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise LlavaError(f"image_grid_pinpoints in {where} is not a list of [width, height]: {value[:60]!r}") from None
+    return value
+
+
+def raw_config(raw: dict, where: str):
+    """config.json's nested fields have the types the layouts give them."""
+    for key in ("text_config", "vision_config", "quantization", "rope_scaling", "rope_parameters"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise LlavaError(f"'{key}' in {where} must be an object, not {type(raw[key]).__name__}")
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(raw.get("text_config"), dict) and raw["text_config"].get(key) is not None:
+            if not isinstance(raw["text_config"][key], dict):
+                raise LlavaError(f"'text_config.{key}' in {where} must be an object")
+    layer = raw.get("vision_feature_layer", -2)
+    if isinstance(layer, list):
+        raise LlavaError(f"vision_feature_layer {layer} (several layers) is not supported")
+    for key in ("vision_feature_layer", "mm_vision_select_layer"):
+        if key in raw:
+            integer(raw[key], f"{key} in {where}")
+    if raw.get("vision_feature_select_strategy") not in SELECT_STRATEGIES:
+        raise LlavaError(
+            f"vision_feature_select_strategy '{raw['vision_feature_select_strategy']}' in {where} is not "
+            "'default' or 'full'"
+        )
+
+
+def _positive(config: dict, keys, where: str):
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise LlavaError(f"{where} {key} must be a positive integer, not {value!r}")
+
+
+def model_config(config, where: str):
+    """The normalised LlavaConfig describes a model that can be built and run."""
+    from .projector import projector_depth
+    from .vision import ACTIVATIONS
+
+    t, v = config.text_config, config.vision_config
+    text_sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings")
+    _positive(t, text_sizes, f"{where}: text")
+    if t.get("head_dim") is not None:
+        _positive(t, ("head_dim",), f"{where}: text")
+    elif t["hidden_size"] % t["num_attention_heads"]:
+        raise LlavaError(f"{where}: text hidden_size {t['hidden_size']} is not a multiple of its {t['num_attention_heads']} heads")
+    if t["num_attention_heads"] % t["num_key_value_heads"]:
+        raise LlavaError(f"{where}: text num_attention_heads is not a multiple of num_key_value_heads")
+    for key in ("rms_norm_eps", "rope_theta"):
+        if number(t[key], f"{where}: text {key}") <= 0:
+            raise LlavaError(f"{where}: text {key} must be positive, not {t[key]}")
+    _positive(v, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                  "patch_size", "num_channels"), f"{where}: vision")
+    if v["hidden_size"] % v["num_attention_heads"]:
+        raise LlavaError(f"{where}: vision hidden_size {v['hidden_size']} is not a multiple of its heads")
+    if v["image_size"] % v["patch_size"]:
+        raise LlavaError(f"{where}: vision image_size {v['image_size']} is not a multiple of patch_size {v['patch_size']}")
+    if v["hidden_act"] not in ACTIVATIONS:
+        raise LlavaError(f"{where}: vision hidden_act '{v['hidden_act']}' is not one of {', '.join(ACTIVATIONS)}")
+    layers = v["num_hidden_layers"]
+    integer(config.vision_feature_layer, f"{where}: vision feature layer", -layers - 1, layers)
+    try:
+        projector_depth(config.projector_type)
+    except ValueError as e:
+        raise LlavaError(f"{where}: {e}") from None
+    for name, value, known in (
+        ("vision feature select", config.vision_feature_select, FEATURE_SELECTS),
+        ("image_aspect_ratio", config.image_aspect_ratio, ASPECT_RATIOS),
+        ("patch merge type", config.patch_merge_type, MERGE_TYPES),
+    ):
+        if value not in known:
+            raise LlavaError(f"{where}: {name} '{value}' is not supported ({', '.join(known)})")
+    if config.image_aspect_ratio == "anyres":
+        grid(config.image_grid_pinpoints, v["image_size"], where)
+    if config.max_length is not None:
+        integer(config.max_length, f"{where}: tokenizer_model_max_length", 1)
+    q = config.quantization
+    if q is not None:
+        integer(q.get("bits"), f"{where}: quantization bits", 1, 8)
+        integer(q.get("group_size"), f"{where}: quantization group_size", 1)
+
+
+def grid(points, tile: int, where: str):
+    """anyres pinpoints: [width, height] pairs, each a positive multiple of the tile."""
+    ok = isinstance(points, (list, tuple)) and len(points) > 0
+    for p in points if ok else ():
+        ok = ok and isinstance(p, (list, tuple)) and len(p) == 2
+        ok = ok and all(isinstance(s, Integral) and not isinstance(s, bool) and s > 0 and s % tile == 0 for s in p)
+    if not ok:
+        raise LlavaError(f"{where}: image_grid_pinpoints must be [width, height] pairs of multiples of {tile}, not {str(points)[:60]}")
+
+
+def image_settings(settings: dict, where: str) -> dict:
+    """Resize / crop sizes positive, 3 means, 3 positive standard deviations."""
+    for key in ("size", "crop"):
+        if settings[key] < 1:
+            raise LlavaError(f"{where}: the image {key} must be positive, not {settings[key]}")
+    for key in ("mean", "std"):
+        values = settings[key]
+        if len(values) != 3 or not all(isinstance(x, Real) and math.isfinite(x) for x in values):
+            raise LlavaError(f"{where}: image_{key} must be 3 numbers, not {list(values)}")
+    if min(settings["std"]) <= 0:
+        raise LlavaError(f"{where}: image_std must be positive, not {list(settings['std'])}")
+    return settings
+
+
+# -- conversion -------------------------------------------------------------------------------------
+def output_dir(out, sources: List[Optional[Path]]) -> Path:
+    """--out: not empty, not the current directory or one of its parents, and neither the
+    checkpoint being converted nor one of its parents (replacing it would destroy it)."""
+    out = Path(path_argument(out, "--out")).expanduser()
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise LlavaValueError(f"--out {out} is the current directory or one of its parents; name a new directory")
+    for source in sources:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise LlavaValueError(
+                f"--out {out} holds the checkpoint being converted ({source}); choose another directory"
+            )
+    return out.absolute()
