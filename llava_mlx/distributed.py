@@ -43,6 +43,10 @@ VISION_PARTS = ("vision_tower", "multi_modal_projector", "image_newline")
 # -- joining ------------------------------------------------------------------------------
 def launched() -> bool:
     """Whether this process was started by mlx.launch (or mpirun) as one of several ranks."""
+    hostfile = os.environ.get("MLX_HOSTFILE")
+    if hostfile and os.path.isfile(hostfile):  # `mlx.launch -n 1` writes an empty one
+        with open(hostfile) as f:
+            return f.read().strip() != ""
     return any(k in os.environ for k in ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
 
 
