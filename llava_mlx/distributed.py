@@ -166,10 +166,10 @@ def check_shardable(text: dict, size: int, pipeline: bool):
 
 
 # -- sharding the loaded model ------------------------------------------------------------
-def shard(model: nn.Module, weights: dict, group, pipeline: bool, raw: dict, files: List) -> dict:
+def shard(model: nn.Module, weights: dict, group, pipeline: bool, stored: dict, files: List) -> dict:
     """Shard `model` (built, not yet loaded) for this rank and return the weights it keeps.
 
-    `weights` are the model's (lazy) weights by parameter name, `raw` the checkpoint's
+    `weights` are the model's (lazy) weights by parameter name, `stored` the checkpoint's
     tensors as read (lazy) and `files` its safetensors files, to read split weights' slices.
     """
     check_shardable(model.config.text_config, group.size(), pipeline)
@@ -182,7 +182,7 @@ def shard(model: nn.Module, weights: dict, group, pipeline: bool, raw: dict, fil
         for name in VISION_PARTS:
             model.pop(name, None)
     model.sharding = Sharding(group, mode)
-    index, names = tensor_index(files), {id(v): k for k, v in raw.items()}
+    index, names = tensor_index(files), {id(v): k for k, v in stored.items()}
     kept = {}
     for key, param in tree_flatten(model.parameters()):
         value = weights[key]

@@ -2,7 +2,7 @@
 where the vision tower should run. Random weights (bench.py's checkpoint builder).
 
     python scripts/bench_distributed.py fits                             # README's what-fits-where table
-    python scripts/bench_distributed.py build /tmp/bench-dist           # a LLaVA-1.6 'medium' checkpoint
+    python scripts/bench_distributed.py build /tmp/bench-dist           # a LLaVA-1.5 'medium' checkpoint
     python scripts/bench_distributed.py run /tmp/bench-dist              # one process
     mlx.launch -n 2 --backend ring -- python scripts/bench_distributed.py run /tmp/bench-dist [--pipeline]
 
@@ -21,10 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Mistral-like: GQA 16 heads / 4 KV heads, 8 layers; CLIP-like tower, 6 layers (5 run).
-MEDIUM_TEXT = dict(model_type="mistral", hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+# LLaVA-1.5 (576 image positions) with a Mistral-like decoder: GQA 16 heads / 4 KV heads,
+# 4 layers; a CLIP-like tower, 4 layers (3 run). Small enough for a busy 2-core CPU.
+MEDIUM_TEXT = dict(model_type="mistral", hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
                    num_key_value_heads=4, intermediate_size=2816, rope_theta=1000000.0)  # fmt: skip
-MEDIUM_VISION = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
+MEDIUM_VISION = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048,
                      image_size=336, patch_size=14, projection_dim=512)  # fmt: skip
 QUESTION = "Describe this image in detail."
 
@@ -32,9 +33,9 @@ QUESTION = "Describe this image in detail."
 def build(out: Path):
     import bench
 
-    bench.SHAPES["medium"] = {"llava-1.6": (MEDIUM_TEXT, MEDIUM_VISION)}
-    bench.build_checkpoint("llava-1.6", "medium", "float32", out)
-    bench.make_image((1000, 600), 1, out / "image.png")
+    bench.SHAPES["medium"] = {"llava-1.5": (MEDIUM_TEXT, MEDIUM_VISION)}
+    bench.build_checkpoint("llava-1.5", "medium", "float32", out)
+    bench.make_image((640, 480), 1, out / "image.png")
     print(out)
 
 
@@ -159,7 +160,7 @@ def main():
     p.add_argument("action", choices=("build", "run", "fits"))
     p.add_argument("path", type=Path, nargs="?")
     p.add_argument("--pipeline", action="store_true")
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=32)
     a = p.parse_args()
     if a.action == "fits":
         return fits()
