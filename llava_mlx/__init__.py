@@ -1,4 +1,5 @@
-"""llava-mlx: LLaVA 1.5 and 1.6 on Apple silicon with MLX, exact to the original code.
+"""llava-mlx: LLaVA 1.5 and 1.6 on Apple silicon with MLX, exact to the original code;
+LLaVA-OneVision and LLaVA-NeXT-Video (images and video), exact to transformers.
 
     from llava_mlx import load, generate, stream_generate
     model, processor = load("llava-hf/llava-v1.6-mistral-7b-hf")

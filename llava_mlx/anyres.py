@@ -12,6 +12,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .merge import unpad_padding, unpadded_shape  # noqa: F401  (the original's rounding by default)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -116,25 +118,6 @@ def grid_shape(size: Size, pinpoints, tile: int = 336) -> Tuple[int, int]:
     """(columns, rows) of tiles for an image of `size`."""
     w, h = select_best_resolution(size, pinpoints)
     return w // tile, h // tile
-
-
-def unpad_padding(size: Size, rows: int, cols: int) -> Tuple[int, int]:
-    """(rows, columns) of padding to drop from each side of a rows x cols feature map.
-
-    The original truncates with `int` where transformers rounds; they differ by whole rows.
-    """
-    width, height = size
-    if width / height > cols / rows:
-        new_h = int(height * (cols / width))
-        return (rows - new_h) // 2, 0
-    new_w = int(width * (rows / height))
-    return 0, (cols - new_w) // 2
-
-
-def unpadded_shape(size: Size, rows: int, cols: int) -> Tuple[int, int]:
-    """(height, width) of the feature map once the padding is dropped."""
-    pad_y, pad_x = unpad_padding(size, rows, cols)
-    return rows - 2 * pad_y, cols - 2 * pad_x
 
 
 def image_token_count(

@@ -66,6 +66,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "processor_config.json",
     "generation_config.json",
+    "video_preprocessor_config.json",
 )
 TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer.model", "vocab.json")
 PREPROCESSOR = "preprocessor_config.json"
@@ -496,7 +497,9 @@ def summary(out: Path) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert a LLaVA 1.5/1.6 checkpoint to MLX, optionally quantized.")
+    p = argparse.ArgumentParser(
+        description="Convert a LLaVA 1.5/1.6, OneVision or NeXT-Video checkpoint to MLX, optionally quantized."
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="local checkpoint directory or Hugging Face repo id")
     source.add_argument("--delta", help="delta weights (first LLaVA releases) to add to --model-base")

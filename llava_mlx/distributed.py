@@ -9,7 +9,7 @@ all-reduce after each block half) or, with `pipeline=True`, pipeline parallel (m
 layers). The decoders that can shard are the entries of `DECODERS`.
 
 Rank 0 alone holds the vision tower and projector: it loads and encodes the images and
-shares the merged image features (`image_features`), so the images need only be on the
+shares the merged image features (`shared_features`), so the images need only be on the
 machine the command is typed on, and the other ranks spend no memory on the tower.
 
 Each rank reads only what it keeps: a pipeline stage never touches the other stages'
@@ -279,37 +279,30 @@ def share_object(group, obj=None):
     return pickle.loads(np.array(data).tobytes())
 
 
-def image_features(model, processor, images, cache):
-    """(image keys, merged features) of `images` for this prompt.
-
-    In one process: loaded and encoded here (through the session cache). Sharded: rank 0
-    loads and encodes them and shares the features; the other ranks never open the
-    images. An error on rank 0 (a bad image) is raised on every rank.
-    """
-    from .processor import load_image
-
+def shared_features(model, encode: Callable):
+    """(keys, features) from `encode()`: run here in one process; sharded, run on rank 0
+    (the only rank that reads the images and holds the tower) and its features shared with
+    the other ranks. An error `encode` raises on rank 0 is raised on every rank."""
     group = group_of(model)
     if group is None:
-        return cache.image_features(model, processor, [load_image(im) for im in images])
-    if not images:
-        return [], []
+        return encode()
     if group.rank() == 0:
         try:
-            keys, features = cache.image_features(model, processor, [load_image(im) for im in images])
+            keys, features = encode()
         except LlavaError as e:
             share_object(group, ("error", str(e)))
             raise
-        share_object(group, ("ok", keys, [(f.shape, str(f.dtype)) for f in features]))
-        flat = mx.concatenate([f.reshape(-1) for f in features])
+        share_object(group, ("ok", keys, [(f.shape, str(f.dtype).split(".")[-1]) for f in features]))
     else:
         status, *rest = share_object(group)
         if status == "error":
             raise LlavaError(rest[0])
         keys, shapes = rest
-        features = [mx.zeros(shape, dtype=getattr(mx, dtype.split(".")[-1])) for shape, dtype in shapes]
-        flat = mx.concatenate([f.reshape(-1) for f in features])
-    flat = mx.distributed.all_sum(flat, group=group)  # rank 0's features plus zeros: exact
-    sizes = np.cumsum([0] + [f.size for f in features])
+        features = [mx.zeros(shape, dtype=getattr(mx, dtype)) for shape, dtype in shapes]
+    if not features:
+        return keys, features
+    flat = mx.distributed.all_sum(mx.concatenate([f.reshape(-1) for f in features]), group=group)
+    sizes = np.cumsum([0] + [f.size for f in features])  # rank 0's features plus zeros: exact
     shared = [flat[sizes[i] : sizes[i + 1]].reshape(f.shape) for i, f in enumerate(features)]
     mx.eval(shared)
     return keys, shared

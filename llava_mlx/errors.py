@@ -1,4 +1,7 @@
-"""The one error type the CLIs turn into a single line on stderr."""
+"""The one error type the CLIs turn into a single line on stderr, and the one way to say
+that the code had to guess."""
+
+import sys
 
 
 class LlavaError(Exception):
@@ -11,3 +14,8 @@ class LlavaTypeError(LlavaError, TypeError):
 
 class LlavaValueError(LlavaError, ValueError):
     """An API argument out of range (catchable as ValueError too)."""
+
+
+def warn(message: str):
+    """A guess or a fallback the user should know about: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

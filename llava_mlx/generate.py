@@ -18,9 +18,11 @@ from mlx_lm.generate import generate_step as lm_generate_step
 from mlx_lm.sample_utils import make_sampler
 
 from . import distributed, validate
-from .cache import SessionCache, sequence_keys
+from .cache import SessionCache, in_prompt_order, sequence_keys
 from .cli import command
 from .errors import LlavaError
+from .processor import load_image
+from .video import DEFAULT_NUM_FRAMES, VIDEO_TOKEN, as_video_list, load_video
 
 DEFAULT_MODEL = "mlx-community/llava-v1.6-mistral-7b-4bit"
 DEFAULT_PROMPT = "Describe this image."
@@ -63,28 +65,45 @@ class GenerationResult:
     finish_reason: Optional[str] = None
 
 
-def prepare_prompt(processor, prompt: str, num_images: int, template: bool, system=None, history=()) -> str:
+def prepare_prompt(
+    processor, prompt: str, num_images: int, template: bool, system=None, history=(), num_videos: int = 0
+) -> str:
     """The prompt to tokenise: as written, or the question in the chat template."""
     if not template:
         return prompt
-    question = prompt.replace("<image>\n", "").replace("<image>", "")
-    return processor.apply_template(question, num_images, system, history)
+    question = prompt
+    for token in ("<image>", VIDEO_TOKEN):
+        question = question.replace(f"{token}\n", "").replace(token, "")
+    return processor.apply_template(question, num_images, system, history, num_videos)
 
 
-def vocabulary_sampler(sampler, vocabulary: int, rows: int, renormalize: bool):
-    """Never pick ids past the tokenizer's base vocabulary.
+def vocabulary_sampler(sampler, vocabulary: int, rows: int, eos_ids=()):
+    """Never pick ids past the tokenizer's base vocabulary, except the end-of-turn ids.
 
     llava-hf pads the embeddings (32000 -> 32064 rows) and adds `<image>` and `<pad>`:
-    ids the original model, with its 32000 rows, could not produce. The kept ids are a
-    prefix, so slicing keeps their numbers; top-p needs the slice renormalised.
+    ids the original model, with its 32000 rows, could not produce. An end of turn that
+    is an added token past the base vocabulary (chatml's `<|im_end|>` in some tokenizers)
+    must stay reachable, or generation never stops. The kept ids are renormalised, so
+    top-p sees their own distribution.
     """
     if rows <= vocabulary:
         return sampler
-    if renormalize:
-        return lambda logprobs: sampler(
-            logprobs[..., :vocabulary] - mx.logsumexp(logprobs[..., :vocabulary], axis=-1, keepdims=True)
-        )
-    return lambda logprobs: sampler(logprobs[..., :vocabulary])
+    allowed = mx.arange(rows) < vocabulary
+    extra = [i for i in eos_ids if vocabulary <= i < rows]
+    if extra:
+        allowed = allowed | (mx.arange(rows)[:, None] == mx.array(extra)[None]).any(axis=1)
+    mask = mx.where(allowed, 0.0, -float("inf"))
+
+    def sample(logprobs):
+        kept = logprobs + mask
+        return sampler(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
+
+    return sample
+
+
+def head_size(text_config: dict) -> int:
+    """Attention head size (mlx-lm's qwen2 keeps no `head_dim` attribute)."""
+    return text_config.get("head_dim") or text_config["hidden_size"] // text_config["num_attention_heads"]
 
 
 def kv_group_size(head_dim: int, kv_bits: Optional[int]) -> int:
@@ -114,13 +133,17 @@ def stream_generate(
     kv_bits: Optional[int] = None,
     max_kv_size: Optional[int] = None,
     cache: Optional[SessionCache] = None,
+    videos: Sequence = (),
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield the answer piece by piece (`.text`), with timing and peak memory.
 
-    `template=False` uses `prompt` as written (one `<image>` per image); otherwise the
-    question is put in the checkpoint's chat template, images first, after the earlier
-    turns in `history` [(question, answer), ...]. Passing the same `cache` (SessionCache)
-    to successive calls reuses encoded images and the KV cache of the shared prefix.
+    `template=False` uses `prompt` as written (one `<image>` per image, one `<video>` per
+    video); otherwise the question is put in the checkpoint's chat template, images and
+    videos first, after the earlier turns in `history` [(question, answer), ...]. A video
+    is a file path, a uint8 array (T, H, W, 3) or a list of PIL images; `num_frames` are
+    sampled uniformly from each. Passing the same `cache` (SessionCache) to successive
+    calls reuses encoded images and videos and the KV cache of the shared prefix.
     """
     start = time.perf_counter()
     images, history = validate.generation_inputs(prompt, images, system, history, cache)
@@ -128,12 +151,23 @@ def stream_generate(
     seed = distributed.agree_seed(model, seed)
     if seed is not None:
         mx.random.seed(seed)
-    text = prepare_prompt(processor, prompt, len(images), template, system, history)
-    ids = processor.encode_prompt(text, len(images))
+    local = distributed.is_main(model)  # sharded: only rank 0 reads the media
+    images = [load_image(im) for im in images] if local else images
+    videos = as_video_list(videos)
+    text = prepare_prompt(processor, prompt, len(images), template, system, history, len(videos))
+    ids = processor.encode_prompt(text, len(images), len(videos))
+    videos = [load_video(v, num_frames) for v in videos] if local else videos
     cache = cache if cache is not None else SessionCache()
 
     tic = time.perf_counter()
-    image_keys, features = distributed.image_features(model, processor, images, cache)
+    image_keys, features = distributed.shared_features(
+        model,
+        lambda: in_prompt_order(
+            ids,
+            cache.image_features(model, processor, images, several=len(images) > 1),
+            cache.video_features(model, processor, videos),
+        ),
+    )
     encode_time = time.perf_counter() - tic
     keys = sequence_keys(ids, image_keys, features)
     length, context = len(keys), model.config.context_length
@@ -151,19 +185,19 @@ def stream_generate(
             make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
             processor.tokenizer.vocab_size,
             model.config.text_config["vocab_size"],
-            renormalize=0.0 < top_p < 1.0,
+            processor.tokenizer.eos_token_ids,
         ),
         prompt_cache=kv,
         prefill_step_size=prefill_step_size,
         kv_bits=kv_bits,
-        kv_group_size=kv_group_size(model.language_model.layers[0].self_attn.head_dim, kv_bits),
+        kv_group_size=kv_group_size(head_size(model.config.text_config), kv_bits),
         quantized_kv_start=0,
         input_embeddings=embeddings,
     )
     tokenizer = processor.tokenizer
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
-    image_positions = length - (len(ids) - len(images))
+    image_positions = length - (len(ids) - len(images) - len(videos))
     ttft, prompt_tps, tic, token, logprobs, generated = 0.0, 0.0, start, None, None, []
 
     def response(text, finish=None):
@@ -230,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Ask LLaVA about images (MLX).")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--image", nargs="+", default=[], help="image path(s) or http(s) URL(s)")
+    p.add_argument("--video", nargs="+", default=[], help="video file(s) (LLaVA-OneVision, LLaVA-NeXT-Video)")
+    p.add_argument(
+        "--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled uniformly from each video"
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (or, with --no-template, the raw prompt)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
@@ -281,9 +319,11 @@ def main(argv=None) -> int:
         prefill_step_size=args.prefill_step_size,
         kv_bits=args.kv_bits,
         max_kv_size=args.max_kv_size,
+        videos=args.video,
+        num_frames=args.num_frames,
     )
     first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
-    validate.generation_options(**{k: v for k, v in options.items() if k not in ("template", "system")})
+    validate.generation_options(**{k: v for k, v in options.items() if k not in ("template", "system", "videos", "num_frames")})
     if first is not None:
         validate.prompt(first)
     model, processor = load(args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline)

@@ -1,4 +1,5 @@
-"""The language model: mlx-lm's llama decoder (Vicuna, Mistral and Yi are all llama).
+"""The language model: mlx-lm's decoders, by model type: llama (Vicuna, Mistral and Yi are
+all llama) and qwen2 (LLaVA-OneVision).
 
 Configs in the wild leave fields to the model type's defaults (llava-hf text_config often
 holds only a few keys), spell rope_theta as `rope_parameters` (transformers 5), or keep
@@ -6,7 +7,7 @@ the text fields at the top level (original LLaVA). `text_args` turns any of them
 mlx-lm's ModelArgs; the decoder itself is mlx-lm's, not a copy.
 """
 
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen2
 
 # transformers' LlamaConfig / MistralConfig defaults, for fields a config leaves out.
 LLAMA_DEFAULTS = dict(
@@ -35,9 +36,27 @@ DEFAULTS = {
         "max_position_embeddings": 4096 * 32,
         "sliding_window": 4096,
     },
+    # transformers' Qwen2Config defaults; Qwen2 windows no layer unless use_sliding_window.
+    "qwen2": {
+        **LLAMA_DEFAULTS,
+        "vocab_size": 151936,
+        "intermediate_size": 22016,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    },
 }
+# mlx-lm's decoder module per model type (the table a new decoder joins).
+DECODERS = {"llama": llama, "mistral": llama, "qwen2": qwen2}
 # Original LLaVA names its text model types after the backbone.
-TEXT_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llama": "llama", "mistral": "mistral"}
+TEXT_MODEL_TYPES = {
+    "llava_llama": "llama",
+    "llava_mistral": "mistral",
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+}
 
 
 def normalize_text_config(params: dict) -> dict:
@@ -52,6 +71,10 @@ def normalize_text_config(params: dict) -> dict:
         config["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default" and config["rope_scaling"] is None:
         config["rope_scaling"] = rope
+    if model_type == "qwen2":  # attention bias is part of Qwen2, the window is off by default
+        config.pop("attention_bias"), config.pop("mlp_bias"), config.pop("head_dim")
+        if not params.get("use_sliding_window"):
+            config["sliding_window"] = None
     if config["num_key_value_heads"] is None:
         config["num_key_value_heads"] = config["num_attention_heads"]
     config["model_type"] = model_type
@@ -61,13 +84,19 @@ def normalize_text_config(params: dict) -> dict:
 def context_length(config: dict) -> int:
     """Longest sequence the decoder handles exactly.
 
-    A sliding window caps it: mlx-lm's llama has no all-sliding-window attention, and no
-    released LLaVA sets one (LLaVA-1.6-Mistral uses Mistral-v0.2, window null).
+    Dynamic NTK rope scaling extends it by its factor. A sliding window caps it: mlx-lm's
+    llama has no all-sliding-window attention, and no released LLaVA sets one
+    (LLaVA-1.6-Mistral uses Mistral-v0.2, window null).
     """
     window = config.get("sliding_window")
-    return min(config["max_position_embeddings"], window or config["max_position_embeddings"])
+    limit = config["max_position_embeddings"]
+    scaling = config.get("rope_scaling") or {}
+    if (scaling.get("type") or scaling.get("rope_type")) == "dynamic":
+        limit = int(limit * scaling["factor"])  # dynamic NTK stretches the base past it
+    return min(limit, window or limit)
 
 
-def build_language_model(config: dict) -> llama.Model:
+def build_language_model(config: dict):
+    decoder = DECODERS[config["model_type"]]
     args = {k: v for k, v in config.items() if k != "sliding_window"}
-    return llama.Model(llama.ModelArgs.from_dict(args))
+    return decoder.Model(decoder.ModelArgs.from_dict(args))

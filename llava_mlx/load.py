@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import distributed, validate
-from .errors import LlavaError
+from .errors import LlavaError, warn
 from .model import LlavaConfig, LlavaModel
 from .quantization import module_entries, module_params
 from .vision import layers_to_run
@@ -38,7 +38,23 @@ CLIP_VISION_DEFAULTS = dict(
     layer_norm_eps=1e-5,
     hidden_act="quick_gelu",
 )
+# transformers' SiglipVisionConfig defaults (LLaVA-OneVision's tower).
+SIGLIP_VISION_DEFAULTS = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    layer_norm_eps=1e-6,
+    hidden_act="gelu_pytorch_tanh",
+)
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# LlavaOnevisionConfig's default: 384 … 2304 in both directions, (height, width).
+ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+# The model types of the llava-hf / transformers layouts, and what each adds to LLaVA-1.5.
+HF_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "llava_next_video")
 # + the .bin files of LoRA and projector-only checkpoints (adapters.py), which ship no others
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"] + [
     "adapter_model.bin", "non_lora_trainables.bin", "mm_projector.bin"
@@ -94,6 +110,10 @@ def clip_vision_config(params: Optional[dict]) -> dict:
     return {**CLIP_VISION_DEFAULTS, **params}
 
 
+def siglip_vision_config(params: Optional[dict]) -> dict:
+    return {**SIGLIP_VISION_DEFAULTS, **(params or {})}
+
+
 def detect_layout(raw: dict) -> str:
     """'mlx' (ours), 'original' (liuhaotian) or 'llava-hf' (transformers 4/5, mlx-community)."""
     model_type = raw.get("model_type", "")
@@ -102,9 +122,41 @@ def detect_layout(raw: dict) -> str:
     # liuhaotian's v1.5 configs say model_type 'llava' too: the mm_* keys tell them apart.
     if model_type in ("llava_llama", "llava_mistral") or "mm_vision_tower" in raw:
         return "original"
-    if model_type in ("llava", "llava_next"):
+    if model_type in HF_MODEL_TYPES:
         return "llava-hf"
-    raise LlavaError(f"unknown model type '{model_type}': not a LLaVA 1.5/1.6 checkpoint")
+    raise LlavaError(
+        f"unknown model type '{model_type}': not a LLaVA 1.5/1.6, OneVision or NeXT-Video checkpoint"
+    )
+
+
+def family_fields(raw: dict) -> dict:
+    """What LLaVA-OneVision and LLaVA-NeXT-Video add to a llava-hf config (transformers 5
+    defaults for what the config leaves out)."""
+    model_type = raw.get("model_type")
+    if model_type == "llava_onevision":
+        return dict(
+            vision_model_type="siglip",
+            conventions="transformers",
+            image_aspect_ratio=raw.get("vision_aspect_ratio", "anyres_max_9"),
+            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints", ONEVISION_PINPOINTS), "config.json"),
+            patch_merge_type="spatial_unpad",
+            several_images_flat=True,
+            video_pool="bilinear",
+            video_pool_stride=2,
+            video_pool_after_projector=True,
+            video_newline="one_token",
+        )
+    if model_type == "llava_next_video":
+        mode = raw.get("spatial_pool_mode", "average")
+        if mode not in ("average", "max"):
+            raise LlavaError(f"spatial_pool_mode '{mode}' is not supported (average or max)")
+        return dict(
+            conventions="transformers",
+            video_pool=mode,
+            video_pool_stride=raw.get("spatial_pool_stride", 2),
+            video_newline="no_token",
+        )
+    return {}
 
 
 def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]:
@@ -114,30 +166,33 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
         return layout, LlavaConfig.from_dict(raw)
     if layout == "llava-hf":
         text = dict(raw.get("text_config") or {})
-        text.setdefault("model_type", "llama")
-        if "vocab_size" in raw:
-            text.setdefault("vocab_size", raw["vocab_size"])
-        layer = raw.get("vision_feature_layer", -2)
+        text.setdefault("model_type", "qwen2" if model_type == "llava_onevision" else "llama")
+        for key in ("vocab_size", "tie_word_embeddings"):  # some configs say these at the top only
+            if key in raw:
+                text.setdefault(key, raw[key])
+        siglip = model_type == "llava_onevision"
+        layer = raw.get("vision_feature_layer", -1 if siglip else -2)
         if not isinstance(layer, int):
             raise LlavaError(f"vision_feature_layer {layer} (several layers) is not supported")
         vision = raw.get("vision_config")
-        next_ = model_type == "llava_next"
-        return "llava-hf", LlavaConfig(
+        next_ = model_type in ("llava_next", "llava_next_video")
+        strategy = raw.get("vision_feature_select_strategy", "full" if siglip else "default")
+        fields = dict(
             text_config=text,
-            vision_config=clip_vision_config(vision) if vision else {},
+            vision_config=(siglip_vision_config(vision) if siglip else clip_vision_config(vision)) if vision else {},
             projector_type="mlp2x_gelu",
             projector_bias=raw.get("multimodal_projector_bias", True),
             vision_feature_layer=layer,
-            vision_feature_select="cls_patch" if raw.get("vision_feature_select_strategy") == "full" else "patch",
+            vision_feature_select="cls_patch" if strategy == "full" else "patch",
             image_aspect_ratio="anyres" if next_ else "pad",
             image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS), "config.json") if next_ else None,
             patch_merge_type="spatial_unpad" if next_ else "flat",
             quantization=read_quantization(raw),
+            llava_type=model_type,
         )
+        return "llava-hf", LlavaConfig(**{**fields, **family_fields(raw)})
     if layout == "original":
-        text = dict(raw)
-        if model_type not in ("llava_llama", "llava_mistral"):
-            text["model_type"] = "llava_mistral" if "Mistral" in str(raw.get("architectures")) else "llava_llama"
+        text = dict(raw, model_type=original_text_type(raw))
         tower = read_json(tower_dir / "config.json") if tower_dir else None
         if tower:
             validate.raw_config(tower, str(tower_dir / "config.json"))
@@ -153,6 +208,29 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             max_length=raw.get("tokenizer_model_max_length"),
             quantization=read_quantization(raw),
         )
+
+
+# The original code's LLaVA classes with a llama-architecture decoder (Vicuna, Mistral, Yi).
+ORIGINAL_TYPES = ("llava_llama", "llava_mistral")
+ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llava_llama", "LlavaMistralForCausalLM": "llava_mistral"}
+
+
+def original_text_type(raw: dict) -> str:
+    """llava_llama or llava_mistral; any other decoder (MPT, Qwen, Gemma ...) is refused by name.
+
+    liuhaotian's LLaVA-1.5 configs say model_type 'llava': their `architectures` tell.
+    """
+    model_type, architectures = raw.get("model_type", ""), raw.get("architectures") or []
+    if model_type in ORIGINAL_TYPES:
+        return model_type
+    known = [ORIGINAL_ARCHITECTURES[a] for a in architectures if a in ORIGINAL_ARCHITECTURES]
+    if model_type in ("llava", "") and (known or not architectures):
+        return known[0] if known else "llava_llama"
+    name = "/".join(architectures) or model_type
+    raise LlavaError(
+        f"original LLaVA checkpoint of type '{model_type}' ({name}) is not supported: "
+        "only the llama and mistral decoders (LlavaLlamaForCausalLM, LlavaMistralForCausalLM) are"
+    )
 
 
 # Name rewrites, first match wins: every layout's names → ours (llava-hf 4.x names).
@@ -171,7 +249,14 @@ RENAMES = [
 ]
 # Parameters the vision tower reads as plain arrays (never quantized modules).
 READ_RAW = ("vision_tower.embeddings.position_embedding", "vision_tower.embeddings.patch_embedding")
-DROPPED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "vision_tower.post_layernorm.")
+DROPPED = (
+    "text_model.",
+    "visual_projection.",
+    "text_projection.",
+    "logit_scale",
+    "vision_tower.post_layernorm.",
+    "vision_tower.head.",  # SigLIP's attention-pooling head
+)
 
 
 def read_quantization(raw: dict) -> Optional[dict]:
@@ -307,6 +392,15 @@ def load_model(
         tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None
         if tower_dir is None and location:
             tower_dir = _cached_tower(location)
+        if tower_dir is None and has_tower:
+            config_file = path / "config.json"
+            unread = f"the vision tower '{location}' named in {config_file} cannot be read" if location else (
+                f"{config_file} names no vision tower"
+            )
+            warn(
+                f"{unread}: guessing CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image "
+                "mean and std); pass --vision-tower PATH_OR_REPO (vision_tower= in Python) to use the right one"
+            )
     try:
         layout, config = read_config(raw, tower_dir)
     except ValueError as e:  # LlavaConfig's own checks (e.g. an unknown text model type)

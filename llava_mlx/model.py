@@ -4,6 +4,8 @@ Mirrors `encode_images` and `prepare_inputs_labels_for_multimodal` of the origin
 every crop of every image goes through the tower in one batch; LLaVA-1.5 ('flat') uses
 the 576 features of its one crop; LLaVA-1.6 ('spatial_unpad') puts the base crop first,
 then the tiles stitched into one map, unpadded, with `image_newline` after every row.
+OneVision adds the 'anyres_max_N' downscale and NeXT-Video / OneVision add videos: the
+merges are the table in merge.py, the towers the table below (CLIP, SigLIP).
 """
 
 from dataclasses import asdict, dataclass, field, fields
@@ -13,13 +15,26 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .anyres import grid_shape, image_token_count, unpad_padding
+from .anyres import grid_shape
 from .language import build_language_model, context_length, normalize_text_config
+from .merge import (
+    IMAGE_MERGES,
+    VIDEO_POOLS,
+    anyres_max_tiles,
+    image_positions,
+    oriented_pinpoints,
+    place_newlines,
+    video_positions,
+)
 from .projector import Projector
+from .siglip import SiglipConfig, SiglipTower
 from .vision import VisionConfig, VisionTower
 
-# The original code's placeholder id for an image in `input_ids`.
+# The original code's placeholder id for an image in `input_ids`; ours for a video.
 IMAGE_PLACEHOLDER = -200
+VIDEO_PLACEHOLDER = -201
+# Vision towers by `vision_model_type`: (config class, module).
+VISION_TOWERS = {"clip": (VisionConfig, VisionTower), "siglip": (SiglipConfig, SiglipTower)}
 
 
 @dataclass
@@ -37,10 +52,20 @@ class LlavaConfig:
     patch_merge_type: str = "flat"  # 'flat' (1.5), 'spatial_unpad' (1.6), 'spatial'
     max_length: Optional[int] = None  # the original's tokenizer_model_max_length
     quantization: Optional[dict] = None
+    llava_type: str = "llava"  # the family member: llava, llava_next, llava_onevision, llava_next_video
+    vision_model_type: str = "clip"  # 'clip' or 'siglip' (VISION_TOWERS)
+    conventions: str = "original"  # anyres geometry of 'original' LLaVA or 'transformers' (merge.py)
+    several_images_flat: bool = False  # OneVision: with several images, each is its base crop + newline
+    video_pool: Optional[str] = None  # 'average', 'max' or 'bilinear'; None: no video support
+    video_pool_stride: int = 2
+    video_pool_after_projector: bool = False  # OneVision pools projected features, NeXT-Video tower features
+    video_newline: str = "no_token"  # 'one_token' (OneVision), 'no_token' (NeXT-Video), 'frame', 'grid'
 
     def __post_init__(self):
         self.text_config = normalize_text_config(self.text_config)
-        self.vision = VisionConfig.from_dict(self.vision_config)
+        if self.vision_model_type not in VISION_TOWERS:
+            raise ValueError(f"unsupported vision tower '{self.vision_model_type}'")
+        self.vision = VISION_TOWERS[self.vision_model_type][0].from_dict(self.vision_config)
         self.vision_config = asdict(self.vision)
 
     @classmethod
@@ -60,31 +85,57 @@ class LlavaConfig:
         limit = context_length(self.text_config)
         return min(limit, self.max_length) if self.max_length else limit
 
-    def image_token_count(self, size) -> int:
-        """Positions an image of `size` (width, height) takes in the decoder's sequence."""
-        if self.vision_feature_select == "cls_patch":  # only meaningful with a flat merge
-            return self.crops(size) * (self.vision.patches_per_side**2 + 1)
-        return image_token_count(
-            size,
-            self.image_aspect_ratio,
-            self.image_grid_pinpoints,
-            self.patch_merge_type,
-            self.vision.image_size,
-            self.vision.patches_per_side,
+    @property
+    def pinpoints(self):
+        """The grid pinpoints as (width, height), whichever convention the config uses."""
+        return oriented_pinpoints(self.image_grid_pinpoints, self.conventions)
+
+    @property
+    def uses_anyres(self) -> bool:
+        return self.image_aspect_ratio == "anyres" or anyres_max_tiles(self.image_aspect_ratio) is not None
+
+    def image_token_count(self, size, several: bool = False) -> int:
+        """Positions an image of `size` (width, height) takes in the decoder's sequence
+        (`several`: the prompt holds more than one image)."""
+        side = self.vision.patches_per_side
+        if self.vision_feature_select == "cls_patch" and self.vision_model_type == "clip":
+            return self.crops(size) * (side**2 + 1)  # only meaningful with a flat merge
+        crops = self.crops(size, several)
+        grid = grid_shape(size, self.pinpoints, self.vision.image_size) if crops > 1 else None
+        max_tiles = anyres_max_tiles(self.image_aspect_ratio)
+        return image_positions(
+            size, crops, side, self.image_merge, grid, self.unpad_rounding, max_tiles, newline=self.uses_newline
         )
 
-    def crops(self, size) -> int:
-        if self.image_aspect_ratio != "anyres":
+    def crops(self, size, several: bool = False) -> int:
+        if not self.uses_anyres or (several and self.several_images_flat):
             return 1
-        cols, rows = grid_shape(size, self.image_grid_pinpoints, self.vision.image_size)
+        cols, rows = grid_shape(size, self.pinpoints, self.vision.image_size)
         return 1 + cols * rows
+
+    @property
+    def image_merge(self) -> str:
+        """The IMAGE_MERGES entry of a many-crop image."""
+        if not self.uses_anyres or not self.patch_merge_type.startswith("spatial"):
+            return "flat"
+        return "spatial_unpad" if "unpad" in self.patch_merge_type else "spatial"
+
+    @property
+    def unpad_rounding(self) -> str:
+        return "round" if self.conventions == "transformers" else "truncate"
+
+    def video_token_count(self, frames: int) -> int:
+        """Positions a video of `frames` frames takes in the decoder's sequence."""
+        return video_positions(
+            frames, self.vision.patches_per_side, self.video_pool, self.video_pool_stride, self.video_newline
+        )
 
 
 class LlavaModel(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
         self.config = config
-        self.vision_tower = VisionTower(config.vision, config.vision_feature_layer)
+        self.vision_tower = VISION_TOWERS[config.vision_model_type][1](config.vision, config.vision_feature_layer)
         self.multi_modal_projector = Projector(
             config.projector_type,
             config.vision.hidden_size,
@@ -95,36 +146,35 @@ class LlavaModel(nn.Module):
         if config.uses_newline:
             self.image_newline = mx.zeros((config.text_config["hidden_size"],))
 
+    def tower_features(self, pixel_values: mx.array) -> mx.array:
+        """The selected layer's features of every crop, (n_crops, patches, vision_dim)."""
+        features = self.vision_tower(pixel_values)
+        if self.config.vision_feature_select == "patch" and self.config.vision_model_type == "clip":
+            features = features[:, 1:]
+        return features
+
     def encode_images(self, pixel_values: mx.array) -> mx.array:
         """Projected features of every crop, (n_crops, patches, text_dim), in one batch."""
-        features = self.vision_tower(pixel_values)
-        if self.config.vision_feature_select == "patch":
-            features = features[:, 1:]
-        return self.multi_modal_projector(features)
+        return self.multi_modal_projector(self.tower_features(pixel_values))
 
     def merge_image(self, features: mx.array, size) -> mx.array:
-        """The sequence of one image from the features of its crops (original merge)."""
+        """The sequence of one image from the features of its crops (merge.py)."""
         config = self.config
-        if config.image_aspect_ratio != "anyres" or config.patch_merge_type == "flat":
-            return features.reshape(-1, features.shape[-1])
-        base, dim = features[0], features.shape[-1]
-        if features.shape[0] == 1:
-            return mx.concatenate([base, self.image_newline[None]]) if config.uses_newline else base
-        side = config.vision.patches_per_side
-        cols, rows = grid_shape(size, config.image_grid_pinpoints, config.vision.image_size)
-        grid = features[1:].reshape(rows, cols, side, side, dim).transpose(0, 2, 1, 3, 4)
-        grid = grid.reshape(rows * side, cols * side, dim)
-        if config.uses_newline:
-            pad_y, pad_x = unpad_padding(size, rows * side, cols * side)
-            grid = grid[pad_y : rows * side - pad_y, pad_x : cols * side - pad_x]
-            newline = mx.broadcast_to(self.image_newline.astype(grid.dtype), (grid.shape[0], 1, dim))
-            grid = mx.concatenate([grid, newline], axis=1)
-        return mx.concatenate([base, grid.reshape(-1, dim)])
+        grid = grid_shape(size, config.pinpoints, config.vision.image_size) if features.shape[0] > 1 else None
+        newline = self.image_newline if config.uses_newline else None
+        return IMAGE_MERGES[config.image_merge](
+            features,
+            newline,
+            size=size,
+            grid=grid,
+            rounding=config.unpad_rounding,
+            max_tiles=anyres_max_tiles(config.image_aspect_ratio),
+        )
 
-    def image_features(self, pixel_values: mx.array, image_sizes) -> List[mx.array]:
-        """One (positions, text_dim) array per image."""
+    def image_features(self, pixel_values: mx.array, image_sizes, several: bool = False) -> List[mx.array]:
+        """One (positions, text_dim) array per image (`several`: the prompt holds more than one)."""
         sizes = [tuple(int(v) for v in s) for s in np.asarray(image_sizes).reshape(-1, 2)]
-        counts = [self.config.crops(s) for s in sizes]
+        counts = [self.config.crops(s, several) for s in sizes]
         if sum(counts) != pixel_values.shape[0]:
             raise ValueError(
                 f"pixel_values holds {pixel_values.shape[0]} crops but the image sizes need {sum(counts)}"
@@ -133,16 +183,42 @@ class LlavaModel(nn.Module):
         starts = np.cumsum([0] + counts)
         return [self.merge_image(features[starts[i] : starts[i + 1]], s) for i, s in enumerate(sizes)]
 
-    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None) -> mx.array:
-        """Text embeddings with each IMAGE_PLACEHOLDER replaced by that image's features.
+    def video_features(self, frames: mx.array) -> mx.array:
+        """(positions, text_dim) of one video from its preprocessed frames (T, H, W, 3):
+        tower → pooling (before or after the projector) → newlines (merge.py)."""
+        config = self.config
+        if config.video_pool is None:
+            raise ValueError(f"{config.llava_type} checkpoints take no video")
+        features = self.tower_features(frames)
+        side = config.vision.patches_per_side
+        pool = VIDEO_POOLS[config.video_pool]
+        if config.video_pool_after_projector:
+            features = self.multi_modal_projector(features)
+        grid = pool(features.reshape(features.shape[0], side, side, -1), config.video_pool_stride)
+        if not config.video_pool_after_projector:
+            grid = self.multi_modal_projector(grid)
+        newline = getattr(self, "image_newline", None)
+        return place_newlines(grid, newline, config.video_newline)
 
-        `image_features` (from `image_features`) may be passed to reuse encoded images.
-        Returns (1, L, text_dim).
+    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None, pixel_values_videos=None):
+        """Text embeddings with each IMAGE_PLACEHOLDER / VIDEO_PLACEHOLDER replaced by that
+        image's or video's features.
+
+        `pixel_values_videos` is a list with one (frames, H, W, 3) array per video.
+        `image_features` (one array per placeholder, in order) may be passed to reuse
+        encoded images and videos. Returns (1, L, text_dim).
         """
         ids = np.asarray(input_ids).reshape(-1)
-        slots = np.flatnonzero(ids == IMAGE_PLACEHOLDER)
+        is_image, is_video = ids == IMAGE_PLACEHOLDER, ids == VIDEO_PLACEHOLDER
+        slots = np.flatnonzero(is_image | is_video)
         if image_features is None:
-            image_features = [] if len(slots) == 0 else self.image_features(pixel_values, image_sizes)
+            videos = list(pixel_values_videos if pixel_values_videos is not None else [])
+            if len(videos) != int(is_video.sum()):
+                raise ValueError(f"the prompt has {int(is_video.sum())} video placeholders but {len(videos)} videos")
+            several = int(is_image.sum()) > 1
+            images = iter(self.image_features(pixel_values, image_sizes, several) if is_image.any() else [])
+            videos = iter(self.video_features(mx.array(v)) for v in videos)
+            image_features = [next(images) if ids[s] == IMAGE_PLACEHOLDER else next(videos) for s in slots]
         if len(image_features) != len(slots):
             raise ValueError(f"the prompt has {len(slots)} image placeholders but {len(image_features)} images")
         embed_tokens = self.language_model.model.embed_tokens
@@ -157,9 +233,11 @@ class LlavaModel(nn.Module):
             pieces.append(embed_tokens(mx.array(ids[start:])))
         return mx.concatenate(pieces)[None]
 
-    def __call__(self, input_ids, pixel_values=None, image_sizes=None, cache=None, image_features=None):
+    def __call__(
+        self, input_ids, pixel_values=None, image_sizes=None, cache=None, image_features=None, pixel_values_videos=None
+    ):
         """Logits (1, L, vocab) for the whole merged sequence, L counting every image position."""
-        embeddings = self.embed(input_ids, pixel_values, image_sizes, image_features)
+        embeddings = self.embed(input_ids, pixel_values, image_sizes, image_features, pixel_values_videos)
         return self.language_model(None, cache=cache, input_embeddings=embeddings)
 
     @property
@@ -167,4 +245,6 @@ class LlavaModel(nn.Module):
         return self.language_model.layers
 
     def make_cache(self):
-        return self.language_model.make_cache()
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.language_model)

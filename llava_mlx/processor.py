@@ -18,10 +18,11 @@ from PIL import Image, UnidentifiedImageError
 
 from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
 from . import validate
-from .errors import LlavaError
+from .errors import LlavaError, warn
 from .fetch import fetch
-from .model import IMAGE_PLACEHOLDER, LlavaConfig
+from .model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, LlavaConfig
 from .tokenizer import SentencePieceTokenizer
+from .video import DEFAULT_NUM_FRAMES, VIDEO_TOKEN, as_video_list, load_video, preprocess_frames, video_settings
 
 IMAGE_TOKEN = "<image>"
 # Larger images are refused before decoding them (a decompression bomb guard).
@@ -130,11 +131,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class Processor:
     """Callable as `processor(prompt, images)` → dict of input_ids, pixel_values, image_sizes."""
 
-    def __init__(self, tokenizer, config: LlavaConfig, image_config: dict, sentencepiece=None):
+    def __init__(self, tokenizer, config: LlavaConfig, image_config: dict, sentencepiece=None, video_config=None):
         self.tokenizer = tokenizer  # mlx-lm TokenizerWrapper (streaming detokenizer, EOS ids)
         self.sentencepiece = sentencepiece  # the original's tokenisation, when tokenizer.model exists
         self.config = config
         self.image_config = image_config
+        self.video_config = video_config  # None: the checkpoint takes no video
         self.family = template_family(config, tokenizer)
 
     @classmethod
@@ -161,28 +163,47 @@ class Processor:
                 tokenizer.add_eos_token(stop)
         # The original ran Mistral's converted fast tokenizer (legacy rules), others slow.
         legacy = True if config.text_config["model_type"] == "mistral" else None
-        sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
-        processor = cls(tokenizer, config, image_settings(path, tower_dir, config), sentencepiece)
+        # Checkpoints released through transformers are tokenised its way (the whole prompt).
+        if config.conventions == "transformers":
+            sentencepiece = None
+        else:
+            sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
+            if sentencepiece is None and config.text_config["model_type"] in ("llama", "mistral"):
+                warn(
+                    f"{path} has no tokenizer.model: tokenising with transformers' rules, which can "
+                    "differ from the original LLaVA's after special tokens and <image>"
+                )
+        images = image_settings(path, tower_dir, config)
+        videos = video_settings(path, images) if config.video_pool else None
+        processor = cls(tokenizer, config, images, sentencepiece, videos)
         processor.apply_template("hi")  # a broken chat template fails here, not mid-conversation
         return processor
 
     # -- prompts ----------------------------------------------------------------------
-    def apply_template(self, question: str, num_images: int = 1, system: Optional[str] = None, history: Sequence = ()) -> str:
-        """The conversation so far plus `question`, images in the first user turn: in the
-        checkpoint's own chat template when it has one, else the family's template from
-        the original code. `history` holds earlier (question, answer) turns. `num_images`
-        may also be a list: the images of each turn (the server's messages)."""
+    def apply_template(
+        self,
+        question: str,
+        num_images: int = 1,
+        system: Optional[str] = None,
+        history: Sequence = (),
+        num_videos: int = 0,
+    ) -> str:
+        """The conversation so far plus `question`, images (then videos) in the first user
+        turn: in the checkpoint's own chat template when it has one, else the family's
+        template from the original code. `history` holds earlier (question, answer) turns.
+        `num_images` may also be a list: the images of each turn (the server's messages)."""
         turns = [tuple(t) for t in history] + [(question, None)]
         counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images] + [0] * len(history)
         if len(counts) != len(turns):
             raise ValueError(f"{len(counts)} image counts for {len(turns)} turns")
+        videos = [num_videos] + [0] * (len(turns) - 1)
         hf = self.tokenizer._tokenizer
         if not hf.chat_template:
-            turns = [(f"{IMAGE_TOKEN}\n" * n + q, a) for n, (q, a) in zip(counts, turns)]
+            turns = [(f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for n, v, (q, a) in zip(counts, videos, turns)]
             return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for i, (q, a) in enumerate(turns):
-            images = [{"type": "image"}] * counts[i]
+            images = [{"type": "image"}] * counts[i] + [{"type": "video"}] * videos[i]
             messages.append({"role": "user", "content": images + [{"type": "text", "text": q}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
@@ -194,8 +215,15 @@ class Processor:
         return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
 
     def tokenize(self, prompt: str) -> List[int]:
-        """Token ids with IMAGE_PLACEHOLDER for each `<image>` (original chunked tokenisation)."""
+        """Token ids with IMAGE_PLACEHOLDER for each `<image>` (original chunked tokenisation;
+        transformers' whole-prompt one for the checkpoints released through it, with
+        VIDEO_PLACEHOLDER for each `<video>`)."""
         hf = self.tokenizer._tokenizer
+        if self.config.conventions == "transformers":
+            vocab = hf.get_vocab()
+            marks = {vocab.get(IMAGE_TOKEN): IMAGE_PLACEHOLDER, vocab.get(VIDEO_TOKEN): VIDEO_PLACEHOLDER}
+            marks.pop(None, None)
+            return [marks.get(t, t) for t in hf(prompt).input_ids]
         encode = self.sentencepiece.encode if self.sentencepiece else (lambda text: hf(text).input_ids)
         chunks = [encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]
         bos = hf.bos_token_id
@@ -208,15 +236,22 @@ class Processor:
         return ids
 
     # -- images -----------------------------------------------------------------------
-    def preprocess(self, images: Sequence) -> tuple:
-        """(pixel_values (n_crops, H, W, 3) float32, image_sizes (n, 2) as (width, height))."""
+    def preprocess(self, images: Sequence, several: bool = False) -> tuple:
+        """(pixel_values (n_crops, H, W, 3) float32, image_sizes (n, 2) as (width, height)).
+
+        `several`: the prompt holds several images (OneVision then pads each to a square).
+        """
         images = [load_image(im) for im in images]
         c = self.image_config
+        config = self.config
+        aspect = "anyres" if config.uses_anyres else config.image_aspect_ratio
+        if several and config.several_images_flat:
+            aspect = "pad"
         crops = [
             preprocess_image(
                 im,
-                self.config.image_aspect_ratio,
-                self.config.image_grid_pinpoints,
+                aspect,
+                config.pinpoints,
                 c["size"],
                 c["crop"],
                 c["mean"],
@@ -226,22 +261,38 @@ class Processor:
         ]
         return np.concatenate(crops), np.array([im.size for im in images], dtype=np.int32)
 
-    def encode_prompt(self, prompt: str, num_images: int) -> List[int]:
-        """`tokenize`, after checking there is one `<image>` per image."""
+    def encode_prompt(self, prompt: str, num_images: int, num_videos: int = 0) -> List[int]:
+        """`tokenize`, after checking there is one `<image>` per image and one `<video>` per video."""
         count = prompt.count(IMAGE_TOKEN)
         if count != num_images:
             raise LlavaError(f"the prompt has {count} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given")
+        videos = prompt.count(VIDEO_TOKEN)
+        if (videos or num_videos) and self.video_config is None:
+            raise LlavaError(f"this checkpoint ({self.config.llava_type}) takes no video; use a LLaVA-OneVision or LLaVA-NeXT-Video model")
+        if videos != num_videos:
+            raise LlavaError(f"the prompt has {videos} {VIDEO_TOKEN} placeholder(s) but {num_videos} video(s) were given")
         return self.tokenize(prompt)
 
-    def __call__(self, prompt: str, images: Sequence = ()) -> dict:
-        """Inputs for `model(**inputs)`: the raw prompt, one `<image>` per image, no template."""
+    def preprocess_video(self, frames) -> np.ndarray:
+        """float32 (T, H, W, 3) of one video's uint8 frames (T, H, W, 3)."""
+        return preprocess_frames(frames, self.video_config)
+
+    def __call__(self, prompt: str, images: Sequence = (), videos: Sequence = (), num_frames: int = DEFAULT_NUM_FRAMES) -> dict:
+        """Inputs for `model(**inputs)`: the raw prompt, one `<image>` per image and one
+        `<video>` per video, no template. A video is a file path, a uint8 array (T, H, W, 3)
+        or a list of PIL images; `num_frames` are sampled uniformly from each."""
         prompt, images = validate.prompt(prompt), validate.image_list(images)
-        ids = self.encode_prompt(prompt, len(images))
+        videos = as_video_list(videos)
+        ids = self.encode_prompt(prompt, len(images), len(videos))
         inputs = {"input_ids": mx.array([ids], dtype=mx.int32), "pixel_values": None, "image_sizes": None}
         if images:
-            pixels, sizes = self.preprocess(images)
+            pixels, sizes = self.preprocess(images, several=len(images) > 1)
             inputs["pixel_values"] = mx.array(pixels)
             inputs["image_sizes"] = mx.array(sizes)
+        if videos:
+            inputs["pixel_values_videos"] = [
+                mx.array(self.preprocess_video(load_video(v, num_frames))) for v in videos
+            ]
         return inputs
 
 

@@ -17,10 +17,31 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 SPIECE_UNDERLINE = "▁"
+# transformers 4.37's `all_special_tokens`: these attributes and additional_special_tokens,
+# not every added token (Yi's <|im_start|> is added, not one of them).
+SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def original_special_tokens(*configs: dict) -> set:
+    """The tokens transformers 4.37 counted as special, from tokenizer_config.json and
+    special_tokens_map.json (strings or AddedToken dicts)."""
+    names = set()
+    for config in configs:
+        values = [config.get(k) for k in SPECIAL_ATTRIBUTES] + list(config.get("additional_special_tokens") or [])
+        names |= {v["content"] if isinstance(v, dict) else v for v in values if v}
+    return names
 
 
 class SentencePieceTokenizer:
-    def __init__(self, model_file: Path, special: Dict[str, int], bos_id: Optional[int], add_bos: bool, legacy: bool):
+    def __init__(
+        self,
+        model_file: Path,
+        special: Dict[str, int],
+        bos_id: Optional[int],
+        add_bos: bool,
+        legacy: bool,
+        all_special: Optional[set] = None,
+    ):
         import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2
 
@@ -29,7 +50,8 @@ class SentencePieceTokenizer:
         if not legacy:  # as LlamaTokenizer.get_spm_processor does
             proto.normalizer_spec.add_dummy_prefix = False
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        self.special = special
+        self.special = special  # every added token: the text is split at them
+        self.all_special = set(special) if all_special is None else all_special
         self.bos_id, self.add_bos, self.legacy = bos_id, add_bos, legacy
         self.unk_length = len(self.sp.encode(self.sp.id_to_piece(self.sp.unk_id()), out_type=str))
 
@@ -44,6 +66,8 @@ class SentencePieceTokenizer:
             return None
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        map_file = path / "special_tokens_map.json"
+        special_map = json.loads(map_file.read_text(encoding="utf-8")) if map_file.exists() else {}
         legacy = family_legacy if family_legacy is not None else config.get("legacy", True) is not False
         special = {t.content: i for i, t in hf_tokenizer.added_tokens_decoder.items()}
         return cls(
@@ -52,6 +76,7 @@ class SentencePieceTokenizer:
             hf_tokenizer.bos_token_id,
             config.get("add_bos_token", True),
             legacy,
+            original_special_tokens(config, special_map),
         )
 
     def split(self, text: str) -> List[str]:
@@ -83,7 +108,7 @@ class SentencePieceTokenizer:
         if not self.legacy:
             text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
         parts = self.split(text)
-        if not self.legacy and len(parts) > 1 and parts[0] == SPIECE_UNDERLINE and parts[1] in self.special:
+        if not self.legacy and len(parts) > 1 and parts[0] == SPIECE_UNDERLINE and parts[1] in self.all_special:
             parts = parts[1:]
         for part in parts:
             ids += [self.special[part]] if part in self.special else self.encode_piece(part)

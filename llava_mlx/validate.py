@@ -7,6 +7,7 @@ ValueError), so nothing deeper has to cope with a wrong type, a NaN or a negativ
 import ast
 import math
 import os
+import re
 from numbers import Integral, Real
 from pathlib import Path
 from typing import List, Optional
@@ -18,6 +19,7 @@ from .errors import LlavaError, LlavaTypeError, LlavaValueError
 
 KV_BITS = (4, 8)
 ASPECT_RATIOS = ("pad", "anyres", "square")
+ANYRES_MAX = re.compile(r"anyres_max_[1-9][0-9]*")  # LLaVA-OneVision: anyres, then at most N tiles' worth
 MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 FEATURE_SELECTS = ("patch", "cls_patch")
 # llava-hf's vision_feature_select_strategy: 'default' drops the class token, 'full' keeps it.
@@ -158,6 +160,8 @@ def generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, 
         raise LlavaValueError(f"kv_bits must be {' or '.join(map(str, KV_BITS))}, not {kv_bits}")
     if max_kv_size is not None:
         integer(max_kv_size, "max_kv_size", 1)
+        if kv_bits is not None:
+            raise LlavaValueError("kv_bits and max_kv_size cannot be combined: MLX's rotating KV cache is not quantized")
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -256,10 +260,12 @@ def model_config(config, where: str):
         ("image_aspect_ratio", config.image_aspect_ratio, ASPECT_RATIOS),
         ("patch merge type", config.patch_merge_type, MERGE_TYPES),
     ):
-        if value not in known:
-            raise LlavaError(f"{where}: {name} '{value}' is not supported ({', '.join(known)})")
-    if config.image_aspect_ratio == "anyres":
+        if value not in known and not (known is ASPECT_RATIOS and ANYRES_MAX.fullmatch(str(value))):
+            raise LlavaError(f"{where}: {name} '{value}' is not supported ({', '.join(known)}, anyres_max_N)")
+    if config.uses_anyres:
         grid(config.image_grid_pinpoints, v["image_size"], where)
+    if config.video_pool is not None:
+        integer(config.video_pool_stride, f"{where}: spatial_pool_stride", 1)
     if config.max_length is not None:
         integer(config.max_length, f"{where}: tokenizer_model_max_length", 1)
     q = config.quantization

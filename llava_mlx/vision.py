@@ -97,6 +97,16 @@ class Encoder(nn.Module):
         self.layers = [EncoderLayer(config) for _ in range(num_layers)]
 
 
+def patch_embed(pixels: mx.array, weight: mx.array, patch: int) -> mx.array:
+    """(B, H, W, C) pixels → (B, patches, D) through a stride == kernel convolution, run as a
+    matmul over unfolded patches (what the CPU and GPU backends run fastest).
+    `weight` is (D, p, p, C), MLX's conv layout."""
+    B, H, W, C = pixels.shape
+    patches = pixels.reshape(B, H // patch, patch, W // patch, patch, C).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(B, (H // patch) * (W // patch), patch * patch * C)
+    return patches @ weight.reshape(weight.shape[0], -1).T
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -112,14 +122,8 @@ class Embeddings(nn.Module):
         self.position_embedding = nn.Embedding(config.patches_per_side**2 + 1, config.hidden_size)
 
     def __call__(self, pixels: mx.array) -> mx.array:
-        # pixels: (B, H, W, C). A stride == kernel conv is a matmul over unfolded patches,
-        # which is what the CPU and GPU backends run fastest.
-        B, H, W, C = pixels.shape
-        p = self.patch_size
-        patches = pixels.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(B, (H // p) * (W // p), p * p * C)
-        weight = self.patch_embedding.weight  # (D, p, p, C), MLX conv layout
-        x = patches @ weight.reshape(weight.shape[0], -1).T
+        x = patch_embed(pixels, self.patch_embedding.weight, self.patch_size)
+        B = x.shape[0]
         cls = mx.broadcast_to(self.class_embedding, (B, 1, x.shape[-1])).astype(x.dtype)
         return mx.concatenate([cls, x], axis=1) + self.position_embedding.weight
 

@@ -116,7 +116,8 @@ def vision_placements(model, processor, path: Path, image: Path, group) -> dict:
             times.append(time.perf_counter() - tic)
         return min(times)
 
-    shared = best(lambda: distributed.image_features(model, processor, [image], SessionCache()))
+    encode = lambda: SessionCache().image_features(model, processor, [load_image(image)])  # noqa: E731
+    shared = best(lambda: distributed.shared_features(model, encode))
     whole, _, _ = load_model(path)  # unsharded and lazy: only the tower's weights get read
     pixels, sizes = processor.preprocess([load_image(image)])
     everywhere = best(lambda: mx.eval(whole.image_features(mx.array(pixels), sizes)))

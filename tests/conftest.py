@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded by the tests
 
 from fixtures.build import build_all  # noqa: E402
+from fixtures.build_family import build_family  # noqa: E402
 from fixtures.images import make_images  # noqa: E402
 
 
@@ -33,23 +34,48 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def variants(checkpoints, tmp_path_factory):
+    """Original-layout checkpoints with one config option changed (fixtures/build_variants.py)."""
+    from fixtures.build_variants import build_variants
+
+    return build_variants(tmp_path_factory.mktemp("variants"), checkpoints)
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("images"))
 
 
-@pytest.fixture(scope="session")
-def loaded(checkpoints):
-    """Load each checkpoint once: loaded(name) -> (model, processor)."""
+def loader(paths):
+    """get(name) -> (model, processor), each checkpoint loaded once."""
     from llava_mlx import load
 
     cache = {}
 
     def get(name):
         if name not in cache:
-            cache[name] = load(str(checkpoints[name]))
+            cache[name] = load(str(paths[name]))
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoints):
+    """Load each checkpoint once: loaded(name) -> (model, processor)."""
+    return loader(checkpoints)
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """LLaVA-OneVision and LLaVA-NeXT-Video checkpoints (hub, tf5), test images, an MP4."""
+    return build_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture(scope="session")
+def family_loaded(family):
+    """Load each family checkpoint once: family_loaded(name) -> (model, processor)."""
+    return loader(family)
 
 
 # The live server the server and chat-page tests share: LLaVA-1.6 (images of different

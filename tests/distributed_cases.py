@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from llava_mlx import distributed, generate, load
 from llava_mlx.cache import SessionCache
+from llava_mlx.processor import load_image
 
 
 def held_bytes(model, prefix: str) -> int:
@@ -29,7 +30,8 @@ def run(case: dict, out: Path, rank: int) -> dict:
     model, processor = load(case["model"], pipeline=case["mode"] == "pipeline")
     group = distributed.group_of(model)
     ids = processor.encode_prompt(case["raw_prompt"], len(case["images"]))
-    _, features = distributed.image_features(model, processor, case["images"], SessionCache())
+    images = [load_image(path) for path in case["images"]]
+    _, features = distributed.shared_features(model, lambda: SessionCache().image_features(model, processor, images))
     logits = model(mx.array(ids), image_features=features)[0].astype(mx.float32)
     mx.eval(logits)
     if rank == 0:

@@ -17,13 +17,13 @@ from llava_mlx.generate import main
 
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run(
         [sys.executable, str(ROOT / "generate.py"), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **(env or {})},
         timeout=300,
     )
 
@@ -120,27 +120,57 @@ def test_hub_offline_is_a_clear_error(capsys):
     expect_error(capsys, ["--model", "nobody/no-such-llava", "--prompt", "hi"], "HF_HUB_OFFLINE")
 
 
-def test_default_model_offline_names_model_flag():
-    result = run_cli("--prompt", "hi")
+def test_default_model_offline_names_model_flag(tmp_path):
+    """Whatever this machine's Hugging Face cache holds: an empty one here."""
+    empty = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    result = run_cli("--prompt", "hi", env=empty)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: ") and "--model" in result.stderr
+    assert "mlx-community/llava-v1.6-mistral-7b-4bit" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "I;16", "LA", "CMYK", "1"])
-def test_image_modes_convert_to_rgb(mode, images, loaded):
+# Hand-computed RGB of one pixel per mode (as PIL's convert("RGB"), which the original uses,
+# except 16-bit and float images, which are scaled to 8 bits rather than clipped).
+MODES = [
+    ("RGBA", (10, 20, 30, 0), (10, 20, 30)),  # alpha is dropped, not composited
+    ("LA", (100, 7), (100, 100, 100)),
+    ("L", 77, (77, 77, 77)),
+    ("1", 1, (255, 255, 255)),
+    ("CMYK", (0, 255, 0, 0), (255, 0, 255)),
+    ("CMYK", (0, 0, 0, 51), (204, 204, 204)),
+    ("CMYK", (102, 0, 0, 51), (122, 204, 204)),
+    ("I;16", 257 * 77, (77, 77, 77)),
+    ("I;16", 1000, (4, 4, 4)),  # 1000 / 65535 * 255 = 3.9
+    ("I", 65535, (255, 255, 255)),
+    ("I", 77, (77, 77, 77)),  # an 8-bit range in a 32-bit image stays
+    ("F", 0.5, (128, 128, 128)),  # [0, 1] floats
+]
+
+
+@pytest.mark.parametrize("mode,value,rgb", MODES, ids=[f"{m}-{v}" for m, v, _ in MODES])
+def test_image_modes_convert_to_rgb(mode, value, rgb):
+    image = Image.new(mode, (3, 2), value)
+    converted = processor_module.load_image(image)
+    assert converted.mode == "RGB" and converted.size == (3, 2)
+    assert (np.asarray(converted) == np.array(rgb, np.uint8)).all()
+
+
+def test_palette_image_converts_to_its_colours():
+    image = Image.new("P", (2, 1))
+    image.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    image.putpixel((1, 0), 1)
+    assert np.asarray(processor_module.load_image(image)).tolist() == [[[0, 0, 0], [200, 100, 50]]]
+
+
+def test_rgba_image_preprocesses_as_its_rgb(loaded, images):
     _, processor = loaded("hf-v1.6-vicuna")
-    rgb = Image.open(images["square"]).convert("RGB")
-    if mode == "I;16":
-        image = Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257))
-        expected = rgb.convert("L").convert("RGB")
-    else:
-        image = rgb.convert(mode)
-        expected = image.convert("RGB")
-    pixels, sizes = processor.preprocess([image])
-    reference, _ = processor.preprocess([expected])
-    np.testing.assert_allclose(pixels, reference, atol=1e-6)
-    assert tuple(sizes[0]) == rgb.size
+    rgb = np.asarray(Image.open(images["odd1"]).convert("RGB"))
+    rgba = Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)]), "RGBA")
+    pixels, sizes = processor.preprocess([rgba])
+    reference, _ = processor.preprocess([Image.fromarray(rgb, "RGB")])
+    np.testing.assert_array_equal(pixels, reference)
+    assert tuple(sizes[0]) == rgba.size
 
 
 def test_pixel_limit_is_checked_before_decoding(monkeypatch, images):

@@ -1,0 +1,139 @@
+"""Video input: a file (decoded with PyAV), a uint8 array (T, H, W, 3) or a list of PIL
+images → `num_frames` frames sampled uniformly → preprocessed as the checkpoint's
+`video_preprocessor_config.json` says.
+
+Memory stays bounded for long videos: the frame indices are chosen before decoding, only
+those frames are converted to RGB, and decoding stops after the last one.
+"""
+
+import json
+import warnings
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .anyres import clip_preprocess
+from .errors import LlavaError
+from .merge import frame_indices
+
+DEFAULT_NUM_FRAMES = 8
+VIDEO_TOKEN = "<video>"
+
+
+def count_frames(path: str) -> int:
+    """Frames in the first video stream: from the header when it says, else by counting
+    packets (demuxing only, no decoding; raw streams such as .h264 have no count)."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise LlavaError(f"cannot read video {path}: it has no video stream")
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def decode_frames(path: str, num_frames: int) -> List[np.ndarray]:
+    """`num_frames` RGB frames of the video file at `path`, uniformly spread."""
+    import av
+
+    if not Path(path).is_file():
+        raise LlavaError(f"video not found: {path}")
+    try:
+        wanted = set(frame_indices(count_frames(path), num_frames))
+        last = max(wanted) if wanted else -1
+        frames = []
+        with av.open(path) as container:
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                if index in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                if index >= last:
+                    break
+    except av.FFmpegError as e:
+        raise LlavaError(f"cannot read video {path}: not a video or corrupt ({type(e).__name__})") from None
+    if not frames:
+        raise LlavaError(f"video {path} has no frames")
+    return frames
+
+
+def load_video(source, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) of a video path, array or list of PIL images, T ≤ num_frames."""
+    if num_frames < 1:
+        raise LlavaError(f"the number of frames must be at least 1 (got {num_frames})")
+    if isinstance(source, (str, Path)):
+        frames = decode_frames(str(source), num_frames)
+    elif isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 4 or source.shape[-1] != 3:
+            raise LlavaError(f"a video array must be uint8 (frames, height, width, 3), got {source.dtype} {source.shape}")
+        if source.shape[0] == 0 or source.shape[1] == 0 or source.shape[2] == 0:
+            raise LlavaError(f"the video array {source.shape} has no frames")
+        frames = [source[i] for i in frame_indices(source.shape[0], num_frames)]
+    elif isinstance(source, (list, tuple)) and all(isinstance(f, Image.Image) for f in source):
+        if not source:
+            raise LlavaError("the video has no frames (an empty list of images)")
+        frames = [np.asarray(source[i].convert("RGB")) for i in frame_indices(len(source), num_frames)]
+    else:
+        raise LlavaError(
+            f"a video is a file path, a uint8 array (frames, height, width, 3) or a list of PIL images, "
+            f"not {type(source).__name__}"
+        )
+    if len({f.shape for f in frames}) != 1:
+        raise LlavaError("the frames of a video must all have the same size")
+    return np.stack(frames)
+
+
+def video_settings(path: Path, image_settings: dict) -> dict:
+    """Resize / crop / normalisation of video frames from `video_preprocessor_config.json`;
+    from `preprocessor_config.json` (said in a warning) when the checkpoint has none (hub
+    repos from before transformers' video processors), else the image settings."""
+    file = path / "video_preprocessor_config.json"
+    if not file.exists():
+        file = path / "preprocessor_config.json"
+        warnings.warn(f"{path} has no video_preprocessor_config.json: video frames are preprocessed like images")
+    if not file.exists():
+        return {**image_settings, "square": False}
+    raw = json.loads(file.read_text(encoding="utf-8"))
+    size = raw.get("size") or {}
+    if not isinstance(size, dict):
+        size = {"shortest_edge": size}
+    square = "height" in size and "shortest_edge" not in size
+    side = int(size.get("shortest_edge") or size.get("height") or image_settings["size"])
+    crop = raw.get("crop_size") if raw.get("do_center_crop") else None
+    return {
+        "size": side,
+        "crop": int(crop.get("height") if isinstance(crop, dict) else crop) if crop else side,
+        "square": square,
+        "mean": tuple(raw.get("image_mean") or image_settings["mean"]),
+        "std": tuple(raw.get("image_std") or image_settings["std"]),
+    }
+
+
+def preprocess_frames(frames: np.ndarray, settings: dict) -> np.ndarray:
+    """float32 (T, H, W, 3): each frame resized to a square (OneVision) or on its shortest
+    edge then centre-cropped (NeXT-Video), BICUBIC, scaled to 0..1 and normalised."""
+    out = []
+    for frame in frames:
+        image = Image.fromarray(frame)
+        if settings["square"]:
+            image = image.resize((settings["size"], settings["size"]), Image.BICUBIC)
+        out.append(clip_preprocess(image, settings["size"], settings["crop"], settings["mean"], settings["std"]))
+    return np.stack(out)
+
+
+def count_videos(prompt: str) -> int:
+    return prompt.count(VIDEO_TOKEN)
+
+
+def as_video_list(videos: Optional[Sequence]) -> list:
+    """One video or several → a list of videos (a path, an array and a list of PIL images are one)."""
+    if videos is None:
+        return []
+    if isinstance(videos, (str, Path, np.ndarray)):
+        return [videos]
+    videos = list(videos)
+    if videos and all(isinstance(v, Image.Image) for v in videos):
+        return [videos]
+    return videos
