@@ -31,13 +31,16 @@ LAUNCH = Path(sys.executable).parent / "mlx.launch"
 QUESTION = "What is in the image?"
 RAW_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 # (checkpoint, mode): LLaVA-1.5 (original layout, separate CLIP tower), LLaVA-1.6 Mistral
-# (GQA: 4 heads, 2 KV heads), and a 4-bit LLaVA-1.6 (packed weights split by columns).
+# (GQA: 4 heads, 2 KV heads), a 4-bit LLaVA-1.6 (packed weights split by columns), and
+# LLaVA-OneVision (mlx-lm's qwen2 sharding).
 CASES = [
     ("orig-v1.5-vicuna", "tensor"),
     ("orig-v1.5-vicuna", "pipeline"),
     ("hf-v1.6-mistral", "tensor"),
     ("hf-v1.6-mistral", "pipeline"),
     ("q4g32-v1.6-mistral", "tensor"),
+    ("hub-onevision", "tensor"),  # qwen2 decoder (4 heads, 2 KV heads), SigLIP tower
+    ("hub-onevision", "pipeline"),
 ]
 LAUNCH_TIMEOUT = 600
 
@@ -87,12 +90,12 @@ def launch_two(*args, timeout=LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def models(checkpoints, tmp_path_factory):
+def models(checkpoints, family, tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     quantized = build_preconverted(
         checkpoints["hf-v1.6-mistral"], root / "q4g32-v1.6-mistral", bits=4, group_size=32, dtype="float32"
     )
-    return {**checkpoints, "q4g32-v1.6-mistral": quantized}
+    return {**checkpoints, **family, "q4g32-v1.6-mistral": quantized}
 
 
 def case_name(model, mode):
