@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step as lm_generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from . import validate
+from . import distributed, validate
 from .cache import SessionCache, in_prompt_order, sequence_keys
 from .cli import command
 from .errors import LlavaError
@@ -148,20 +148,25 @@ def stream_generate(
     start = time.perf_counter()
     images, history = validate.generation_inputs(prompt, images, system, history, cache)
     validate.generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, kv_bits, max_kv_size)
+    seed = distributed.agree_seed(model, seed)
     if seed is not None:
         mx.random.seed(seed)
-    images = [load_image(im) for im in images]
+    local = distributed.is_main(model)  # sharded: only rank 0 reads the media
+    images = [load_image(im) for im in images] if local else images
     videos = as_video_list(videos)
     text = prepare_prompt(processor, prompt, len(images), template, system, history, len(videos))
     ids = processor.encode_prompt(text, len(images), len(videos))
-    videos = [load_video(v, num_frames) for v in videos]
+    videos = [load_video(v, num_frames) for v in videos] if local else videos
     cache = cache if cache is not None else SessionCache()
 
     tic = time.perf_counter()
-    image_keys, features = in_prompt_order(
-        ids,
-        cache.image_features(model, processor, images, several=len(images) > 1),
-        cache.video_features(model, processor, videos),
+    image_keys, features = distributed.shared_features(
+        model,
+        lambda: in_prompt_order(
+            ids,
+            cache.image_features(model, processor, images, several=len(images) > 1),
+            cache.video_features(model, processor, videos),
+        ),
     )
     encode_time = time.perf_counter() - tic
     keys = sequence_keys(ids, image_keys, features)
@@ -231,6 +236,7 @@ def stream_generate(
         yield response(detokenizer.last_segment, finish)
     finally:
         cache.record(keys, generated)
+        distributed.settle(model)
 
 
 def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
@@ -275,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
     p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
     p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions")
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- (not tensor-) parallel")
     return p
 
 
@@ -319,27 +326,30 @@ def main(argv=None) -> int:
     validate.generation_options(**{k: v for k, v in options.items() if k not in ("template", "system", "videos", "num_frames")})
     if first is not None:
         validate.prompt(first)
-    model, processor = load(args.model, vision_tower=args.vision_tower, model_base=args.model_base)
+    model, processor = load(args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline)
     cache, history, response = SessionCache(), [], None
+    shown = distributed.is_main(model)  # under mlx.launch the answer is printed once
     for question in chat_questions(first, args.chat):
         # The images belong to the first turn; later turns only prefill their new text.
         answer = []
         for response in stream_generate(
             model, processor, question, args.image, history=history, cache=cache, **options
         ):
-            print(response.text, end="", flush=True)
+            if shown:
+                print(response.text, end="", flush=True)
             answer.append(response.text)
-        print(flush=True)
+        if shown:
+            print(flush=True)
         history.append((question, "".join(answer).strip()))
-        report(response)
+        report(response, distributed.label(model))
     return 0
 
 
-def report(r: GenerationResponse):
+def report(r: GenerationResponse, prefix: str = ""):
     print(
-        f"Prompt: {r.prompt_tokens} tokens ({r.image_positions} image positions), "
+        f"{prefix}Prompt: {r.prompt_tokens} tokens ({r.image_positions} image positions), "
         f"{r.prompt_tps:.1f} tokens/s\n"
-        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
-        f"Peak memory: {r.peak_memory:.3f} GB",
+        f"{prefix}Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
+        f"{prefix}Peak memory: {r.peak_memory:.3f} GB",
         file=sys.stderr,
     )

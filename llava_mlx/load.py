@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import validate
+from . import distributed, validate
 from .errors import LlavaError, warn
 from .model import LlavaConfig, LlavaModel
 from .quantization import module_entries, module_params
@@ -371,9 +371,12 @@ def load_model(
     lazy: bool = True,
     model_base: Optional[Path] = None,
     delta: bool = False,
+    group=None,
+    pipeline: bool = False,
 ):
     """(model, config, tower_dir) from a local checkpoint directory; LoRA, projector-only and
-    delta checkpoints (adapters.py) with their local `model_base`."""
+    delta checkpoints (adapters.py) with their local `model_base`; with a distributed `group`,
+    this rank's shard of it (see distributed.py), evaluated."""
     from .adapters import check_base_fits, read_checkpoint
 
     raw, weights, lora = read_checkpoint(path, model_base, delta)
@@ -407,6 +410,7 @@ def load_model(
         if tower_dir is None:
             raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
         weights = {**load_weights(tower_dir), **weights}
+    stored = dict(weights)  # as read from the files: a sharded rank reads its slices of these
     if lora is not None:
         weights = lora.merge(weights)  # into the float weights, before any quantization
     weights = sanitize(weights, config)
@@ -418,8 +422,11 @@ def load_model(
     if model_base is not None:
         check_base_fits(dict(tree_flatten(model.parameters())), weights, path, model_base)
     check_weights(model, weights)
+    if group is not None:
+        files = weight_files(path) + (weight_files(model_base) if model_base else [])
+        weights = distributed.shard(model, weights, group, pipeline, stored, files)
     model.load_weights(list(weights.items()), strict=True)
-    if not lazy:
+    if not lazy or group is not None:
         mx.eval(model.parameters())
     model.eval()
     return model, config, tower_dir
@@ -445,13 +452,21 @@ def _cached_tower(location: str) -> Optional[Path]:
         return None
 
 
-def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = True, model_base: Optional[str] = None):
+def load(
+    path_or_repo: str,
+    vision_tower: Optional[str] = None,
+    lazy: bool = True,
+    model_base: Optional[str] = None,
+    pipeline: bool = False,
+):
     """Load a LLaVA checkpoint (local directory or Hugging Face repo id).
 
     Returns `(model, processor)`. `vision_tower` overrides the CLIP tower of the original
     layout (a path or repo id): LLaVA-1.5 checkpoints ship without one. `model_base` (a path
     or repo id) is the language model a LoRA or projector-only checkpoint was trained from:
-    the LoRA is merged into its weights at load.
+    the LoRA is merged into its weights at load. Under `mlx.launch` with several ranks the
+    decoder is sharded over them: tensor parallel, or pipeline parallel with `pipeline=True`
+    (no effect in a single process).
     """
     from .adapters import tokenizer_dir
     from .processor import Processor
@@ -463,7 +478,7 @@ def load(path_or_repo: str, vision_tower: Optional[str] = None, lazy: bool = Tru
         model_base = validate.path_argument(model_base, "model_base")
     path = resolve(path_or_repo)
     base = resolve(model_base, "model base") if model_base else None
-    model, config, tower_dir = load_model(path, vision_tower, lazy, base)
+    model, config, tower_dir = load_model(path, vision_tower, lazy, base, group=distributed.world(), pipeline=pipeline)
     tokenizer = tokenizer_dir(path, base)
     validate.checkpoint_files(tokenizer)
     return model, Processor.from_checkpoint(tokenizer, config, tower_dir)
