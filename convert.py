@@ -2,10 +2,7 @@
 
 import sys
 
-try:  # Ctrl-C while the libraries load: one line, no traceback
-    from llava_mlx.convert import main
-except KeyboardInterrupt:
-    sys.exit(print("interrupted", file=sys.stderr) or 130)
+from llava_mlx_cli import convert
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(convert())

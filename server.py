@@ -2,7 +2,7 @@
 
 import sys
 
-from llava_mlx.server import main
+from llava_mlx_cli import serve
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve())

@@ -477,12 +477,19 @@ def test_interrupt_just_before_the_move(checkpoints, tmp_path):
 
 
 def test_ctrl_c_during_start_up():
-    """Ctrl-C while the libraries are imported: exit 130, one line, no traceback. `-X importtime`
-    reports each import as it completes: the signal is sent once mlx.core is in, inside the
-    script's import of llava_mlx (mlx-lm and transformers are still to come)."""
-    for script, args in (("generate.py", ["--prompt", "hi"]), ("convert.py", ["--out", "y"])):
+    """Ctrl-C while the libraries are imported: exit 130, one line, no traceback, for the
+    scripts and the installed console scripts alike. `-X importtime` reports each import as it
+    completes: the signal is sent once mlx.core is in, inside the import of llava_mlx (mlx-lm
+    and transformers are still to come)."""
+    bin_dir = Path(sys.executable).parent  # the installed console scripts, beside the venv's python
+    for script, args in (
+        (ROOT / "generate.py", ["--prompt", "hi"]),
+        (ROOT / "convert.py", ["--out", "y"]),
+        (bin_dir / "llava-generate", ["--prompt", "hi"]),
+        (bin_dir / "llava-convert", ["--out", "y"]),
+    ):
         process = subprocess.Popen(
-            [sys.executable, "-X", "importtime", str(ROOT / script), "--model", "nobody/nothing", *args],
+            [sys.executable, "-X", "importtime", str(script), "--model", "nobody/nothing", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
         )
         for line in process.stderr:
