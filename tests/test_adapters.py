@@ -120,6 +120,25 @@ def test_generate_cli_matches_the_original_builder(case, adapters, original_buil
     assert f"Generation: {len(greedy)} tokens" in result.stderr
 
 
+def test_server_serves_a_lora_with_its_base(adapters, original_builder, images, tmp_path):
+    """server.py --model LORA --model-base BASE: the openai client gets the original builder's
+    greedy answer."""
+    from serving import start_server
+    from test_server import ask, user
+
+    checkpoint, image, _ = CASES["lora-v1.5"]
+    server = start_server(adapters[checkpoint], tmp_path / "server.log", "--model-base", str(adapters[BASE]))
+    try:
+        answer = ask(server, [user(QUESTION, images[image])], max_tokens=16)
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-2000:]
+    greedy = original_builder["lora-v1.5"]["greedy"].tolist()
+    greedy = greedy[: greedy.index(2)] if 2 in greedy else greedy  # the server stops at </s>
+    _, processor = load(str(adapters[checkpoint]), model_base=str(adapters[BASE]))
+    assert answer.choices[0].message.content == streamed_text(processor, greedy)
+    assert answer.usage.completion_tokens == len(greedy)
+
+
 @pytest.fixture(scope="module")
 def merged(adapters, tmp_path_factory):
     """case -> the float32 MLX checkpoint convert.py writes (LoRA merged, delta applied), made once."""
