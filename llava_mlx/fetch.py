@@ -4,7 +4,8 @@ never holds more than `max_bytes`, whatever the server does.
 A socket timeout only bounds each read: a server that sends one byte a second keeps it
 alive forever. Here a watchdog shuts the connection's sockets down at the deadline (the
 blocked read returns at once), and the body is read a piece at a time (`read1`) against
-the deadline and the size limit. Redirects and proxies are urllib's.
+the deadline and the size limit. Proxies are urllib's; redirects too, up to MAX_REDIRECTS
+and only to http(s) URLs (never to the local disk).
 """
 
 import http.client
@@ -19,6 +20,7 @@ from .errors import LlavaError
 DEFAULT_TIMEOUT = 60.0  # s, the whole download
 DEFAULT_MAX_BYTES = 100 * 2**20
 CHUNK = 1 << 16
+MAX_REDIRECTS = 3
 
 
 def _watched(base, sockets: list):
@@ -48,6 +50,15 @@ class _HTTPS(urllib.request.HTTPSHandler):
         return self.do_open(self.connection, req, context=self._context)
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = MAX_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.lower().startswith(("http://", "https://")):
+            raise LlavaError(f"cannot download {req.full_url}: it redirects to {newurl[:80]}, and only http(s) URLs are read")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def fetch(url: str, what: str = "file", timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """The body of `url` (http or https); LlavaError if it is slower than `timeout` in
     total, larger than `max_bytes`, or fails in any other way."""
@@ -67,7 +78,7 @@ def fetch(url: str, what: str = "file", timeout: float = DEFAULT_TIMEOUT, max_by
     watchdog = threading.Timer(timeout, shut)
     watchdog.daemon = True
     watchdog.start()
-    opener = urllib.request.build_opener(_HTTP(sockets), _HTTPS(sockets))
+    opener = urllib.request.build_opener(_HTTP(sockets), _HTTPS(sockets), _Redirects())
     request = urllib.request.Request(url, headers={"User-Agent": "llava-mlx"})
     try:
         with opener.open(request, timeout=timeout) as response:

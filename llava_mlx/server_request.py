@@ -9,25 +9,23 @@ context. The messages become the prompt exactly as `generate(..., history=...)` 
 
 import base64
 import binascii
-import http.client
 import io
 import json
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
 from .cache import image_key, sequence_keys
 from .errors import LlavaError
+from .fetch import fetch
 from .processor import IMAGE_TOKEN, MAX_PIXELS, load_image
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOPS = 4
-MAX_REDIRECTS = 3
 
 
 class ApiError(Exception):
@@ -250,47 +248,11 @@ def image_bytes(where: str, url: str, limits: Limits) -> bytes:
 
 
 def download(where: str, url: str, limits: Limits) -> bytes:
-    """GET an http(s) URL within `image_url_timeout` seconds and `max_body_bytes` bytes."""
-    deadline = time.monotonic() + limits.image_url_timeout
-    for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ApiError(400, f"{where}: cannot fetch image URL {url!r} (only http(s) URLs)", "messages")
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(parts.hostname, parts.port, timeout=limits.image_url_timeout)
-        try:
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            connection.request("GET", path, headers={"User-Agent": "llava-mlx", "Accept": "image/*"})
-            sock = connection.sock  # http.client lets go of it once the response will close
-            response = connection.getresponse()
-            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-                url = urljoin(url, response.getheader("Location"))
-                continue
-            if response.status != 200:
-                raise ApiError(400, f"{where}: fetching the image URL gave HTTP {response.status}", "messages")
-            size = response.getheader("Content-Length")
-            if size and size.isdigit() and int(size) > limits.max_body_bytes:
-                raise ApiError(400, f"{where}: the image URL's body is {int(size):,} bytes, over {limits.max_body_bytes:,}", "messages")
-            chunks, total = [], 0
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError()
-                sock.settimeout(left)
-                chunk = response.read1(65536)
-                if not chunk:
-                    return b"".join(chunks)
-                total += len(chunk)
-                if total > limits.max_body_bytes:
-                    raise ApiError(400, f"{where}: the image URL returned more than {limits.max_body_bytes:,} bytes", "messages")
-                chunks.append(chunk)
-        except TimeoutError:
-            raise ApiError(400, f"{where}: the image URL did not answer within {limits.image_url_timeout:g} s", "messages") from None
-        except (OSError, http.client.HTTPException, ValueError) as e:
-            raise ApiError(400, f"{where}: cannot fetch the image URL ({type(e).__name__}: {e})", "messages") from None
-        finally:
-            connection.close()
-    raise ApiError(400, f"{where}: the image URL redirects more than {MAX_REDIRECTS} times", "messages")
+    """GET an http(s) URL within `image_url_timeout` seconds and `max_body_bytes` bytes in all."""
+    try:
+        return fetch(url, "the image URL", limits.image_url_timeout, limits.max_body_bytes)
+    except LlavaError as e:
+        raise ApiError(400, f"{where}: {e}", "messages") from None
 
 
 def decode_image(where: str, data: bytes, limits: Limits) -> Image.Image:

@@ -288,7 +288,7 @@ def bad_requests(images, image_host):
         "data URI not an image type": (image_message("data:text/plain;base64,aGVsbG8="), 400, "data:image/"),
         "not an image": (image_message("data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode()), 400, "not an image"),
         "truncated image": (image_message("data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()), 400, "image"),
-        "unreachable URL": (image_message(f"http://127.0.0.1:{free_port()}/a.png"), 400, "cannot fetch the image URL"),
+        "unreachable URL": (image_message(f"http://127.0.0.1:{free_port()}/a.png"), 400, "cannot download the image URL"),
         "image URL 404": (image_message(image_host + "/missing"), 400, "HTTP 404"),
         "slow image URL": (image_message(image_host + "/slow"), 400, "within 2 s"),
         "redirect to the disk": (image_message(image_host + "/to-disk"), 400, "only http(s) URLs"),
