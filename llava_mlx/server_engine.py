@@ -150,7 +150,7 @@ class Engine:
     # -- the engine thread ---------------------------------------------------------------
     def _run(self):
         try:
-            self.model, self.processor = self.load_fn()
+            self.model, self.processor = self._load()
             self.stream = mx.default_stream(mx.default_device())
             self.generator = self._new_generator()
             vocab = self.processor.tokenizer.vocab_size
@@ -164,20 +164,27 @@ class Engine:
         while not self.stopping.is_set():
             self._drop_cancelled()
             self._admit()
-            self.busy = self.busy or bool(self.prefilling or self.running)
-            if self.prefilling:
-                self._prefill_step()
-            if self.running:
-                self._decode_step()
-            elif not self.prefilling:
-                if self.busy:  # idle now: give MLX's buffer cache back to the system
-                    mx.clear_cache()
-                self.busy = False
-                try:
-                    self.waiting.append(self.inbox.get(timeout=0.1))
-                except queue.Empty:
-                    pass
-            self.memory.update(peak_memory_gb=mx.get_peak_memory() / 1e9, active_memory_gb=mx.get_active_memory() / 1e9)
+            self._work()
+
+    def _load(self):
+        return self.load_fn()
+
+    def _work(self):
+        """One prefill chunk and one decode step, or a short wait for a request."""
+        self.busy = self.busy or bool(self.prefilling or self.running)
+        if self.prefilling:
+            self._prefill_step()
+        if self.running:
+            self._decode_step()
+        elif not self.prefilling:
+            if self.busy:  # idle now: give MLX's buffer cache back to the system
+                mx.clear_cache()
+            self.busy = False
+            try:
+                self.waiting.append(self.inbox.get(timeout=0.1))
+            except queue.Empty:
+                pass
+        self.memory.update(peak_memory_gb=mx.get_peak_memory() / 1e9, active_memory_gb=mx.get_active_memory() / 1e9)
 
     def _new_generator(self) -> BatchGenerator:
         eos = self.processor.tokenizer.eos_token_ids
@@ -224,7 +231,7 @@ class Engine:
     def _start(self, job: Job):
         """Image features (cached by content), the cached prefix, the embeddings to prefill."""
         p = job.prompt
-        features = self.features.get(self.model, p.image_keys, p.pixels, lambda k: pixel_values(self.processor, p.images[k]))
+        features = self._features(p)
         for feats, n in zip(features, p.image_lengths):
             if feats.shape[0] != n:
                 raise RuntimeError(f"an image gave {feats.shape[0]} positions where {n} were expected")
@@ -236,6 +243,9 @@ class Engine:
         embeddings = self.model.embed(p.ids, image_features=features)[0]
         job.embeddings = embeddings[job.cached : len(p.keys) - 1]
         self.prefilling.append(job)
+
+    def _features(self, p: Prompt) -> list:
+        return self.features.get(self.model, p.image_keys, p.pixels, lambda k: pixel_values(self.processor, p.images[k]))
 
     def _prefill_step(self):
         job = self.prefilling[0]

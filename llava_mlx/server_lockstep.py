@@ -1,0 +1,104 @@
+"""Serving one model sharded over the ranks of `mlx.launch`, as mlx-lm's server does.
+
+    mlx.launch --hostfile hosts.json --backend ring -- python server.py --model M [--pipeline]
+
+Rank 0 alone listens for HTTP. Every rank runs this engine, and every iteration begins with
+rank 0 sharing what changed (`share_object`): the requests that start now (their prompt's
+ids and keys, their options) and the ones cancelled since; rank 0 encodes the images and
+shares their features (`shared_features`). All ranks then start, prefill, insert, step and
+drop the same requests in the same order, so the sharded decoder's collectives pair up.
+Everything else is decided the same way on every rank from the same tokens (EOS, stop
+strings, max_tokens, the prompt cache's inserts and hits), so it need not be shared.
+"""
+
+import dataclasses
+import logging
+import random
+
+from .distributed import group_of, settle, share_object, shared_features
+from .server_engine import Engine, Job
+from .server_request import Prompt
+
+log = logging.getLogger("llava_mlx.server")
+
+
+class LockstepEngine(Engine):
+    halted = False
+    serial = 0  # rank 0 numbers the requests it starts; followers know them by it
+
+    def _load(self):
+        model, processor = self.load_fn()
+        self.group = group_of(model)
+        if self.group is None:
+            raise RuntimeError("the lockstep engine runs only under mlx.launch with several ranks")
+        self.main = self.group.rank() == 0
+        sharding = model.sharding
+        layers = model.config.text_config["num_hidden_layers"]
+        if sharding.mode == "pipeline" and layers % self.group.size() and self.options.prompt_cache_bytes:
+            # Ranks holding different numbers of layers would evict different prompt-cache
+            # entries (the LRU is bounded in bytes) and then reuse different prefixes.
+            log.warning("%d layers do not divide over %d ranks: the prompt cache is off", layers, self.group.size())
+            self.prompt_cache.lru.max_bytes = 0
+        return model, processor
+
+    def _run(self):
+        super()._run()
+        if self.load_error is None:
+            if self.main:  # the followers wait for this before they leave
+                share_object(self.group, {"stop": True})
+            settle(self.model)
+
+    # -- each iteration: rank 0's changes, applied on every rank in the same order --------
+    def _drop_cancelled(self):
+        pass  # part of the exchange: a cancellation is seen on rank 0 only
+
+    def _admit(self):
+        change = self._changes() if self.main else None
+        change = share_object(self.group, change)
+        self.halted = bool(change.get("stop"))
+        if self.halted:
+            self.stopping.set()
+            return
+        live = {job.serial: job for job in list(self.prefilling) + list(self.running.values())}
+        cancel = [live[s] for s in change["cancel"]]
+        for job in cancel:
+            if job in self.prefilling:
+                self.prefilling.remove(job)
+                job.kv = job.embeddings = None
+        gone = [job.uid for job in cancel if job.uid in self.running]
+        if gone:
+            self.generator.remove(gone)
+            for uid in gone:
+                del self.running[uid]
+        self.counters["cancelled"] += len(cancel)
+        for serial, prompt, chat in change["start"]:
+            job = self.started.pop(serial) if self.main else Job(prompt, chat)
+            job.serial = serial
+            self._guard(job, self._start, job)
+
+    def _changes(self) -> dict:
+        """Rank 0: the requests to start now (as `Engine._admit` picks them) and those cancelled."""
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get_nowait())
+        cancel = [j.serial for j in list(self.prefilling) + list(self.running.values()) if j.cancelled.is_set()]
+        self.started, start = {}, []
+        while self.waiting and len(self.running) + len(self.prefilling) + len(start) < self.options.max_batch:
+            job = self.waiting.popleft()
+            if job.cancelled.is_set():
+                self.counters["cancelled"] += 1
+                continue
+            if job.chat.temperature > 0 and job.chat.seed is None:
+                job.chat.seed = random.randrange(2**31)  # every rank samples the same tokens
+            self.serial += 1
+            self.started[self.serial] = job
+            # What the followers need: no pixels or images (rank 0 encodes them).
+            start.append((self.serial, dataclasses.replace(job.prompt, pixels={}, images={}), job.chat))
+        return {"cancel": cancel, "start": start}
+
+    def _work(self):
+        if not self.halted:  # only the exchange stops a rank: all ranks stop at the same point
+            super()._work()
+
+    def _features(self, p: Prompt) -> list:
+        # Rank 0 encodes (from its feature cache); an image error fails the request everywhere.
+        return shared_features(self.model, lambda: (p.image_keys, super(LockstepEngine, self)._features(p)))[1]
