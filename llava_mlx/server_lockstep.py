@@ -16,6 +16,7 @@ import logging
 import random
 
 from .distributed import group_of, settle, share_object, shared_features
+from .errors import LlavaError
 from .server_engine import Engine, Job
 from .server_request import Prompt
 
@@ -32,6 +33,8 @@ class LockstepEngine(Engine):
         if self.group is None:
             raise RuntimeError("the lockstep engine runs only under mlx.launch with several ranks")
         self.main = self.group.rank() == 0
+        if not self.main:
+            self.idle_wait = 0  # a follower waits in the exchange instead
         sharding = model.sharding
         layers = model.config.text_config["num_hidden_layers"]
         if sharding.mode == "pipeline" and layers % self.group.size() and self.options.prompt_cache_bytes:
@@ -59,18 +62,8 @@ class LockstepEngine(Engine):
         if self.halted:
             self.stopping.set()
             return
-        live = {job.serial: job for job in list(self.prefilling) + list(self.running.values())}
-        cancel = [live[s] for s in change["cancel"]]
-        for job in cancel:
-            if job in self.prefilling:
-                self.prefilling.remove(job)
-                job.kv = job.embeddings = None
-        gone = [job.uid for job in cancel if job.uid in self.running]
-        if gone:
-            self.generator.remove(gone)
-            for uid in gone:
-                del self.running[uid]
-        self.counters["cancelled"] += len(cancel)
+        live = {job.serial: job for job in [*self.prefilling, *self.running.values()]}
+        self._drop([live[serial] for serial in change["cancel"]])
         for serial, prompt, chat in change["start"]:
             job = self.started.pop(serial) if self.main else Job(prompt, chat)
             job.serial = serial
@@ -78,15 +71,9 @@ class LockstepEngine(Engine):
 
     def _changes(self) -> dict:
         """Rank 0: the requests to start now (as `Engine._admit` picks them) and those cancelled."""
-        while not self.inbox.empty():
-            self.waiting.append(self.inbox.get_nowait())
-        cancel = [j.serial for j in list(self.prefilling) + list(self.running.values()) if j.cancelled.is_set()]
+        cancel = [job.serial for job in [*self.prefilling, *self.running.values()] if job.cancelled.is_set()]
         self.started, start = {}, []
-        while self.waiting and len(self.running) + len(self.prefilling) + len(start) < self.options.max_batch:
-            job = self.waiting.popleft()
-            if job.cancelled.is_set():
-                self.counters["cancelled"] += 1
-                continue
+        for job in self._admissible():
             if job.chat.temperature > 0 and job.chat.seed is None:
                 job.chat.seed = random.randrange(2**31)  # every rank samples the same tokens
             self.serial += 1
@@ -100,5 +87,16 @@ class LockstepEngine(Engine):
             super()._work()
 
     def _features(self, p: Prompt) -> list:
-        # Rank 0 encodes (from its feature cache); an image error fails the request everywhere.
-        return shared_features(self.model, lambda: (p.image_keys, super(LockstepEngine, self)._features(p)))[1]
+        """Rank 0 encodes (from its feature cache) and shares; a failure fails the request on
+        every rank (an unexpected one too, so that the ranks stay in step)."""
+
+        def encode():
+            try:
+                return p.image_keys, super(LockstepEngine, self)._features(p)
+            except LlavaError:
+                raise
+            except Exception as e:
+                log.exception("encoding the images failed")
+                raise LlavaError(f"encoding the images failed: {type(e).__name__}: {e}") from e
+
+        return shared_features(self.model, encode)[1]
