@@ -9,14 +9,15 @@ mlx.launch with several ranks, rank 0 serves HTTP and the others follow (server_
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from functools import partial
 from pathlib import Path
 
-from .errors import LlavaError
 from .distributed import label, launched
+from .errors import LlavaError
 from .server_engine import Engine, EngineOptions
 from .server_http import App, Handler, Server
 from .server_lockstep import LockstepEngine
@@ -104,12 +105,30 @@ def main(argv=None) -> int:
     return 0
 
 
+FOLLOWER_GRACE = 20.0  # s a follower waits, once signalled, for rank 0 to tell it to stop
+
+
 def follow(engine: LockstepEngine) -> int:
     """A rank other than 0: no port, its engine runs what rank 0 shares until rank 0 stops."""
-    # A signal to the whole launch stops rank 0, which then tells this rank to stop.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print(f"llava-mlx: {label(engine.model)}following rank 0", file=sys.stderr, flush=True)
+    me = label(engine.model)
+
+    def signalled(signum, frame):
+        # Rank 0 got the same signal (mlx.launch, Ctrl-C) and tells this rank to stop, so
+        # that no rank leaves a collective half done. If it cannot (it died), leave anyway.
+        def leave():
+            print(f"error: {me}rank 0 did not stop this rank within {FOLLOWER_GRACE:g} s", file=sys.stderr, flush=True)
+            os._exit(1)
+
+        timer = threading.Timer(FOLLOWER_GRACE, leave)
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, signalled)
+    signal.signal(signal.SIGINT, signalled)
+    print(f"llava-mlx: {me}following rank 0", file=sys.stderr, flush=True)
     engine.thread.join()
     engine.stop()
+    if engine.lost:
+        print(f"error: {me}lost rank 0 ({engine.lost})", file=sys.stderr)
+        return 1
     return 0

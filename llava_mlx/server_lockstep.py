@@ -25,13 +25,14 @@ log = logging.getLogger("llava_mlx.server")
 
 class LockstepEngine(Engine):
     halted = False
+    lost = None  # why the ranks lost each other, if they did
     serial = 0  # rank 0 numbers the requests it starts; followers know them by it
 
     def _load(self):
         model, processor = self.load_fn()
         self.group = group_of(model)
         if self.group is None:
-            raise RuntimeError("the lockstep engine runs only under mlx.launch with several ranks")
+            raise LlavaError("launched as one rank of several, but this process is the only one: run it under mlx.launch with -n 2 or more")
         self.main = self.group.rank() == 0
         if not self.main:
             self.idle_wait = 0  # a follower waits in the exchange instead
@@ -45,7 +46,12 @@ class LockstepEngine(Engine):
         return model, processor
 
     def _run(self):
-        super()._run()
+        try:
+            super()._run()
+        except RuntimeError as e:  # the ring lost a rank (it died or was killed): no way on
+            self.lost = str(e).splitlines()[0]
+            log.error("%s: the engine stops; restart the whole launch", self.lost)
+            return
         if self.load_error is None:
             if self.main:  # the followers wait for this before they leave
                 share_object(self.group, {"stop": True})
