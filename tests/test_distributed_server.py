@@ -2,18 +2,22 @@
 rank 0 serves HTTP, rank 1 follows its engine in lockstep. The official `openai` client gets
 exactly generate()'s single-process greedy answers (plain, streamed, two requests at once,
 a follow-up from the prompt cache, after cancellations and a sampled request), tensor and
-pipeline parallel, and a SIGTERM to the launch's process group ends every process. Bounded in time; the whole
-group is killed if anything hangs."""
+pipeline parallel, and a SIGTERM to the launch's process group ends every process; a
+follower whose rank 0 is killed exits 1 with one line. Bounded in time; the whole group is
+killed if anything hangs."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import SERVER_ARGS, SERVER_MODEL
+from conftest import ROOT, SERVER_ARGS, SERVER_MODEL
 from serving import start_server
 from test_distributed import LAUNCH, environment, free_port_pair
 from test_server import ask, disconnect_twice, reference, user
@@ -107,3 +111,31 @@ def test_sigterm_to_the_group_stops_every_rank(two_ranks):
         time.sleep(0.2)
     assert not group_alive(two_ranks.proc.pid), two_ranks.log.read_text()[-3000:]
     assert "Traceback" not in two_ranks.log.read_text()
+
+
+def test_a_follower_whose_rank_0_dies_exits_with_one_line(checkpoints, tmp_path):
+    """Both ranks started by hand (as mlx.launch starts them): rank 0 is killed, rank 1 says
+    so in one line and exits 1 instead of waiting forever."""
+    base = free_port_pair()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
+    model, log = str(checkpoints[SERVER_MODEL]), tmp_path / "rank1.log"
+    with open(log, "w") as out:
+        follower = subprocess.Popen(
+            [sys.executable, "server.py", "--model", model, "--port", "0"], stdout=subprocess.DEVNULL, stderr=out,
+            cwd=ROOT, env=environment(MLX_RANK="1", MLX_HOSTFILE=str(hostfile)), start_new_session=True,
+        )
+    try:
+        main = start_server(model, tmp_path / "rank0.log", env=environment(MLX_RANK="0", MLX_HOSTFILE=str(hostfile)))
+        deadline = time.monotonic() + 60
+        while "following rank 0" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(main.proc.pid, signal.SIGKILL)
+        main.proc.wait()
+        assert follower.wait(timeout=STOP_TIMEOUT) == 1
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+            follower.wait()
+    lines = [line for line in log.read_text().splitlines() if not line.startswith("[ring]")]
+    assert lines[-1] == "error: [rank 1/2] lost rank 0 ([ring] connection to a peer was lost)", lines
