@@ -3,20 +3,24 @@
 The command line: it loads the model in the engine thread (server_engine.py), then serves
 HTTP (server_http.py) until interrupted. Requests are checked and prepared by
 server_request.py; reuse across requests lives in server_cache.py. With --kv-bits the
-engine serves one request at a time through stream_generate (server_serial.py).
+engine serves one request at a time through stream_generate (server_serial.py). Under
+mlx.launch with several ranks, rank 0 serves HTTP and the others follow (server_lockstep.py).
 """
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from functools import partial
 from pathlib import Path
 
+from .distributed import label, launched
 from .errors import LlavaError
 from .server_engine import Engine, EngineOptions
 from .server_http import App, Handler, Server
+from .server_lockstep import LockstepEngine
 from .server_request import Limits
 from .server_serial import SerialEngine
 
@@ -29,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
     p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only checkpoint")
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- instead of tensor-parallel decoder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
@@ -60,7 +65,14 @@ def main(argv=None) -> int:
 
     options = EngineOptions(args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes, kv_bits=args.kv_bits)
     # mlx-lm's BatchGenerator cannot batch quantized KV caches: one request at a time, as mlx-lm's server does.
-    engine = (SerialEngine if args.kv_bits else Engine)(partial(load, args.model, vision_tower=args.vision_tower, model_base=args.model_base), options)
+    kind = SerialEngine if args.kv_bits else Engine
+    if launched():  # several ranks: rank 0 serves HTTP, the others follow its engine
+        if args.kv_bits:
+            print("error: --kv-bits cannot be served over several ranks (mlx.launch); leave it out", file=sys.stderr)
+            return 2
+        kind = LockstepEngine
+    load_model = partial(load, args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline)
+    engine = kind(load_model, options)
     limits = Limits(args.max_tokens, args.max_images, args.max_image_pixels, int(args.max_body_mb * (1 << 20)), args.image_url_timeout)
     try:
         engine.start()
@@ -68,6 +80,8 @@ def main(argv=None) -> int:
         engine.stop()
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not getattr(engine, "main", True):
+        return follow(engine)
     model_id = Path(args.model).resolve().name if Path(args.model).is_dir() else args.model
     app = App(engine, limits, model_id, args.api_key, args.allowed_origins)
     try:
@@ -88,4 +102,33 @@ def main(argv=None) -> int:
     finally:
         httpd.server_close()
         engine.stop()
+    return 0
+
+
+FOLLOWER_GRACE = 20.0  # s a follower waits, once signalled, for rank 0 to tell it to stop
+
+
+def follow(engine: LockstepEngine) -> int:
+    """A rank other than 0: no port, its engine runs what rank 0 shares until rank 0 stops."""
+    me = label(engine.model)
+
+    def signalled(signum, frame):
+        # Rank 0 got the same signal (mlx.launch, Ctrl-C) and tells this rank to stop, so
+        # that no rank leaves a collective half done. If it cannot (it died), leave anyway.
+        def leave():
+            print(f"error: {me}rank 0 did not stop this rank within {FOLLOWER_GRACE:g} s", file=sys.stderr, flush=True)
+            os._exit(1)
+
+        timer = threading.Timer(FOLLOWER_GRACE, leave)
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, signalled)
+    signal.signal(signal.SIGINT, signalled)
+    print(f"llava-mlx: {me}following rank 0", file=sys.stderr, flush=True)
+    engine.thread.join()
+    engine.stop()
+    if engine.lost:
+        print(f"error: {me}lost rank 0 ({engine.lost})", file=sys.stderr)
+        return 1
     return 0

@@ -88,6 +88,7 @@ def held_back(text: str, stops: List[str]) -> int:
 
 
 class Engine:
+    idle_wait = 0.1  # s an idle engine waits for a request before its next iteration
     def __init__(self, load_fn, options: EngineOptions):
         self.load_fn, self.options = load_fn, options
         self.inbox: "queue.Queue[Job]" = queue.Queue()
@@ -150,7 +151,7 @@ class Engine:
     # -- the engine thread ---------------------------------------------------------------
     def _run(self):
         try:
-            self.model, self.processor = self.load_fn()
+            self.model, self.processor = self._load()
             self.stream = mx.default_stream(mx.default_device())
             self.generator = self._new_generator()
             vocab = self.processor.tokenizer.vocab_size
@@ -164,20 +165,27 @@ class Engine:
         while not self.stopping.is_set():
             self._drop_cancelled()
             self._admit()
-            self.busy = self.busy or bool(self.prefilling or self.running)
-            if self.prefilling:
-                self._prefill_step()
-            if self.running:
-                self._decode_step()
-            elif not self.prefilling:
-                if self.busy:  # idle now: give MLX's buffer cache back to the system
-                    mx.clear_cache()
-                self.busy = False
-                try:
-                    self.waiting.append(self.inbox.get(timeout=0.1))
-                except queue.Empty:
-                    pass
-            self.memory.update(peak_memory_gb=mx.get_peak_memory() / 1e9, active_memory_gb=mx.get_active_memory() / 1e9)
+            self._work()
+
+    def _load(self):
+        return self.load_fn()
+
+    def _work(self):
+        """One prefill chunk and one decode step, or a short wait for a request."""
+        self.busy = self.busy or bool(self.prefilling or self.running)
+        if self.prefilling:
+            self._prefill_step()
+        if self.running:
+            self._decode_step()
+        elif not self.prefilling:
+            if self.busy:  # idle now: give MLX's buffer cache back to the system
+                mx.clear_cache()
+            self.busy = False
+            try:
+                self.waiting.append(self.inbox.get(timeout=self.idle_wait))
+            except queue.Empty:
+                pass
+        self.memory.update(peak_memory_gb=mx.get_peak_memory() / 1e9, active_memory_gb=mx.get_active_memory() / 1e9)
 
     def _new_generator(self) -> BatchGenerator:
         eos = self.processor.tokenizer.eos_token_ids
@@ -192,17 +200,24 @@ class Engine:
         )
 
     def _admit(self):
+        for job in self._admissible():
+            self._guard(job, self._start, job)
+
+    def _admissible(self) -> list:
+        """The waiting requests that start now (the batch has room); cancelled ones dropped."""
         while True:
             try:
                 self.waiting.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
-        while self.waiting and len(self.running) + len(self.prefilling) < self.options.max_batch:
+        start = []
+        while self.waiting and len(self.running) + len(self.prefilling) + len(start) < self.options.max_batch:
             job = self.waiting.popleft()
             if job.cancelled.is_set():
                 self.counters["cancelled"] += 1
                 continue
-            self._guard(job, self._start, job)
+            start.append(job)
+        return start
 
     def _guard(self, job: Job, fn, *args):
         """Run one job's step; a failure fails that job only."""
@@ -224,7 +239,7 @@ class Engine:
     def _start(self, job: Job):
         """Image features (cached by content), the cached prefix, the embeddings to prefill."""
         p = job.prompt
-        features = self.features.get(self.model, p.image_keys, p.pixels, lambda k: pixel_values(self.processor, p.images[k]))
+        features = self._features(p)
         for feats, n in zip(features, p.image_lengths):
             if feats.shape[0] != n:
                 raise RuntimeError(f"an image gave {feats.shape[0]} positions where {n} were expected")
@@ -236,6 +251,9 @@ class Engine:
         embeddings = self.model.embed(p.ids, image_features=features)[0]
         job.embeddings = embeddings[job.cached : len(p.keys) - 1]
         self.prefilling.append(job)
+
+    def _features(self, p: Prompt) -> list:
+        return self.features.get(self.model, p.image_keys, p.pixels, lambda k: pixel_values(self.processor, p.images[k]))
 
     def _prefill_step(self):
         job = self.prefilling[0]
@@ -335,13 +353,17 @@ class Engine:
         self.prompt_cache.insert(keys, cache)
 
     def _drop_cancelled(self):
-        for job in [j for j in self.prefilling if j.cancelled.is_set()]:
-            self.prefilling.remove(job)
+        self._drop([job for job in [*self.prefilling, *self.running.values()] if job.cancelled.is_set()])
+
+    def _drop(self, jobs: list):
+        """Stop prefilling or decoding these jobs and free their KV."""
+        dropped = {id(job) for job in jobs}
+        self.prefilling = deque(job for job in self.prefilling if id(job) not in dropped)
+        for job in jobs:
             job.kv = job.embeddings = None
-            self.counters["cancelled"] += 1
-        gone = [uid for uid, job in self.running.items() if job.cancelled.is_set()]
+        gone = [uid for uid, job in self.running.items() if id(job) in dropped]
         if gone:
             self.generator.remove(gone)
             for uid in gone:
                 del self.running[uid]
-            self.counters["cancelled"] += len(gone)
+        self.counters["cancelled"] += len(jobs)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -40,13 +41,14 @@ class LiveServer:
             return -9
 
 
-def start_server(model: Path, log: Path, *args) -> LiveServer:
-    """`python server.py --model MODEL --port 0 ARGS`, once it says where it listens."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+def start_server(model: Path, log: Path, *args, launcher=(), env=None) -> LiveServer:
+    """`[LAUNCHER] python server.py --model MODEL --port 0 ARGS`, once it says where it listens
+    (in a process group of its own: `launcher` may start several processes)."""
+    env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "server.py"), "--model", str(model), "--port", "0", *args],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+            [*launcher, sys.executable, str(ROOT / "server.py"), "--model", str(model), "--port", "0", *args],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,
         )
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
@@ -56,5 +58,5 @@ def start_server(model: Path, log: Path, *args) -> LiveServer:
         if proc.poll() is not None:
             raise RuntimeError(f"server.py exited with {proc.returncode}:\n{log.read_text()}")
         time.sleep(0.2)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     raise RuntimeError(f"server.py did not start in {STARTUP_TIMEOUT} s:\n{log.read_text()}")

@@ -1,0 +1,108 @@
+"""Serving one model sharded over the ranks of `mlx.launch`, as mlx-lm's server does.
+
+    mlx.launch --hostfile hosts.json --backend ring -- python server.py --model M [--pipeline]
+
+Rank 0 alone listens for HTTP. Every rank runs this engine, and every iteration begins with
+rank 0 sharing what changed (`share_object`): the requests that start now (their prompt's
+ids and keys, their options) and the ones cancelled since; rank 0 encodes the images and
+shares their features (`shared_features`). All ranks then start, prefill, insert, step and
+drop the same requests in the same order, so the sharded decoder's collectives pair up.
+Everything else is decided the same way on every rank from the same tokens (EOS, stop
+strings, max_tokens, the prompt cache's inserts and hits), so it need not be shared.
+"""
+
+import dataclasses
+import logging
+import random
+
+from .distributed import group_of, settle, share_object, shared_features
+from .errors import LlavaError
+from .server_engine import Engine, Job
+from .server_request import Prompt
+
+log = logging.getLogger("llava_mlx.server")
+
+
+class LockstepEngine(Engine):
+    halted = False
+    lost = None  # why the ranks lost each other, if they did
+    serial = 0  # rank 0 numbers the requests it starts; followers know them by it
+
+    def _load(self):
+        model, processor = self.load_fn()
+        self.group = group_of(model)
+        if self.group is None:
+            raise LlavaError("launched as one rank of several, but this process is the only one: run it under mlx.launch with -n 2 or more")
+        self.main = self.group.rank() == 0
+        if not self.main:
+            self.idle_wait = 0  # a follower waits in the exchange instead
+        sharding = model.sharding
+        layers = model.config.text_config["num_hidden_layers"]
+        if sharding.mode == "pipeline" and layers % self.group.size() and self.options.prompt_cache_bytes:
+            # Ranks holding different numbers of layers would evict different prompt-cache
+            # entries (the LRU is bounded in bytes) and then reuse different prefixes.
+            log.warning("%d layers do not divide over %d ranks: the prompt cache is off", layers, self.group.size())
+            self.prompt_cache.lru.max_bytes = 0
+        return model, processor
+
+    def _run(self):
+        try:
+            super()._run()
+        except RuntimeError as e:  # the ring lost a rank (it died or was killed): no way on
+            self.lost = str(e).splitlines()[0]
+            log.error("%s: the engine stops; restart the whole launch", self.lost)
+            return
+        if self.load_error is None:
+            if self.main:  # the followers wait for this before they leave
+                share_object(self.group, {"stop": True})
+            settle(self.model)
+
+    # -- each iteration: rank 0's changes, applied on every rank in the same order --------
+    def _drop_cancelled(self):
+        pass  # part of the exchange: a cancellation is seen on rank 0 only
+
+    def _admit(self):
+        change = self._changes() if self.main else None
+        change = share_object(self.group, change)
+        self.halted = bool(change.get("stop"))
+        if self.halted:
+            self.stopping.set()
+            return
+        live = {job.serial: job for job in [*self.prefilling, *self.running.values()]}
+        self._drop([live[serial] for serial in change["cancel"]])
+        for serial, prompt, chat in change["start"]:
+            job = self.started.pop(serial) if self.main else Job(prompt, chat)
+            job.serial = serial
+            self._guard(job, self._start, job)
+
+    def _changes(self) -> dict:
+        """Rank 0: the requests to start now (as `Engine._admit` picks them) and those cancelled."""
+        cancel = [job.serial for job in [*self.prefilling, *self.running.values()] if job.cancelled.is_set()]
+        self.started, start = {}, []
+        for job in self._admissible():
+            if job.chat.temperature > 0 and job.chat.seed is None:
+                job.chat.seed = random.randrange(2**31)  # every rank samples the same tokens
+            self.serial += 1
+            self.started[self.serial] = job
+            # What the followers need: no pixels or images (rank 0 encodes them).
+            start.append((self.serial, dataclasses.replace(job.prompt, pixels={}, images={}), job.chat))
+        return {"cancel": cancel, "start": start}
+
+    def _work(self):
+        if not self.halted:  # only the exchange stops a rank: all ranks stop at the same point
+            super()._work()
+
+    def _features(self, p: Prompt) -> list:
+        """Rank 0 encodes (from its feature cache) and shares; a failure fails the request on
+        every rank (an unexpected one too, so that the ranks stay in step)."""
+
+        def encode():
+            try:
+                return p.image_keys, super(LockstepEngine, self)._features(p)
+            except LlavaError:
+                raise
+            except Exception as e:
+                log.exception("encoding the images failed")
+                raise LlavaError(f"encoding the images failed: {type(e).__name__}: {e}") from e
+
+        return shared_features(self.model, encode)[1]
