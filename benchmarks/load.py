@@ -96,6 +96,8 @@ def summarize(replies: list, not_sent: int, wall: float) -> dict:
                 wall=wall, generated_tokens=tokens, aggregate_tps=tokens / wall if wall > 0 else None,
                 ttft_p50=percentile(ttfts, 50), ttft_p95=percentile(ttfts, 95),
                 tokens_per_request=tokens / len(ok) if ok else None,
+                # share of a request spent before its first token: what batching decode cannot overlap
+                prefill_share=sum(r.ttft for r in ok) / sum(r.ended - r.started for r in ok) if ok else None,
                 stopped_early=sum(1 for r in ok if r.finish_reason == "stop"),
                 prompt_tokens=[r.prompt_tokens for r in ok], tokens_from_usage=all(r.tokens_from_usage for r in ok),
                 errors=errors[:5], replies=[{k: v for k, v in asdict(r).items() if k != "text"} for r in replies])

@@ -28,6 +28,13 @@ def mb(x):
     return "–" if x is None else f"{x / 2**20:,.0f} MB"
 
 
+def target_row(name: str, measured: str, ok, margin: str) -> tuple:
+    """A row of a targets table and its printed line; `ok` None means it could not be measured."""
+    mark = "✅" if ok else ("❌" if ok is not None else "n/a")
+    word = "PASS" if ok else ("FAIL" if ok is not None else "N/A ")
+    return f"| {name} | {measured} | {mark} | {margin} |", f"[{word}] {name}: {measured} ({margin})"
+
+
 def machine_info() -> dict:
     import mlx.core as mx
     cpu = platform.processor() or platform.machine()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .checkpoints import PREFILL_STEP_SIZE, SEED, kv_cache_bytes
 from .offline import CASES, cases_meta
-from .report import fmt, machine_rows, mb
+from .report import fmt, machine_rows, mb, target_row
 
 
 def section(record: dict) -> list:
@@ -178,9 +178,9 @@ def evaluate_targets(settings, results, roof, meta_by_family):
     pr = []
 
     def add(name, measured, ok, margin):
-        mark = "✅" if ok else ("❌" if ok is not None else "n/a")
-        lines.append(f"| {name} | {measured} | {mark} | {margin} |")
-        pr.append(f"[{'PASS' if ok else ('FAIL' if ok is not None else 'N/A ')}] {name}: {measured} ({margin})")
+        row, line = target_row(name, measured, ok, margin)
+        lines.append(row)
+        pr.append(line)
 
     for case in [c for c in CASES if c.family in meta_by_family]:  # the cases this run measured
         ours = results.get((case.family, "llava-mlx"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoints import PREFILL_STEP_SIZE, SEED
-from .report import fmt, machine_rows, mb
+from .report import fmt, machine_rows, mb, target_row
 
 COLORS = {"llava-mlx": "#1f77b4", "mlx-vlm": "#ff7f0e"}
 SPEEDUP_GOAL = 3.0
@@ -38,8 +38,9 @@ def evaluate_targets(record: dict) -> tuple:
     rows, printable = [], []
 
     def add(name, measured, ok, margin):
-        rows.append(f"| {name} | {measured} | {'✅' if ok else ('❌' if ok is not None else 'n/a')} | {margin} |")
-        printable.append(f"[{'PASS' if ok else ('FAIL' if ok is not None else 'N/A ')}] {name}: {measured} ({margin})")
+        row, line = target_row(name, measured, ok, margin)
+        rows.append(row)
+        printable.append(line)
 
     top = max(record["settings"]["clients"])
     for name, run in record["servers"].items():
@@ -89,6 +90,13 @@ def section(record: dict) -> list:
                      f"{fmt(r['ttft_p50'])} | {fmt(r['ttft_p95'])} | {fmt(r['tokens_per_request'], '.0f')} | "
                      f"{fmt(r['wall'], '.1f')} | {mb(r.get('peak_rss'))} |")
     L.append("")
+    for name, run in servers.items():
+        one = dict(_levels(run)).get(1, {})
+        if one.get("prefill_share"):
+            L.append(f"*{name}, one client*: the time to first token (image encoding and prompt prefill) is "
+                     f"{100 * one['prefill_share']:.0f}% of a request's time. If prefills run one after another and "
+                     f"only decoding overlaps, aggregate throughput can grow at most {1 / one['prefill_share']:.2f}× "
+                     "however many clients there are.\n")
     L.append(f"**Cached second turn** ({st['chats']} chat{'s' if st['chats'] != 1 else ''}, one client): the question about a new picture, then "
              f"{st['follow_up']!r} with the first answer in the history. Medians.\n")
     L.append("| server | turn 1 TTFT s | turn 2 TTFT s | turn 1 prompt tokens | turn 2 prompt tokens | "
