@@ -75,6 +75,8 @@ def section(record: dict) -> list:
              f"{st['warmup']} warm-up requests first; no retries; loopback |")
     for name, run in servers.items():
         L.append(f"| {name} | `{run.get('command', '–')}` |")
+    if st.get("server_source") and "llava-mlx" in servers:
+        L.append(f"| llava-mlx server code | {st['server_source']} |")
     L.append("")
     L.append("| server | clients | answered | failed | aggregate tok/s | vs 1 client | TTFT p50 s | TTFT p95 s | "
              "tokens / answer | wall s | peak RSS |")

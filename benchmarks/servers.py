@@ -33,6 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def source(server_script: Path | None) -> str:
+    """Which code of this project's server runs: its git commit when it is in a checkout."""
+    path = Path(server_script or ROOT / "server.py").resolve()
+    git = lambda *args: subprocess.run(["git", "-C", str(path.parent), *args], capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return str(path)
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return f"{path} at commit {commit}{dirty}"
+
+
 def command(name: str, ckpt: Path, port: int, server_script: Path | None = None) -> list:
     """The command line a user would type to serve `ckpt` with `name`, on loopback."""
     common = ["--model", str(ckpt), "--host", HOST, "--port", str(port), "--prefill-step-size", str(PREFILL_STEP_SIZE)]
@@ -99,8 +110,10 @@ class Server:
                 raise RuntimeError(f"{self.name} server exited with code {self.proc.returncode}: {self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=5) as r:
-                    models = json.loads(r.read()).get("data") or []
-                return models[0]["id"] if models else self.cmd[self.cmd.index("--model") + 1]
+                    ids = [m["id"] for m in json.loads(r.read()).get("data") or []]
+                model = self.cmd[self.cmd.index("--model") + 1]
+                # the served checkpoint: listed under its path, or the one model listed; else ask by path
+                return model if model in ids or len(ids) != 1 else ids[0]
             except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
                 time.sleep(0.5)
         raise TimeoutError(f"{self.name} server not ready after {self.ready_timeout:.0f}s: {self.log_tail()}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .checkpoints import QUESTION, checkpoint_dir, make_image
 from .load import data_uri, run_level, second_turn, user_turn
-from .servers import Server, command, free_port
+from .servers import Server, command, free_port, source
 
 # Mixed sizes: 1 to 5 LLaVA-1.6 crops, landscape and portrait; cycled so that neighbours differ.
 IMAGE_SIZES = [(1000, 600), (336, 336), (800, 1200), (640, 480), (1280, 720), (480, 640)]
@@ -81,6 +81,7 @@ def run(a, root: Path) -> dict:
     settings = dict(family=a.serve_family, shape=a.shape, dtype=a.dtype, tokens=a.tokens, clients=a.clients,
                     requests=a.requests, chats=a.chats, image_sizes=IMAGE_SIZES, servers=a.servers,
                     level_time=a.level_time, request_timeout=a.request_timeout, question=QUESTION,
-                    follow_up=FOLLOW_UP, warmup=WARMUP_REQUESTS)
+                    follow_up=FOLLOW_UP, warmup=WARMUP_REQUESTS,
+                    server_source=source(Path(a.server_script) if a.server_script else None))
     return dict(settings=settings, servers=servers)
 
