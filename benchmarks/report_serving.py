@@ -148,6 +148,13 @@ def chart(record: dict, out: Path):
         xs = [c for c, _ in lv]
         col = COLORS.get(name)
         axes[0].plot(xs, [r["aggregate_tps"] or 0 for _, r in lv], "o-", color=col, label=name)
+        one = dict(lv).get(1, {})
+        if one.get("prefill_share") and one.get("aggregate_tps"):
+            axes[0].axhline(one["aggregate_tps"] / one["prefill_share"], color=col, ls=":", lw=1,
+                            label=f"{name}: ceiling if prefill is serial")
+        if name == "llava-mlx" and one.get("aggregate_tps"):
+            axes[0].axhline(SPEEDUP_GOAL * one["aggregate_tps"], color="grey", ls="--", lw=1,
+                            label=f"goal: {SPEEDUP_GOAL:g}× one client")
         axes[1].plot(xs, [r["ttft_p50"] for _, r in lv], "o-", color=col, label=f"{name} p50")
         axes[1].plot(xs, [r["ttft_p95"] for _, r in lv], "s--", color=col, label=f"{name} p95")
         axes[2].plot(xs, [r["failed"] + r["not_sent"] for _, r in lv], "o-", color=col, label=name)
