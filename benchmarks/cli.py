@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--keep", default=None, help="build checkpoints here and keep them (default: temp dir)")
     p.add_argument("--build-only", action="store_true", help="only build the checkpoints (use with --keep)")
     p.add_argument("--dry-run", action="store_true", help="print shapes and sizes, write nothing")
+    p.add_argument("--blas", default=None, help="a BLAS library to preload into every MLX process (Linux: "
+                   "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3); transformers keeps PyTorch's MKL")
     g = p.add_argument_group("offline suite")
     g.add_argument("--peers", default="mlx-vlm,transformers", help="comma-separated: mlx-vlm,transformers (or 'none')")
     g.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="measured runs per case (best of)")
@@ -64,6 +66,8 @@ def parse_args(argv=None):
     unknown = sorted(set(a.servers) - set(SERVERS))
     if unknown:
         p.error(f"unknown server(s) {', '.join(unknown)}; known: {', '.join(SERVERS)}")
+    if a.blas and not Path(a.blas).is_file():
+        p.error(f"--blas {a.blas}: no such file")
     if a.requests < 1 or a.chats < 0 or not a.clients or min(a.clients) < 1:
         p.error("--requests and every --clients level must be at least 1, --chats at least 0")
     return a

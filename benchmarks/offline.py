@@ -59,7 +59,7 @@ def run(a, root: Path, impls: list) -> dict:
     for c in cases:
         m = meta[c.family]
         r = run_worker(["roofline", "--dtype", a.dtype, "--bytes", str(m["decode_bytes"]),
-                        "--hidden", str(m["cfg"]["text_config"]["hidden_size"])])
+                        "--hidden", str(m["cfg"]["text_config"]["hidden_size"])], blas=a.blas)
         roof[c.family] = r
         print(f"roofline {c.family}: {r.get('bandwidth', 0) / 1e9:.2f} GB/s ({r.get('form', r.get('error'))})", flush=True)
     results = {}
@@ -68,7 +68,8 @@ def run(a, root: Path, impls: list) -> dict:
             print(f"running {impl} on {c.name} ...", flush=True)
             r = run_worker([impl, "--ckpt", str(ckpts[c.family]), "--image", images[c.family][0],
                             "--warm-image", images[c.family][1], "--prompt", c.prompt,
-                            "--tokens", str(a.tokens), "--dtype", a.dtype, "--repeats", str(a.repeats)])
+                            "--tokens", str(a.tokens), "--dtype", a.dtype, "--repeats", str(a.repeats)],
+                           blas=a.blas)
             results[f"{c.family}|{impl}"] = r
             if "error" in r:
                 print(f"  {impl}: ERROR {r['error']}", flush=True)
@@ -77,7 +78,7 @@ def run(a, root: Path, impls: list) -> dict:
                       f"ttft {r['ttft']:.3f}s decode {r['decode_tps']:.1f} tok/s peak {mb(r.get('peak_memory'))} "
                       f"image positions {r.get('image_positions')} (wall {r['wall']:.0f}s)", flush=True)
     settings = dict(shape=a.shape, dtype=a.dtype, tokens=a.tokens, impls=impls, repeats=a.repeats,
-                    cases=[c.family for c in cases])
+                    cases=[c.family for c in cases], blas=a.blas)
     return dict(settings=settings, roofline=roof, results=results)
 
 

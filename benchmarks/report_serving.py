@@ -47,10 +47,11 @@ def evaluate_targets(record: dict) -> tuple:
         if "error" in run:
             add(f"{name}: serves at all", "could not start", False, run["error"][:120].replace("|", "/"))
             continue
-        s = _speedup(run, top)
-        goal = f"{name}: {top} clients ≥ {SPEEDUP_GOAL:g}× the single-client aggregate tok/s"
-        add(goal, fmt(s, ".2f", "×"), None if s is None else s >= SPEEDUP_GOAL,
-            "–" if s is None else f"{100 * (s / SPEEDUP_GOAL - 1):+.0f}% vs {SPEEDUP_GOAL:g}×")
+        if top > 1:
+            s = _speedup(run, top)
+            goal = f"{name}: {top} clients ≥ {SPEEDUP_GOAL:g}× the single-client aggregate tok/s"
+            add(goal, fmt(s, ".2f", "×"), None if s is None else s >= SPEEDUP_GOAL,
+                "–" if s is None else f"{100 * (s / SPEEDUP_GOAL - 1):+.0f}% vs {SPEEDUP_GOAL:g}×")
         bad, sent = _unanswered(run)
         add(f"{name}: every request answered", f"{sent - bad} of {sent}", bad == 0, f"{bad} failed or not sent")
         t = run.get("second_turn") or {}
@@ -99,18 +100,19 @@ def section(record: dict) -> list:
                      f"{100 * one['prefill_share']:.0f}% of a request's time. If prefills run one after another and "
                      f"only decoding overlaps, aggregate throughput can grow at most {1 / one['prefill_share']:.2f}× "
                      "however many clients there are.\n")
-    L.append(f"**Cached second turn** ({st['chats']} chat{'s' if st['chats'] != 1 else ''}, one client): the question about a new picture, then "
-             f"{st['follow_up']!r} with the first answer in the history. Medians.\n")
-    L.append("| server | turn 1 TTFT s | turn 2 TTFT s | turn 1 prompt tokens | turn 2 prompt tokens | "
-             "turn 2 cached tokens (as reported) | answered |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|")
-    for name, run in servers.items():
-        t = run.get("second_turn")
-        if t:
+    turns = {name: run["second_turn"] for name, run in servers.items() if run.get("second_turn")}
+    if turns:
+        L.append(f"**Cached second turn** ({st['chats']} chat{'s' if st['chats'] != 1 else ''}, one client): the "
+                 f"question about a new picture, then {st['follow_up']!r} with the first answer in the history. "
+                 "Medians.\n")
+        L.append("| server | turn 1 TTFT s | turn 2 TTFT s | turn 1 prompt tokens | turn 2 prompt tokens | "
+                 "turn 2 cached tokens (as reported) | answered |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for name, t in turns.items():
             L.append(f"| {name} | {fmt(t['ttft_first'])} | {fmt(t['ttft_second'])} | {fmt(t['prompt_first'], '.0f')} | "
                      f"{fmt(t['prompt_second'], '.0f')} | {fmt(t['cached_second'], '.0f')} | "
                      f"{t['answered_first'] + t['answered_second']} / {2 * t['chats']} |")
-    L.append("")
+        L.append("")
     errors = [(name, e) for name, run in servers.items() for part in list(dict(_levels(run)).values())
               + [run.get("second_turn") or {}] for e in part.get("errors", [])]
     if errors:

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from .checkpoints import PREFILL_STEP_SIZE
+from .worker import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -57,8 +58,8 @@ def command(name: str, ckpt: Path, port: int, server_script: Path | None = None)
 class Server:
     """A server process: started on entry, ready when GET /v1/models answers, stopped on exit."""
 
-    def __init__(self, name: str, cmd: list, log_path: Path, ready_timeout: float = 180.0):
-        self.name, self.cmd, self.log_path, self.ready_timeout = name, cmd, log_path, ready_timeout
+    def __init__(self, name: str, cmd: list, log_path: Path, ready_timeout: float = 180.0, blas: str | None = None):
+        self.name, self.cmd, self.log_path, self.ready_timeout, self.blas = name, cmd, log_path, ready_timeout, blas
         self.port = int(cmd[cmd.index("--port") + 1])
         self.base_url = f"http://{HOST}:{self.port}/v1"
         self.proc = None
@@ -70,7 +71,7 @@ class Server:
 
     def __enter__(self):
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = child_env(self.blas, PYTHONUNBUFFERED="1")
         t = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                      start_new_session=True)

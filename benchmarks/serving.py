@@ -42,7 +42,7 @@ def measure_server(name: str, ckpt: Path, work: dict, a, root: Path) -> dict:
     cmd = command(name, ckpt, free_port(), Path(a.server_script) if a.server_script else None)
     print(f"starting {name}: {' '.join(cmd)}", flush=True)
     res = dict(command=" ".join(cmd), levels={})
-    with Server(name, cmd, root / f"{name}-server.log") as s:
+    with Server(name, cmd, root / f"{name}-server.log", blas=a.blas) as s:
         res["startup_time"] = s.startup_time
         for messages in work["warmup"]:
             r = run_level(s.base_url, s.model_id, [messages], 1, a.tokens, a.level_time, a.request_timeout)
@@ -57,10 +57,11 @@ def measure_server(name: str, ckpt: Path, work: dict, a, root: Path) -> dict:
                   f"{r['aggregate_tps'] or 0:.1f} tok/s aggregate, TTFT p50 {r['ttft_p50'] or 0:.2f}s "
                   f"p95 {r['ttft_p95'] or 0:.2f}s, wall {r['wall']:.1f}s"
                   + (f"; errors: {r['errors'][:2]}" if r["errors"] else ""), flush=True)
-        res["second_turn"] = t = second_turn(s.base_url, s.model_id, work["chats"], (QUESTION, FOLLOW_UP),
-                                             a.tokens, a.request_timeout)
-        print(f"  second turn: TTFT {t['ttft_first'] or 0:.2f}s → {t['ttft_second'] or 0:.2f}s, "
-              f"cached {t['cached_second']} of {t['prompt_second']} prompt tokens", flush=True)
+        if work["chats"]:
+            res["second_turn"] = t = second_turn(s.base_url, s.model_id, work["chats"], (QUESTION, FOLLOW_UP),
+                                                 a.tokens, a.request_timeout)
+            print(f"  second turn: TTFT {t['ttft_first'] or 0:.2f}s → {t['ttft_second'] or 0:.2f}s, "
+                  f"cached {t['cached_second']} of {t['prompt_second']} prompt tokens", flush=True)
         res["alive_at_end"] = s.proc.poll() is None
     return res
 
@@ -81,7 +82,7 @@ def run(a, root: Path) -> dict:
     settings = dict(family=a.serve_family, shape=a.shape, dtype=a.dtype, tokens=a.tokens, clients=a.clients,
                     requests=a.requests, chats=a.chats, image_sizes=IMAGE_SIZES, servers=a.servers,
                     level_time=a.level_time, request_timeout=a.request_timeout, question=QUESTION,
-                    follow_up=FOLLOW_UP, warmup=WARMUP_REQUESTS,
+                    follow_up=FOLLOW_UP, warmup=WARMUP_REQUESTS, blas=a.blas,
                     server_source=source(Path(a.server_script) if a.server_script else None))
     return dict(settings=settings, servers=servers)
 

@@ -74,9 +74,19 @@ def main(argv=None):
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def run_worker(args: list, timeout: float = 3600) -> dict:
+def child_env(blas: str | None = None, **extra) -> dict:
+    """The environment of a measured process: this one's, this checkout first on the path, and `blas`
+    preloaded when given (only MLX processes get it: MLX's Linux wheel multiplies with the reference
+    BLAS it bundles, while PyTorch's wheel brings MKL, whose sgemm_ a preload would replace)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **extra)
+    if blas:
+        env["LD_PRELOAD"] = " ".join(filter(None, [blas, os.environ.get("LD_PRELOAD")]))
+    return env
+
+
+def run_worker(args: list, timeout: float = 3600, blas: str | None = None) -> dict:
     """Run `python -m benchmarks.worker ARGS` with this interpreter; its result, or {"error": ...}."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = child_env(blas if args[0] != "transformers" else None)
     cmd = [sys.executable, "-m", "benchmarks.worker", *args]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)

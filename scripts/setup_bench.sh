@@ -8,9 +8,9 @@
 #   $VENV_DIR/bin/python bench.py                 # both suites (python -m benchmarks is the same)
 #
 # On Linux, MLX's CPU backend multiplies matrices with the reference BLAS its wheel bundles;
-# Debian's OpenBLAS is much faster (apt-get install libopenblas0-pthread), preload it for every
-# implementation alike:
-#   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 $VENV_DIR/bin/python bench.py
+# Debian's OpenBLAS is much faster (apt-get install libopenblas0-pthread); the benchmark preloads
+# it into every MLX process (not into PyTorch, which brings MKL):
+#   $VENV_DIR/bin/python bench.py --blas /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-${BENCH_VENV:-/work/venv-bench}}"
