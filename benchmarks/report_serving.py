@@ -179,7 +179,8 @@ def chart(record: dict, out: Path):
             ax.set_xticks(st["clients"])
             ax.set_xlabel("concurrent clients")
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"llava-mlx server vs mlx-vlm server — {st['family']} {st['shape']} {st['dtype']}, "
                  f"{st['tokens']} tokens a request, MLX {info['mlx']} ({info['backend']}) — {info['cpu']}, "
                  f"{info['cores']} cores", fontsize=10)
