@@ -75,7 +75,7 @@ def machine_rows(record: dict) -> list:
     if info.get("ld_preload"):
         L.append(f"| LD_PRELOAD | `{info['ld_preload']}` in the benchmark's environment, inherited by every process |")
     if info.get("load_average"):
-        L.append("| Load average at the start | " + " / ".join(f"{x:.2f}" for x in info["load_average"])
+        L.append("| Load average at the end | " + " / ".join(f"{x:.2f}" for x in info["load_average"])
                  + " (1 / 5 / 15 min) |")
     return L
 
