@@ -22,6 +22,7 @@ import os
 import pickle
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -267,16 +268,40 @@ def read_slice(entry: Entry, axis: int, index: int, parts: int) -> mx.array:
 
 
 # -- generation: rank 0 encodes the images, every rank gets the features -------------------
+class RankLost(RuntimeError):
+    """The ring lost a rank. Its backend may fail the pending transfers without raising,
+    leaving zeros where the lost rank's data would be, so `share_object` checks each frame."""
+
+
+FRAME_MARK = 0x5A17C0DE  # the header's third word is size ^ FRAME_MARK: zeros or a torn header fail it
+
+
 def share_object(group, obj=None):
-    """Rank 0's picklable `obj` on every rank (as mlx-lm's server shares requests)."""
+    """Rank 0's picklable `obj` on every rank (as mlx-lm's server shares requests).
+
+    A header (size, crc32, size ^ FRAME_MARK) comes first, so that a follower can tell a
+    frame torn by a dead rank 0 from a real one: it raises `RankLost` instead of unpickling
+    zeros or allocating a garbage size."""
     if group.rank() == 0:
-        data = mx.array(np.frombuffer(pickle.dumps(obj), dtype=np.uint8))
-        mx.eval(mx.distributed.all_sum(data.size, group=group))
-        mx.eval(mx.distributed.all_sum(data, group=group))
+        payload = pickle.dumps(obj)
+        header = mx.array([len(payload), zlib.crc32(payload), len(payload) ^ FRAME_MARK], dtype=mx.uint32)
+        mx.eval(mx.distributed.all_sum(header, group=group))
+        mx.eval(mx.distributed.all_sum(mx.array(np.frombuffer(payload, dtype=np.uint8)), group=group))
         return obj
-    size = mx.distributed.all_sum(0, group=group).item()
-    data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=group)
-    return pickle.loads(np.array(data).tobytes())
+    size, crc, mark = np.array(mx.distributed.all_sum(mx.zeros(3, dtype=mx.uint32), group=group)).tolist()
+    if size == 0 or mark != size ^ FRAME_MARK:
+        raise RankLost("[ring] connection to rank 0 was lost: no message came")
+    payload = np.array(mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=group)).tobytes()
+    if zlib.crc32(payload) != crc:
+        raise RankLost("[ring] connection to rank 0 was lost: a message came torn")
+    return pickle.loads(payload)
+
+
+def check_ranks(group):
+    """Raise `RankLost` unless every rank of `group` took part in this all-reduce."""
+    present = mx.distributed.all_sum(mx.array(1, dtype=mx.int32), group=group).item()
+    if present != group.size():
+        raise RankLost(f"[ring] connection to a peer was lost: {present} of {group.size()} ranks answered")
 
 
 def shared_features(model, encode: Callable):

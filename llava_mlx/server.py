@@ -82,6 +82,7 @@ def main(argv=None) -> int:
         return 1
     if not getattr(engine, "main", True):
         return follow(engine)
+    me = label(engine.model)
     model_id = Path(args.model).resolve().name if Path(args.model).is_dir() else args.model
     app = App(engine, limits, model_id, args.api_key, args.allowed_origins)
     try:
@@ -95,16 +96,31 @@ def main(argv=None) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"llava-mlx: serving {app.model_id} on http://{host}:{port} (chat page /, API /v1)", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
+    threading.Thread(target=stop_when_the_engine_fails, args=(engine, httpd), daemon=True).start()
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         print("llava-mlx: stopped", file=sys.stderr)
     finally:
         httpd.server_close()
-        engine.stop()
+        engine.stop()  # what is still waiting gets a 503
+        if not app.drain(DRAIN_TIMEOUT):
+            log.warning("some requests were still answering after %g s", DRAIN_TIMEOUT)
+    if engine.failure:  # the waiting requests got a 503 saying so
+        print(f"error: {me}{engine.failure}; restart the {'whole launch' if me else 'server'}", file=sys.stderr)
+        return 1
     return 0
 
 
+def stop_when_the_engine_fails(engine, httpd):
+    """A server whose engine ended on an error (a lost rank, a bug) exits non-zero, so that
+    mlx.launch or a supervisor sees it, instead of answering 503 forever."""
+    engine.thread.join()
+    if engine.failure:
+        httpd.shutdown()
+
+
+DRAIN_TIMEOUT = 5.0  # s the requests in flight get, when the server stops, to send their last words
 FOLLOWER_GRACE = 20.0  # s a follower waits, once signalled, for rank 0 to tell it to stop
 
 
@@ -128,7 +144,7 @@ def follow(engine: LockstepEngine) -> int:
     print(f"llava-mlx: {me}following rank 0", file=sys.stderr, flush=True)
     engine.thread.join()
     engine.stop()
-    if engine.lost:
-        print(f"error: {me}lost rank 0 ({engine.lost})", file=sys.stderr)
+    if engine.failure or not engine.halted:
+        print(f"error: {me}{engine.failure or 'the engine stopped before rank 0 told it to'}; restart the whole launch", file=sys.stderr)
         return 1
     return 0

@@ -89,12 +89,15 @@ def held_back(text: str, stops: List[str]) -> int:
 
 class Engine:
     idle_wait = 0.1  # s an idle engine waits for a request before its next iteration
+    fatal: tuple = ()  # errors in a decode step that end the engine instead of failing the batch
     def __init__(self, load_fn, options: EngineOptions):
         self.load_fn, self.options = load_fn, options
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.ready, self.stopping = threading.Event(), threading.Event()
         self.lock = threading.Lock()  # HTTP threads submit concurrently
         self.load_error: Optional[Exception] = None
+        self.failure: Optional[str] = None  # why the engine ended on its own, if it did
+        self.closed: Optional[str] = None  # why it takes no more requests, once it does not
         self.model = self.processor = None
         self.features = FeatureCache(options.feature_cache_bytes)
         self.prompt_cache = PromptCache(options.prompt_cache_bytes)
@@ -119,9 +122,9 @@ class Engine:
         return key in self.features
 
     def submit(self, job: Job):
-        if not self.thread.is_alive():
-            raise ApiError(503, "the generation engine has stopped; restart the server")
         with self.lock:
+            if self.closed or not self.thread.is_alive():
+                raise ApiError(503, self.closed or "the generation engine has stopped; restart the server")
             if self.inbox.qsize() + len(self.waiting) >= self.options.max_queue:
                 raise ApiError(429, f"the server is busy: {self.options.max_queue} requests are already waiting (--max-queue)")
             self.counters["requests"] += 1
@@ -142,7 +145,11 @@ class Engine:
     def stop(self):
         self.stopping.set()
         self.thread.join(timeout=10)
-        if not self.thread.is_alive():
+        if self.thread.is_alive():
+            # Stuck in MLX (a collective whose peer died can wait forever): answer what waits.
+            log.warning("the engine did not stop within 10 s")
+            self._close("the server is shutting down")
+        else:
             # Free the model's arrays now: left to the interpreter's shutdown, right after
             # the engine thread ended, they sometimes abort the process (MLX 0.32, CPU).
             self.model = self.processor = self.generator = None
@@ -162,10 +169,36 @@ class Engine:
             return
         finally:
             self.ready.set()
-        while not self.stopping.is_set():
-            self._drop_cancelled()
-            self._admit()
-            self._work()
+        try:
+            while not self.stopping.is_set():
+                self._drop_cancelled()
+                self._admit()
+                self._work()
+        except Exception as e:
+            self.failure = self._failed(e)
+        finally:
+            self._close(f"the generation engine stopped ({self.failure}); restart the server" if self.failure else "the server is shutting down")
+
+    def _failed(self, e: Exception) -> str:
+        """What to say when the engine ends on error `e` (the server then exits)."""
+        log.exception("the engine failed")
+        return f"{type(e).__name__}: {e}"
+
+    def _close(self, reason: str):
+        """Take no more requests, and end every one not yet answered with a 503."""
+        with self.lock:
+            self.closed = reason
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for job in [*self.waiting, *self.prefilling, *self.running.values()]:
+            if not job.over.is_set():
+                job.fail(ApiError(503, reason))
+        self.waiting.clear()
+        self.prefilling.clear()
+        self.running.clear()
 
     def _load(self):
         return self.load_fn()
@@ -289,7 +322,9 @@ class Engine:
 
     def _decode_step(self):
         try:
-            _, responses = self.generator.next()
+            responses = self._next_responses()
+        except self.fatal:
+            raise
         except Exception as e:
             log.exception("the batch failed")
             for job in self.running.values():
@@ -313,6 +348,9 @@ class Engine:
                 self.generator.remove([r.uid])  # a stop string ended it
             if r.finish_reason is not None:
                 self._remember(job, r.prompt_cache)
+
+    def _next_responses(self) -> list:
+        return self.generator.next()[1]
 
     def _emit(self, job: Job, text: str, finish: Optional[str]) -> bool:
         """Send new text (up to any stop string); True if the job is over."""

@@ -285,6 +285,15 @@ class App:
         self.created = int(time.time())
         self.slots = threading.BoundedSemaphore(engine.options.max_batch + engine.options.max_queue)
 
+    def drain(self, timeout: float) -> bool:
+        """Wait (up to `timeout` s) for the requests in flight to send what they have: the
+        handler threads are daemons, and would otherwise end with the process mid-answer."""
+        deadline = time.monotonic() + timeout
+        for _ in range(self.engine.options.max_batch + self.engine.options.max_queue):
+            if not self.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
     @property
     def processor(self):
         return self.engine.processor

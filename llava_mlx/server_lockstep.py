@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import random
 
-from .distributed import group_of, settle, share_object, shared_features
+from .distributed import check_ranks, group_of, settle, share_object, shared_features
 from .errors import LlavaError
 from .server_engine import Engine, Job
 from .server_request import Prompt
@@ -25,7 +25,9 @@ log = logging.getLogger("llava_mlx.server")
 
 class LockstepEngine(Engine):
     halted = False
-    lost = None  # why the ranks lost each other, if they did
+    # The ring lost a rank (it died or was killed; RankLost is one): no way on. Any other
+    # error in a step would leave the ranks out of step, so it ends the engine too.
+    fatal = (Exception,)
     serial = 0  # rank 0 numbers the requests it starts; followers know them by it
 
     def _load(self):
@@ -46,18 +48,27 @@ class LockstepEngine(Engine):
         return model, processor
 
     def _run(self):
-        try:
-            super()._run()
-        except RuntimeError as e:  # the ring lost a rank (it died or was killed): no way on
-            self.lost = str(e).splitlines()[0]
-            log.error("%s: the engine stops; restart the whole launch", self.lost)
-            return
-        if self.load_error is None:
+        super()._run()
+        if self.load_error is None and self.failure is None:
             if self.main:  # the followers wait for this before they leave
                 share_object(self.group, {"stop": True})
             settle(self.model)
 
     # -- each iteration: rank 0's changes, applied on every rank in the same order --------
+    def _failed(self, e: Exception) -> str:
+        if not isinstance(e, RuntimeError):
+            return super()._failed(e)
+        lost = str(e).splitlines()[0]
+        log.error("%s: the engine stops; restart the whole launch", lost)
+        return f"lost a rank: {lost}"
+
+    def _next_responses(self) -> list:
+        # A rank lost mid-step may leave zeros in the all-reduces without an error: make
+        # sure every rank took part before any of the step's tokens is sent.
+        responses = super()._next_responses()
+        check_ranks(self.group)
+        return responses
+
     def _drop_cancelled(self):
         pass  # part of the exchange: a cancellation is seen on rank 0 only
 

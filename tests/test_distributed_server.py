@@ -3,24 +3,28 @@ rank 0 serves HTTP, rank 1 follows its engine in lockstep. The official `openai`
 exactly generate()'s single-process greedy answers (plain, streamed, two requests at once,
 a follow-up from the prompt cache, after cancellations and a sampled request), tensor and
 pipeline parallel, and a SIGTERM to the launch's process group ends every process; a
-follower whose rank 0 is killed exits 1 with one line. Bounded in time; the whole group is
+follower whose rank 0 is killed exits 1 with one line, and a rank killed mid-answer fails the
+answer with an error event and ends the launch. Bounded in time; the whole group is
 killed if anything hangs."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 
 from conftest import ROOT, SERVER_ARGS, SERVER_MODEL
 from serving import start_server
 from test_distributed import LAUNCH, environment, free_port_pair
-from test_server import ask, disconnect_twice, reference, user
+from test_server import ask, client, disconnect_twice, reference, user
 
 STOP_TIMEOUT = 60
 
@@ -113,9 +117,10 @@ def test_sigterm_to_the_group_stops_every_rank(two_ranks):
     assert "Traceback" not in two_ranks.log.read_text()
 
 
-def test_a_follower_whose_rank_0_dies_exits_with_one_line(checkpoints, tmp_path):
-    """Both ranks started by hand (as mlx.launch starts them): rank 0 is killed, rank 1 says
-    so in one line and exits 1 instead of waiting forever."""
+@contextmanager
+def ranks_by_hand(checkpoints, tmp_path):
+    """Both ranks started by hand (as mlx.launch starts them, each in its own process group,
+    so that one can be killed alone): (rank 0 as a LiveServer, rank 1's Popen, its log)."""
     base = free_port_pair()
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
@@ -125,17 +130,79 @@ def test_a_follower_whose_rank_0_dies_exits_with_one_line(checkpoints, tmp_path)
             [sys.executable, "server.py", "--model", model, "--port", "0"], stdout=subprocess.DEVNULL, stderr=out,
             cwd=ROOT, env=environment(MLX_RANK="1", MLX_HOSTFILE=str(hostfile)), start_new_session=True,
         )
+    main = None
     try:
         main = start_server(model, tmp_path / "rank0.log", env=environment(MLX_RANK="0", MLX_HOSTFILE=str(hostfile)))
         deadline = time.monotonic() + 60
         while "following rank 0" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
+        yield main, follower, log
+    finally:
+        for proc in (follower, main and main.proc):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def last_line(log: Path) -> str:
+    return [line for line in log.read_text().splitlines() if not line.startswith("[ring]")][-1]
+
+
+# MLX raises when it sees a socket close; when it fails the pending transfer without raising,
+# the frame check (share_object) or the head count after each step (check_ranks) finds it.
+LOST = r"lost a rank: \[ring\] connection to (a peer|rank 0) was lost.*; restart the whole launch"
+
+
+def test_a_follower_whose_rank_0_dies_exits_with_one_line(checkpoints, tmp_path):
+    """Rank 0 is killed: rank 1 says so in one line and exits 1 instead of waiting forever."""
+    with ranks_by_hand(checkpoints, tmp_path) as (main, follower, log):
         os.killpg(main.proc.pid, signal.SIGKILL)
         main.proc.wait()
         assert follower.wait(timeout=STOP_TIMEOUT) == 1
+    assert re.fullmatch(r"error: \[rank 1/2\] " + LOST, last_line(log)), log.read_text()
+
+
+def rank_pid(pgid: int, rank: int) -> int:
+    """The pid of the launch's process for `rank` (mlx.launch sets MLX_RANK in its environment)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            stat = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()
+            found = int(stat[2]) == pgid and f"MLX_RANK={rank}".encode() in environ.read_bytes().split(b"\0")
+        except OSError:  # it just ended, or is not ours to read
+            continue
+        if found:
+            return int(environ.parent.name)
+    raise LookupError(f"no process of rank {rank} in group {pgid}")
+
+
+def test_a_rank_killed_mid_answer_fails_the_answer_and_ends_the_launch(checkpoints, tmp_path):
+    """Rank 1 is killed while rank 0 streams an answer: the stream ends with an OpenAI-shaped
+    error event (never tokens computed from half the decoder, never a hang) and the whole
+    launch ends. Rank 0 finds the loss itself (then exits 1 with one line), or,
+    where MLX's ring leaves it waiting in a collective, mlx.launch stops it when it sees
+    rank 1 gone, and the answer gets the shutdown's 503."""
+    launcher = (LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port_pair()), "--")
+    server = start_server(checkpoints[SERVER_MODEL], tmp_path / "server.log", launcher=launcher, env=environment())
+    try:
+        stream = client(server).chat.completions.create(
+            model="llava", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=512, stream=True
+        )
+        chunks = iter(stream)
+        while not next(chunks).choices[0].delta.content:  # the answer has begun
+            pass
+        os.kill(rank_pid(server.proc.pid, 1), signal.SIGKILL)
+        with pytest.raises(openai.APIError) as failed:
+            for chunk in chunks:  # 512 tokens take far longer than noticing the loss
+                assert chunk.choices[0].finish_reason is None
+        lost = re.fullmatch(r"the generation engine stopped \(lost a rank: .*\); restart the server", failed.value.message)
+        assert lost or failed.value.message == "the server is shutting down", failed.value.message
+        server.proc.wait(timeout=STOP_TIMEOUT)  # mlx.launch itself exits 0 whatever its ranks did
+        assert not group_alive(server.proc.pid)
     finally:
-        if follower.poll() is None:
-            os.killpg(follower.pid, signal.SIGKILL)
-            follower.wait()
-    lines = [line for line in log.read_text().splitlines() if not line.startswith("[ring]")]
-    assert lines[-1] == "error: [rank 1/2] lost rank 0 ([ring] connection to a peer was lost)", lines
+        if group_alive(server.proc.pid):
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+    if lost:
+        lines = [line for line in server.log.read_text().splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and re.fullmatch(r"error: \[rank 0/2\] " + LOST, lines[0]), server.log.read_text()
+        assert "Node with rank 0 exited with code 1" in server.log.read_text()
