@@ -95,7 +95,11 @@ def main(argv=None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"llava-mlx: serving {app.model_id} on http://{host}:{port} (chat page /, API /v1)", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
+    def terminated(signum, frame):  # the engine stops at its next step; the listener within 0.5 s
+        engine.stopping.set()
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, terminated)
     threading.Thread(target=stop_when_the_engine_fails, args=(engine, httpd), daemon=True).start()
     try:
         httpd.serve_forever()

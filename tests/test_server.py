@@ -356,7 +356,8 @@ def test_body_size_route_and_method_errors(live_server):
 
 
 def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
-    """A second server: --api-key (401), one batch slot and one queue slot (429), CORS."""
+    """A second server: --api-key (401), one batch slot and one queue slot (429), CORS, and
+    a SIGTERM while it answers."""
     from serving import start_server
 
     server = start_server(checkpoints[SERVER_MODEL], tmp_path / "log", "--api-key", "s3cret", "--max-tokens", "400",
@@ -395,6 +396,18 @@ def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
         assert raw(server, "POST", "/v1/chat/completions", body, cors)[0] == 200
         cors["Origin"] = "https://other.example"
         assert_openai_error(*raw(server, "POST", "/v1/chat/completions", body, cors), 403, "not allowed")
+
+        # SIGTERM while an answer streams: the stream ends with an OpenAI-shaped error event
+        # (not a cut connection), and the server exits 0.
+        chunks = iter(good.chat.completions.create(model="m", messages=[{"role": "user", "content": "A long story"}],
+                                                   max_tokens=400, stream=True))
+        while not next(chunks).choices[0].delta.content:  # the answer has begun
+            pass
+        server.proc.terminate()
+        with pytest.raises(openai.APIError) as stopped:
+            for chunk in chunks:  # 400 tokens take far longer than stopping
+                assert chunk.choices[0].finish_reason is None
+        assert stopped.value.message == "the server is shutting down"
     finally:
         assert server.stop() == 0
 
