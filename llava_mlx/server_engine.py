@@ -4,9 +4,9 @@ A request's merged image+text sequence is prefilled by this project's own path (
 features from the cache or the vision tower, `model.embed`, the decoder over the
 embeddings in chunks, starting from the KV of the longest cached prefix); its KV cache and
 last token then join mlx-lm's `BatchGenerator`, which decodes every running request in
-one batch (continuous batching: requests join and leave between steps). Prefill chunks
-and decode steps alternate, so a long new prompt never stalls the running answers for
-more than one chunk. HTTP threads talk to the engine only through queues.
+one batch (continuous batching: requests join and leave between steps). Requests start in
+turn, each once the one before has been prefilled, and prefill chunks and decode steps
+alternate, so a long new prompt never stalls the running answers for more than one chunk. HTTP threads talk to the engine only through queues.
 """
 
 import gc
@@ -214,10 +214,11 @@ class Engine:
             if self.busy:  # idle now: give MLX's buffer cache back to the system
                 mx.clear_cache()
             self.busy = False
-            try:
-                self.waiting.append(self.inbox.get(timeout=self.idle_wait))
-            except queue.Empty:
-                pass
+            if not self.waiting:  # else the next iteration starts one of them at once
+                try:
+                    self.waiting.append(self.inbox.get(timeout=self.idle_wait))
+                except queue.Empty:
+                    pass
         self.memory.update(peak_memory_gb=mx.get_peak_memory() / 1e9, active_memory_gb=mx.get_active_memory() / 1e9)
 
     def _new_generator(self) -> BatchGenerator:
@@ -237,20 +238,23 @@ class Engine:
             self._guard(job, self._start, job)
 
     def _admissible(self) -> list:
-        """The waiting requests that start now (the batch has room); cancelled ones dropped."""
+        """The waiting request that starts now, if any; cancelled ones dropped.
+
+        One at a time, once the one before has been prefilled: starting a request encodes
+        its images, so starting all that arrive together would hold the first one's first
+        token until every image had gone through the tower."""
         while True:
             try:
                 self.waiting.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
-        start = []
-        while self.waiting and len(self.running) + len(self.prefilling) + len(start) < self.options.max_batch:
+        while self.waiting and not self.prefilling and len(self.running) < self.options.max_batch:
             job = self.waiting.popleft()
             if job.cancelled.is_set():
                 self.counters["cancelled"] += 1
                 continue
-            start.append(job)
-        return start
+            return [job]
+        return []
 
     def _guard(self, job: Job, fn, *args):
         """Run one job's step; a failure fails that job only."""

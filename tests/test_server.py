@@ -479,3 +479,44 @@ def test_images_in_later_turns_are_templated_where_they_appear(loaded):
         assert processor.apply_template("Next?", [1, 0], None, history) == processor.apply_template("Next?", 1, None, history)
         later = processor.apply_template("Next?", [0, 1], None, history)
         assert later.count("<image>") == 1 and later.index("<image>") > later.index("An answer.")
+
+
+def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, images):
+    """Three requests waiting together: the engine encodes the second one's image only once
+    the first is prefilled (starting all at once held the first answer until every image had
+    gone through the tower), and the answers still equal generate()'s."""
+    from llava_mlx.server_engine import Engine, EngineOptions, Job
+    from llava_mlx.server_request import Limits, build_prompt, parse_chat
+
+    model, processor = loaded(SERVER_MODEL)
+    engine = Engine(lambda: (model, processor), EngineOptions(max_batch=8, prompt_cache_bytes=0))
+    names, jobs, order = ["wide", "tall", "odd1"], [], []
+    for name in names:
+        body = json.dumps({"messages": [user("What is in the image?", images[name])], "max_tokens": TOKENS}).encode()
+        chat = parse_chat(body, Limits())
+        jobs.append(Job(build_prompt(chat, processor, Limits(), lambda key: False), chat))
+        engine.inbox.put(jobs[-1])  # before the engine runs: all three wait together
+    which = {id(job.prompt): names[i] for i, job in enumerate(jobs)}
+    features, insert = engine._features, engine._prefill_chunk
+
+    def encoding(prompt):
+        order.append(f"encode {which[id(prompt)]}")
+        return features(prompt)
+
+    def prefilling(job):
+        insert(job)
+        if job.uid is not None and f"prefilled {which[id(job.prompt)]}" not in order:
+            order.append(f"prefilled {which[id(job.prompt)]}")
+
+    engine._features, engine._prefill_chunk = encoding, prefilling
+    engine.start()
+    try:
+        for job in jobs:
+            assert job.over.wait(120)
+    finally:
+        engine.stop()
+    assert order == [f"{step} {name}" for name in names for step in ("encode", "prefilled")]
+    for name, job in zip(names, jobs):
+        events = list(job.events.queue)
+        text, *_ = reference(loaded, "What is in the image?", [images[name]])
+        assert "".join(e[1] for e in events if e[0] == "text") == text and events[-1][0] == "done"
