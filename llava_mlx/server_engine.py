@@ -6,7 +6,8 @@ embeddings in chunks, starting from the KV of the longest cached prefix); its KV
 last token then join mlx-lm's `BatchGenerator`, which decodes every running request in
 one batch (continuous batching: requests join and leave between steps). Requests start in
 turn, each once the one before has been prefilled, and prefill chunks and decode steps
-alternate, so a long new prompt never stalls the running answers for more than one chunk. HTTP threads talk to the engine only through queues.
+alternate, so a long new prompt never stalls the running answers for more than one chunk.
+HTTP threads talk to the engine only through queues.
 """
 
 import gc
@@ -188,11 +189,7 @@ class Engine:
         """Take no more requests, and end every one not yet answered with a 503."""
         with self.lock:
             self.closed = reason
-        while True:
-            try:
-                self.waiting.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
+        self._take_inbox()
         for job in [*self.waiting, *self.prefilling, *self.running.values()]:
             if not job.over.is_set():
                 job.fail(ApiError(503, reason))
@@ -243,11 +240,7 @@ class Engine:
         One at a time, once the one before has been prefilled: starting a request encodes
         its images, so starting all that arrive together would hold the first one's first
         token until every image had gone through the tower."""
-        while True:
-            try:
-                self.waiting.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
+        self._take_inbox()
         while self.waiting and not self.prefilling and len(self.running) < self.options.max_batch:
             job = self.waiting.popleft()
             if job.cancelled.is_set():
@@ -255,6 +248,14 @@ class Engine:
                 continue
             return [job]
         return []
+
+    def _take_inbox(self):
+        """Move what the HTTP threads submitted to the waiting line."""
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return
 
     def _guard(self, job: Job, fn, *args):
         """Run one job's step; a failure fails that job only."""
