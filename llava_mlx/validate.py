@@ -245,8 +245,8 @@ def model_config(config, where: str):
                   "patch_size", "num_channels"), f"{where}: vision")
     if v["hidden_size"] % v["num_attention_heads"]:
         raise LlavaError(f"{where}: vision hidden_size {v['hidden_size']} is not a multiple of its heads")
-    if v["image_size"] % v["patch_size"]:
-        raise LlavaError(f"{where}: vision image_size {v['image_size']} is not a multiple of patch_size {v['patch_size']}")
+    if v["patch_size"] > v["image_size"]:  # any other size works: the convolution drops what is left over
+        raise LlavaError(f"{where}: vision patch_size {v['patch_size']} is larger than image_size {v['image_size']}")
     if v["hidden_act"] not in ACTIVATIONS:
         raise LlavaError(f"{where}: vision hidden_act '{v['hidden_act']}' is not one of {', '.join(ACTIVATIONS)}")
     layers = v["num_hidden_layers"]

@@ -31,6 +31,7 @@ class VisionConfig:
 
     @property
     def patches_per_side(self) -> int:
+        # floor, as the unpadded patch convolution: 384 / 14 → 27
         return self.image_size // self.patch_size
 
 
@@ -100,10 +101,15 @@ class Encoder(nn.Module):
 def patch_embed(pixels: mx.array, weight: mx.array, patch: int) -> mx.array:
     """(B, H, W, C) pixels → (B, patches, D) through a stride == kernel convolution, run as a
     matmul over unfolded patches (what the CPU and GPU backends run fastest).
-    `weight` is (D, p, p, C), MLX's conv layout."""
+    `weight` is (D, p, p, C), MLX's conv layout. As the unpadded convolution does, the pixels
+    past the last whole patch are never read: SigLIP so400m's 384 / 14 gives 27 × 27 patches and
+    leaves 6 rows and columns unused."""
     B, H, W, C = pixels.shape
-    patches = pixels.reshape(B, H // patch, patch, W // patch, patch, C).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(B, (H // patch) * (W // patch), patch * patch * C)
+    rows, cols = H // patch, W // patch
+    if (rows * patch, cols * patch) != (H, W):
+        pixels = pixels[:, : rows * patch, : cols * patch]
+    patches = pixels.reshape(B, rows, patch, cols, patch, C).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(B, rows * cols, patch * patch * C)
     return patches @ weight.reshape(weight.shape[0], -1).T
 
 

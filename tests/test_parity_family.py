@@ -146,14 +146,16 @@ def test_counts_follow_the_config(family_loaded, family):
 
 
 def test_downscale_triggers_only_above_threshold(family_loaded, family):
-    """'over' is shrunk by anyres_max_9, 'under' is not (unpadded grids 40x14 and 38x14)."""
+    """'over' is shrunk by anyres_max_9, 'under' is not (unpadded maps 81x100 and 81x98 of a 4x3
+    grid of 27x27 tiles: the threshold is 1.1² · 9 · 27² = 7938.9 positions)."""
     model, _ = family_loaded("hub-onevision")
     side = model.config.vision.patches_per_side
-    under = model.config.image_token_count((184, 496))
-    over = model.config.image_token_count((170, 496))
-    assert under == side * side + 38 * 15
-    ratio = (40 * 14 / (9 * side * side)) ** 0.5
-    assert over == side * side + int(40 // ratio) * (int(14 // ratio) + 1)
+    assert side == 27  # 384 // 14, as SigLIP so400m's unpadded convolution
+    under = model.config.image_token_count((1400, 1150))
+    over = model.config.image_token_count((1406, 1150))
+    assert under == 729 + 81 * 99
+    ratio = (81 * 100 / (9 * 729)) ** 0.5  # 1.111
+    assert over == 729 + int(81 // ratio) * (int(100 // ratio) + 1) == 729 + 72 * 90
 
 
 def test_tied_embeddings_said_at_the_top_only(family, family_loaded, tmp_path):
