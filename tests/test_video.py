@@ -51,7 +51,9 @@ def test_video_and_image_in_one_prompt(family, family_loaded):
         model, processor, "Compare.", images=[str(family["image-wide"])], videos=[str(family["clip.mp4"])],
         num_frames=3, max_tokens=4,
     )
-    positions = model.config.image_token_count((300, 120)) + model.config.video_token_count(3)
+    wide = Image.open(family["image-wide"]).size  # 1200 x 480: a 4x2 grid of 384-px tiles
+    positions = model.config.image_token_count(wide) + model.config.video_token_count(3)
+    assert positions == 729 + 44 * 109 + 3 * 196 + 1  # base, unpadded 44x108 map with newlines, 3 frames of 14x14, newline
     assert result.image_positions == positions
 
 
