@@ -2,7 +2,7 @@
 
 import sys
 
-from llava_mlx_cli import convert
+from llava_mlx.__main__ import convert
 
 if __name__ == "__main__":
     sys.exit(convert())

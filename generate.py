@@ -2,7 +2,7 @@
 
 import sys
 
-from llava_mlx_cli import generate
+from llava_mlx.__main__ import generate
 
 if __name__ == "__main__":
     sys.exit(generate())

@@ -2,7 +2,7 @@
 
 import sys
 
-from llava_mlx_cli import serve
+from llava_mlx.__main__ import server
 
 if __name__ == "__main__":
-    sys.exit(serve())
+    sys.exit(server())

@@ -5,16 +5,15 @@ the image, earlier turns of a chat).
 """
 
 import hashlib
-from collections import OrderedDict
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from PIL import Image
 
+from .features import DEFAULT_FEATURE_BYTES, FeatureCache
 from .model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
-DEFAULT_MAX_IMAGES = 8
 
 
 def image_key(image: Image.Image) -> str:
@@ -74,11 +73,12 @@ def make_kv_cache(model, max_kv_size: Optional[int] = None) -> list:
 
 
 class SessionCache:
-    """Pass the same instance to successive `stream_generate` calls to reuse work."""
+    """Pass the same instance to successive `stream_generate` calls to reuse work: the features
+    of the images and videos seen (features.py, at most `max_feature_bytes`) and the KV cache of
+    the last prompt and answer."""
 
-    def __init__(self, max_images: int = DEFAULT_MAX_IMAGES):
-        self.max_images = max_images
-        self.features: "OrderedDict[str, mx.array]" = OrderedDict()
+    def __init__(self, max_feature_bytes: int = DEFAULT_FEATURE_BYTES):
+        self.features = FeatureCache(max_feature_bytes)
         self.kv = None  # mlx-lm per-layer caches
         self.keys: list = []  # what `kv` holds, position by position
         self.kv_options = None
@@ -92,33 +92,23 @@ class SessionCache:
         """
         mode = ":several" if several and model.config.several_images_flat else ""
         keys = [image_key(im) + mode for im in images]
-        new = [(k, im) for k, im in zip(keys, images) if k not in self.features]
-        new = list(OrderedDict(new).items())  # the same image twice is encoded once
-        if new:
-            pixels, sizes = processor.preprocess([im for _, im in new], several)
-            encoded = model.image_features(mx.array(pixels), sizes, several)
-            mx.eval(encoded)
-            for (k, _), feats in zip(new, encoded):
-                self.features[k] = feats
-        return keys, self._recall(keys)
+        by_key = dict(zip(keys, images))
+
+        def encode(missing):
+            pixels, sizes = processor.preprocess([by_key[k] for k in missing], several)
+            return model.image_features(mx.array(pixels), sizes, several)
+
+        return keys, self.features.get(keys, encode)
 
     def video_features(self, model, processor, videos: list) -> Tuple[List[str], List[mx.array]]:
         """(keys, features) of videos given as sampled uint8 frames (T, H, W, 3)."""
         keys = [video_key(v) for v in videos]
-        for k, frames in zip(keys, videos):
-            if k not in self.features:
-                self.features[k] = model.video_features(mx.array(processor.preprocess_video(frames)))
-                mx.eval(self.features[k])
-        return keys, self._recall(keys)
+        by_key = dict(zip(keys, videos))
 
-    def _recall(self, keys: List[str]) -> List[mx.array]:
-        """The features of `keys`, marked as recently used; the least recent beyond the limit go."""
-        for k in keys:
-            self.features.move_to_end(k)
-        result = [self.features[k] for k in keys]
-        while len(self.features) > self.max_images:
-            self.features.popitem(last=False)
-        return result
+        def encode(missing):
+            return [model.video_features(mx.array(processor.preprocess_video(by_key[k]))) for k in missing]
+
+        return keys, self.features.get(keys, encode)
 
     def prefix(self, model, keys: list, kv_bits: Optional[int], max_kv_size: Optional[int]) -> Tuple[list, int]:
         """A KV cache holding the longest reusable prefix of `keys`, and its length.

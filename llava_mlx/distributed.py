@@ -17,7 +17,6 @@ tensors (they stay lazy), and a tensor-parallel rank reads its slice of each spl
 straight from the safetensors file (`read_slice`), not the whole tensor.
 """
 
-import json
 import os
 import pickle
 import subprocess
@@ -34,6 +33,7 @@ from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.pipeline import PipelineMixin
 
+from .checkpoint.files import read_slice, tensor_index
 from .errors import LlavaError
 
 # Seconds a rank waits for the others to join before giving up (one line, exit non-zero).
@@ -218,53 +218,6 @@ def is_main(model) -> bool:
 
 
 # -- reading only a slice of a safetensors tensor -----------------------------------------
-SAFETENSORS_DTYPES = {
-    "F64": (np.float64, None), "F32": (np.float32, None), "F16": (np.float16, None),
-    "BF16": (np.uint16, mx.bfloat16), "I64": (np.int64, None), "I32": (np.int32, None),
-    "I16": (np.int16, None), "I8": (np.int8, None), "U64": (np.uint64, None),
-    "U32": (np.uint32, None), "U16": (np.uint16, None), "U8": (np.uint8, None), "BOOL": (np.bool_, None),
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Entry:
-    file: str
-    dtype: str
-    shape: tuple
-    offset: int  # of the tensor's first byte in the file
-
-    def matches(self, value: mx.array) -> bool:
-        numpy_dtype, view = SAFETENSORS_DTYPES.get(self.dtype, (None, None))
-        return numpy_dtype is not None and self.shape == tuple(value.shape) and (
-            view or getattr(mx, np.dtype(numpy_dtype).name, None)
-        ) == value.dtype
-
-
-def tensor_index(files) -> Dict[str, Entry]:
-    """Where each tensor of the safetensors `files` lies (their JSON headers only)."""
-    index = {}
-    for file in files:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                begin = 8 + size + info["data_offsets"][0]
-                index[name] = Entry(str(file), info["dtype"], tuple(info["shape"]), begin)
-    return index
-
-
-def read_slice(entry: Entry, axis: int, index: int, parts: int) -> mx.array:
-    """Part `index` of `parts` along `axis`, read from the memory-mapped file: only its pages
-    are touched (a row block is one contiguous range; a column block a run per row)."""
-    numpy_dtype, view = SAFETENSORS_DTYPES[entry.dtype]
-    data = np.memmap(entry.file, dtype=numpy_dtype, mode="r", offset=entry.offset, shape=entry.shape)
-    step = entry.shape[axis] // parts
-    where = [slice(None)] * len(entry.shape)
-    where[axis] = slice(index * step, (index + 1) * step)
-    part = mx.array(np.ascontiguousarray(data[tuple(where)]))
-    del data
-    return part.view(view) if view else part
 
 
 # -- generation: rank 0 encodes the images, every rank gets the features -------------------

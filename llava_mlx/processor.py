@@ -19,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
 from . import validate
 from .errors import LlavaError, warn
+from .checkpoint.files import read_json
+from .checkpoint.validate import image_settings as checked_image_settings
 from .fetch import fetch
 from .model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, LlavaConfig
 from .tokenizer import SentencePieceTokenizer
@@ -299,7 +301,6 @@ class Processor:
 def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -> dict:
     """Resize / crop / normalisation settings: the checkpoint's preprocessor_config.json,
     else the vision tower's (original layout), else CLIP's defaults at the tower's size."""
-    from .load import read_json
 
     raw, where = {}, "CLIP's defaults"
     for directory in (path, tower_dir):
@@ -323,4 +324,4 @@ def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -
         }
     except (TypeError, ValueError) as e:
         raise LlavaError(f"{where}: unreadable image sizes ({e})") from None
-    return validate.image_settings(settings, where)
+    return checked_image_settings(settings, where)

@@ -60,7 +60,7 @@ USABLE = 0.7  # of it for the weights: the rest for KV cache, activations and ma
 def per_mac(name: str, bits, macs: int):
     """(total, rank 0's share) in bytes: rank 0 holds the tower, every rank the embeddings,
     the head and 1/macs of the decoder layers."""
-    from llava_mlx.convert import estimate_bytes
+    from llava_mlx.checkpoint.quantize import estimate_bytes
     from llava_mlx.model import LlavaConfig
 
     def size(layers, **kw):
@@ -99,7 +99,7 @@ def vision_placements(model, processor, path: Path, image: Path, group) -> dict:
 
     from llava_mlx import distributed
     from llava_mlx.cache import SessionCache
-    from llava_mlx.load import load_model
+    from llava_mlx.checkpoint.load import load_model
     from llava_mlx.processor import load_image
 
     def barrier():

@@ -31,7 +31,7 @@ from fixtures.build import write_hf  # noqa: E402
 from fixtures.images import make_images  # noqa: E402
 
 from llava_mlx import convert, generate, load  # noqa: E402
-from llava_mlx.quantization import RECIPES  # noqa: E402
+from llava_mlx.checkpoint.quantize import RECIPES  # noqa: E402
 
 PROMPT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 IMAGES = ("tie_wide", "square")

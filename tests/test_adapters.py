@@ -21,8 +21,8 @@ import pytest
 from conftest import ROOT
 from fixtures.build_adapters import build_adapters
 from llava_mlx import LlavaError, convert, load
-from llava_mlx.adapters import is_target, scaling
-from llava_mlx.generate import generate
+from llava_mlx.checkpoint.lora import is_target, scaling
+from llava_mlx.generation import generate
 from test_parity_original import QUESTION, REFERENCE_PYTHON, check_case, run_original
 
 BASE = "base-vicuna"
@@ -149,7 +149,7 @@ def merged(adapters, tmp_path_factory):
             checkpoint, _, extra = CASES[case]
             out = tmp_path_factory.mktemp("merged") / case
             if extra.get("apply_delta"):  # through the command line: --delta DELTA --model-base BASE
-                from llava_mlx.convert import main
+                from llava_mlx.cli.convert import main
 
                 argv = ["--delta", str(adapters[checkpoint]), "--model-base", str(adapters[BASE]), "--out", str(out)]
                 assert main(argv + ["--dtype", "float32"]) == 0
@@ -171,7 +171,7 @@ def test_convert_merge_matches_the_original_builder(case, merged, original_build
 
 
 def test_delta_keeps_its_extra_rows(merged, adapters):
-    from llava_mlx.load import load_weights
+    from llava_mlx.checkpoint.files import load_weights
 
     weights = load_weights(merged("delta-v1.5"))
     assert weights["language_model.model.embed_tokens.weight"].shape[0] == 1003
@@ -214,8 +214,8 @@ def expect_cli_error(capsys, main, argv, fragment):
 
 
 def test_bad_input(adapters, checkpoints, images, tmp_path, capsys):
-    from llava_mlx.convert import main as convert_main
-    from llava_mlx.generate import main as generate_main
+    from llava_mlx.cli.convert import main as convert_main
+    from llava_mlx.cli.generate import main as generate_main
 
     ask = ["--image", str(images["odd1"]), "--prompt", "Hi", "--max-tokens", "2"]
     lora, proj, base = (str(adapters[n]) for n in ("lora-v1.5-vicuna", "proj-v1.5-vicuna", BASE))

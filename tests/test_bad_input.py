@@ -24,9 +24,9 @@ from PIL import Image
 from conftest import ROOT
 from llava_mlx import LlavaError, convert, generate, load, stream_generate
 from llava_mlx import processor as processor_module
-from llava_mlx.convert import main as convert_main
+from llava_mlx.cli.convert import main as convert_main
 from llava_mlx.fetch import fetch
-from llava_mlx.generate import main as generate_main
+from llava_mlx.cli.generate import main as generate_main
 
 SMALL = "hf-v1.5-vicuna"
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
@@ -102,7 +102,7 @@ def test_chat_stdin_not_utf8(checkpoints, monkeypatch, capsys):
 
 
 def test_interrupt_inside_main_is_one_line(monkeypatch, capsys):
-    load_module = importlib.import_module("llava_mlx.load")  # the package exports a function `load`
+    load_module = importlib.import_module("llava_mlx.cli.generate")  # the `load` the command calls
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -402,7 +402,7 @@ def conversion_process(source: Path, out: Path, hook: str) -> subprocess.Popen:
     """convert.py in a child process with `hook` (Python) run first, e.g. to stop at a chosen step."""
     script = (
         "import importlib, runpy, sys\n"
-        "c, l = importlib.import_module('llava_mlx.convert'), importlib.import_module('llava_mlx.load')\n"
+        "c = importlib.import_module('llava_mlx.checkpoint.convert')\n"
         f"{hook}\n"
         f"sys.argv = ['convert.py', '--model', {str(source)!r}, '--out', {str(out)!r}]\n"
         f"runpy.run_path({str(ROOT / 'convert.py')!r}, run_name='__main__')\n"
@@ -448,7 +448,7 @@ def test_signal_mid_write_cleans_up(signum, code, line, checkpoints, tmp_path):
 def test_interrupt_late_does_not_put_the_output_in_place(checkpoints, tmp_path):
     """Ctrl-C during the last step (the check that the output loads): no --out, nothing left."""
     out = tmp_path / "out"
-    hook = "load = l.load\n" + WAIT.format(name="slow", marker="VERIFYING", call="load") + "l.load = slow"
+    hook = "load = c.load\n" + WAIT.format(name="slow", marker="VERIFYING", call="load") + "c.load = slow"
     process = conversion_process(checkpoints[SMALL], out, hook)
     wait_for(process, "VERIFYING")
     process.send_signal(signal.SIGINT)

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from conftest import ROOT
 from llava_mlx.cache import SessionCache
-from llava_mlx.generate import stream_generate
+from llava_mlx.generation import stream_generate
 
 TOL = 1e-5
 NAME = "hf-v1.6-vicuna"

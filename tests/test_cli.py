@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import LAYOUTS, ROOT
 from llava_mlx import processor as processor_module
-from llava_mlx.generate import main
+from llava_mlx.cli.generate import main
 
 
 

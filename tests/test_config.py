@@ -3,7 +3,7 @@
 import pytest
 
 from llava_mlx.errors import LlavaError
-from llava_mlx.load import detect_layout, read_config, rename
+from llava_mlx.checkpoint.layouts import detect_layout, read_config, rename
 from llava_mlx.processor import family_prompt
 
 

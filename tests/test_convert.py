@@ -17,9 +17,12 @@ from mlx.utils import tree_flatten
 from conftest import LAYOUTS, ROOT
 from fixtures.preconverted import build_preconverted
 from llava_mlx import generate, load
-from llava_mlx.convert import INDEX, convert, estimate_bytes, main
+from llava_mlx.checkpoint.convert import INDEX, convert
+from llava_mlx.checkpoint.quantize import estimate_bytes
+from llava_mlx.cli.convert import main
 from llava_mlx.errors import LlavaError
-from llava_mlx.load import load_weights, read_json, rename
+from llava_mlx.checkpoint.files import load_weights, read_json
+from llava_mlx.checkpoint.layouts import rename
 from llava_mlx.model import LlavaConfig, LlavaModel
 from llava_mlx.vision import layers_to_run
 
@@ -411,7 +414,7 @@ def test_bad_input_via_the_cli(checkpoints, tmp_path):
     # Killed half-way: the third shard (one tensor each) cannot be written.
     halfway = (
         "import importlib, sys, mlx.core as mx\n"
-        "c = importlib.import_module('llava_mlx.convert')  # the module, even if the package exports convert()\n"
+        "c = importlib.import_module('llava_mlx.checkpoint.convert')\n"
         "shards, save, calls = c.make_shards, mx.save_safetensors, []\n"
         "c.make_shards = lambda weights, gb: shards(weights, 0)\n"
         "def failing(*args, **kwargs):\n"
@@ -419,7 +422,7 @@ def test_bad_input_via_the_cli(checkpoints, tmp_path):
         "    if len(calls) == 3: raise OSError(28, 'No space left on device')\n"
         "    return save(*args, **kwargs)\n"
         "mx.save_safetensors = failing\n"
-        "sys.exit(c.main(sys.argv[1:]))\n"
+        "sys.exit(importlib.import_module('llava_mlx.cli.convert').main(sys.argv[1:]))\n"
     )
     out, small = ["--out", str(previous)], str(checkpoints["hf-v1.5-vicuna"])
     cases = {

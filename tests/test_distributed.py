@@ -25,7 +25,7 @@ from conftest import ROOT
 from fixtures.preconverted import build_preconverted
 from llava_mlx import distributed, generate, load
 from llava_mlx.errors import LlavaError
-from llava_mlx.load import load_model
+from llava_mlx.checkpoint.load import load_model
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 QUESTION = "What is in the image?"

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from llava_mlx import LlavaError, load
-from llava_mlx.generate import main
-from llava_mlx.load import read_config
+from llava_mlx.cli.generate import main
+from llava_mlx.checkpoint.layouts import read_config
 
 
 def edited_copy(src, dst, **changes):

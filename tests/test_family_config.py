@@ -3,7 +3,7 @@
 import pytest
 
 from llava_mlx import LlavaError
-from llava_mlx.load import read_config
+from llava_mlx.checkpoint.layouts import read_config
 
 
 def test_sparse_onevision_config():

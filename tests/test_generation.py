@@ -10,7 +10,8 @@ import pytest
 
 from llava_mlx import generate, load
 from llava_mlx.cache import SessionCache
-from llava_mlx.generate import main, stream_generate, vocabulary_sampler
+from llava_mlx.cli.generate import main
+from llava_mlx.generation import stream_generate, vocabulary_sampler
 from mlx_lm.sample_utils import make_sampler
 
 QUESTION = "What is here?"

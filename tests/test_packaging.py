@@ -19,7 +19,7 @@ def normalise(name: str) -> str:
 
 def imported_modules() -> set:
     names = set()
-    for file in (ROOT / "llava_mlx").glob("*.py"):
+    for file in (ROOT / "llava_mlx").rglob("*.py"):  # subpackages included
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.Import):
                 names |= {alias.name.split(".")[0] for alias in node.names}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from llava_mlx.generate import generate
+from llava_mlx.generation import generate
 
 REFERENCE_PYTHON = os.environ.get("LLAVA_REFERENCE_PYTHON", str(ROOT / ".venv-orig" / "bin" / "python"))
 RTOL = 1e-4  # of the largest |logit|

@@ -14,11 +14,12 @@ from mlx.utils import tree_flatten
 from fixtures.preconverted import build_preconverted
 from test_convert import cosine, logits
 from llava_mlx import convert, generate, load
-from llava_mlx.convert import estimate_bytes, main
+from llava_mlx.checkpoint.quantize import estimate_bytes
+from llava_mlx.cli.convert import main
 from llava_mlx.errors import LlavaError
-from llava_mlx.load import load_weights, read_json
+from llava_mlx.checkpoint.files import load_weights, read_json
 from llava_mlx.model import LlavaConfig, LlavaModel
-from llava_mlx.quantization import RECIPES
+from llava_mlx.checkpoint.quantize import RECIPES
 
 NAME = "hf-v1.6-mistral"  # 2 decoder layers: layer 1 is "last eighth", so it gets the high bits
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"

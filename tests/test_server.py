@@ -23,7 +23,7 @@ from PIL import Image
 
 from conftest import ROOT, SERVER_MODEL
 from llava_mlx.cache import common_prefix, image_key, sequence_keys
-from llava_mlx.generate import stream_generate
+from llava_mlx.generation import stream_generate
 from llava_mlx.processor import load_image
 
 TOKENS = 16
@@ -485,8 +485,8 @@ def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, i
     """Three requests waiting together: the engine encodes the second one's image only once
     the first is prefilled (starting all at once held the first answer until every image had
     gone through the tower), and the answers still equal generate()'s."""
-    from llava_mlx.server_engine import Engine, EngineOptions, Job
-    from llava_mlx.server_request import Limits, build_prompt, parse_chat
+    from llava_mlx.server.engine import Engine, EngineOptions, Job
+    from llava_mlx.server.request import Limits, build_prompt, parse_chat
 
     model, processor = loaded(SERVER_MODEL)
     engine = Engine(lambda: (model, processor), EngineOptions(max_batch=8, prompt_cache_bytes=0))
@@ -494,10 +494,11 @@ def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, i
     for name in names:
         body = json.dumps({"messages": [user("What is in the image?", images[name])], "max_tokens": TOKENS}).encode()
         chat = parse_chat(body, Limits())
-        jobs.append(Job(build_prompt(chat, processor, Limits(), lambda key: False), chat))
+        jobs.append(Job(build_prompt(chat, processor, Limits(), lambda key: True), chat))
         engine.inbox.put(jobs[-1])  # before the engine runs: all three wait together
     which = {id(job.prompt): names[i] for i, job in enumerate(jobs)}
-    features, insert = engine._features, engine._prefill_chunk
+    scheduler = engine.scheduler
+    features, insert = scheduler._features, scheduler._prefill_chunk
 
     def encoding(prompt):
         order.append(f"encode {which[id(prompt)]}")
@@ -508,11 +509,11 @@ def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, i
         if job.uid is not None and f"prefilled {which[id(job.prompt)]}" not in order:
             order.append(f"prefilled {which[id(job.prompt)]}")
 
-    engine._features, engine._prefill_chunk = encoding, prefilling
+    scheduler._features, scheduler._prefill_chunk = encoding, prefilling
     engine.start()
     try:
         for job in jobs:
-            assert job.over.wait(120)
+            assert job.finished.wait(120)
     finally:
         engine.stop()
     assert order == [f"{step} {name}" for name in names for step in ("encode", "prefilled")]

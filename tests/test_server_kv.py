@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 from llava_mlx import load
 from llava_mlx.cache import SessionCache
-from llava_mlx.generate import stream_generate
+from llava_mlx.generation import stream_generate
 from serving import start_server
 from test_server import ask, disconnect_twice, user
 

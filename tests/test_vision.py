@@ -37,7 +37,7 @@ def test_released_tower_geometry():
 
 
 def test_validation_checks_what_the_code_needs():
-    from llava_mlx.validate import model_config
+    from llava_mlx.checkpoint.validate import model_config
     from llava_mlx.model import LlavaConfig
 
     text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -1,10 +1,11 @@
 """An OpenAI-compatible LLaVA server: `python server.py --model PATH_OR_REPO`.
 
-The command line: it loads the model in the engine thread (server_engine.py), then serves
-HTTP (server_http.py) until interrupted. Requests are checked and prepared by
-server_request.py; reuse across requests lives in server_cache.py. With --kv-bits the
-engine serves one request at a time through stream_generate (server_serial.py). Under
-mlx.launch with several ranks, rank 0 serves HTTP and the others follow (server_lockstep.py).
+The command line: it loads the model in the engine thread (server/engine.py), then serves
+HTTP (server/http.py) until interrupted. Requests are checked and prepared by
+server/request.py; KV reuse across requests lives in server/cache.py. The engine batches
+(server/batching.py), or with --kv-bits serves one request at a time through stream_generate
+(server/serial.py). Under mlx.launch with several ranks, rank 0 serves HTTP and the others
+follow (server/lockstep.py).
 """
 
 import argparse
@@ -16,13 +17,15 @@ import threading
 from functools import partial
 from pathlib import Path
 
-from .distributed import label, launched
-from .errors import LlavaError
-from .server_engine import Engine, EngineOptions
-from .server_http import App, Handler, Server
-from .server_lockstep import LockstepEngine
-from .server_request import Limits
-from .server_serial import SerialEngine
+from ..distributed import label, launched
+from ..checkpoint.load import load
+from ..errors import LlavaError
+from ..server.batching import BatchScheduler
+from ..server.engine import Engine, EngineOptions
+from ..server.http import App, Handler, Server
+from ..server.lockstep import LockstepCoordinator
+from ..server.request import Limits
+from ..server.serial import SerialScheduler
 
 log = logging.getLogger("llava_mlx.server")
 
@@ -61,18 +64,18 @@ def main(argv=None) -> int:
     if args.max_body_mb <= 0 or args.image_url_timeout <= 0 or args.prompt_cache_bytes < 0:
         parser.error("--max-body-mb and --image-url-timeout must be positive, --prompt-cache-bytes not negative")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .load import load
 
     options = EngineOptions(args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes, kv_bits=args.kv_bits)
     # mlx-lm's BatchGenerator cannot batch quantized KV caches: one request at a time, as mlx-lm's server does.
-    kind = SerialEngine if args.kv_bits else Engine
+    scheduler = SerialScheduler if args.kv_bits else BatchScheduler
+    coordinator = None
     if launched():  # several ranks: rank 0 serves HTTP, the others follow its engine
         if args.kv_bits:
             print("error: --kv-bits cannot be served over several ranks (mlx.launch); leave it out", file=sys.stderr)
             return 2
-        kind = LockstepEngine
+        coordinator = LockstepCoordinator()
     load_model = partial(load, args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline)
-    engine = kind(load_model, options)
+    engine = Engine(load_model, options, scheduler, coordinator)
     limits = Limits(args.max_tokens, args.max_images, args.max_image_pixels, int(args.max_body_mb * (1 << 20)), args.image_url_timeout)
     try:
         engine.start()
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         engine.stop()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not getattr(engine, "main", True):
+    if not engine.coordinator.main:
         return follow(engine)
     me = label(engine.model)
     model_id = Path(args.model).resolve().name if Path(args.model).is_dir() else args.model
@@ -128,7 +131,7 @@ DRAIN_TIMEOUT = 5.0  # s the requests in flight get, when the server stops, to s
 FOLLOWER_GRACE = 20.0  # s a follower waits, once signalled, for rank 0 to tell it to stop
 
 
-def follow(engine: LockstepEngine) -> int:
+def follow(engine: Engine) -> int:
     """A rank other than 0: no port, its engine runs what rank 0 shares until rank 0 stops."""
     me = label(engine.model)
 
@@ -148,7 +151,7 @@ def follow(engine: LockstepEngine) -> int:
     print(f"llava-mlx: {me}following rank 0", file=sys.stderr, flush=True)
     engine.thread.join()
     engine.stop()
-    if engine.failure or not engine.halted:
+    if engine.failure or not engine.coordinator.halted:
         print(f"error: {me}{engine.failure or 'the engine stopped before rank 0 told it to'}; restart the whole launch", file=sys.stderr)
         return 1
     return 0

@@ -1,33 +1,28 @@
-"""The batching engine: one thread owns MLX and runs every request.
+"""The engine: one thread owns MLX and runs every request, in one loop.
 
-A request's merged image+text sequence is prefilled by this project's own path (image
-features from the cache or the vision tower, `model.embed`, the decoder over the
-embeddings in chunks, starting from the KV of the longest cached prefix); its KV cache and
-last token then join mlx-lm's `BatchGenerator`, which decodes every running request in
-one batch (continuous batching: requests join and leave between steps). Requests start in
-turn, each once the one before has been prefilled, and prefill chunks and decode steps
-alternate, so a long new prompt never stalls the running answers for more than one chunk.
-HTTP threads talk to the engine only through queues.
+Each iteration the coordinator says which waiting requests start now and which running ones
+were cancelled (`LocalCoordinator` here; `LockstepCoordinator` in lockstep.py shares rank 0's
+choice with every rank under mlx.launch), then the scheduler does one step of work: the
+batching scheduler (batching.py) a prefill chunk and a decode step of every running answer,
+the serial one (serial.py, `--kv-bits`) a whole request at a time. HTTP threads talk to the
+engine only through queues: `submit` a `Job`, read its `events`.
 """
 
 import gc
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import apply_top_p, make_sampler
 
-from .errors import LlavaError
-from .generate import vocabulary_sampler
-from .server_cache import FeatureCache, PromptCache
-from .server_request import ApiError, Chat, Prompt, pixel_values
+from ..errors import LlavaError
+from ..features import FeatureCache
+from .batching import BatchScheduler
+from .cache import PromptCache
+from .request import ApiError, Chat, Prompt
 
 log = logging.getLogger("llava_mlx.server")
 
@@ -41,22 +36,23 @@ class Job:
     chat: Chat
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    over: threading.Event = field(default_factory=threading.Event)  # "done" or "error" is queued
+    finished: threading.Event = field(default_factory=threading.Event)  # "done" or "error" is queued
     kv: Optional[list] = None
     embeddings: Optional[mx.array] = None
     prefilled: int = 0
     cached: int = 0
-    uid: Optional[int] = None
+    uid: Optional[int] = None  # the batch generator's
+    serial: Optional[int] = None  # rank 0's number for it under mlx.launch (lockstep.py)
     detokenizer: object = None
     tokens: List[int] = field(default_factory=list)  # generated, EOS included
-    held: str = ""  # text held back while it may be the start of a stop string
+    unsent: str = ""  # text held back while it may be the start of a stop string
 
     def cancel(self):
         self.cancelled.set()
 
     def fail(self, error: ApiError):
         self.events.put(("error", error))
-        self.over.set()
+        self.finished.set()
 
 
 @dataclass
@@ -66,21 +62,7 @@ class EngineOptions:
     prefill_step_size: int = 2048
     prompt_cache_bytes: int = 2 << 30
     feature_cache_bytes: int = 1 << 30
-    kv_bits: Optional[int] = None  # quantized KV: requests are served one at a time (server_serial.py)
-
-
-def seeded_sampler(temperature: float, top_p: float, seed: int):
-    """Sampling from a request's own random key: the same seed gives the same answer
-    whatever else shares the batch."""
-    state = [mx.random.key(seed)]
-
-    def sample(logprobs):
-        if 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
-        state[0], key = mx.random.split(state[0])
-        return mx.random.categorical(logprobs * (1 / temperature), key=key)
-
-    return sample
+    kv_bits: Optional[int] = None  # quantized KV: requests are served one at a time (serial.py)
 
 
 def held_back(text: str, stops: List[str]) -> int:
@@ -88,11 +70,49 @@ def held_back(text: str, stops: List[str]) -> int:
     return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
 
-class Engine:
+@dataclass
+class Changes:
+    """What starts and what stops in one iteration, as the coordinator decides it."""
+
+    start: list = field(default_factory=list)
+    cancel: list = field(default_factory=list)
+    stop: bool = False  # rank 0 told every rank to stop (lockstep only)
+
+
+class LocalCoordinator:
+    """One process: the engine decides alone."""
+
+    main = True  # this process serves HTTP
     idle_wait = 0.1  # s an idle engine waits for a request before its next iteration
     fatal: tuple = ()  # errors in a decode step that end the engine instead of failing the batch
-    def __init__(self, load_fn, options: EngineOptions):
+
+    def joined(self, engine: "Engine"):
+        """Called once the model is loaded, before the first iteration."""
+
+    def changes(self, engine: "Engine") -> Changes:
+        # The cancelled go first, so that a cancelled prefill makes room at once.
+        engine.scheduler.drop([job for job in engine.scheduler.jobs() if job.cancelled.is_set()])
+        return Changes(start=engine.admissible())
+
+    def encode(self, engine: "Engine", prompt: Prompt, encode) -> list:
+        """The features of `prompt`'s images from `encode()` (here: run here)."""
+        return encode()
+
+    def after_decode(self):
+        """Called after every decode step, before its tokens are sent."""
+
+    def failed(self, e: Exception) -> str:
+        log.exception("the engine failed")
+        return f"{type(e).__name__}: {e}"
+
+    def finish(self, engine: "Engine"):
+        """Called when the loop ended without a failure."""
+
+
+class Engine:
+    def __init__(self, load_fn, options: EngineOptions, scheduler_type=BatchScheduler, coordinator=None):
         self.load_fn, self.options = load_fn, options
+        self.coordinator = coordinator or LocalCoordinator()
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.ready, self.stopping = threading.Event(), threading.Event()
         self.lock = threading.Lock()  # HTTP threads submit concurrently
@@ -103,12 +123,11 @@ class Engine:
         self.features = FeatureCache(options.feature_cache_bytes)
         self.prompt_cache = PromptCache(options.prompt_cache_bytes)
         self.waiting: deque = deque()
-        self.busy = False
-        self.prefilling: deque = deque()
-        self.running: dict = {}
+        self.worked_since_idle = False  # MLX's buffer cache is given back once idle
         self.counters = dict(requests=0, finished=0, cancelled=0, failed=0, decode_steps=0, batched_steps=0,
                              max_batch=0, generated_tokens=0)
         self.memory = dict(peak_memory_gb=0.0, active_memory_gb=0.0)
+        self.scheduler = scheduler_type(self)
         self.thread = threading.Thread(target=self._run, name="llava-engine", daemon=True)
 
     # -- used by the HTTP threads ----------------------------------------------------------
@@ -119,8 +138,9 @@ class Engine:
         if self.load_error is not None:
             raise self.load_error
 
-    def is_cached(self, key: str) -> bool:
-        return key in self.features
+    def needs_pixels(self, key: str) -> bool:
+        """Whether the HTTP thread should prepare this image's pixels with the request."""
+        return self.scheduler.encodes_images and key not in self.features
 
     def submit(self, job: Job):
         with self.lock:
@@ -134,12 +154,13 @@ class Engine:
     def stats(self) -> dict:
         return {
             **self.counters,
-            "running": len(self.running) + len(self.prefilling),
+            "running": len(self.scheduler.jobs()),
             "waiting": self.inbox.qsize() + len(self.waiting),
             "prompt_cache_entries": len(self.prompt_cache),
             "prompt_cache_bytes": self.prompt_cache.nbytes,
             "prompt_cache_hits": self.prompt_cache.hits,
-            "feature_cache_images": len(self.features.entries),
+            "feature_cache_images": len(self.features),
+            **self.scheduler.stats(),
             **self.memory,
         }
 
@@ -153,18 +174,16 @@ class Engine:
         else:
             # Free the model's arrays now: left to the interpreter's shutdown, right after
             # the engine thread ended, they sometimes abort the process (MLX 0.32, CPU).
-            self.model = self.processor = self.generator = None
+            self.model = self.processor = None
+            self.scheduler.release()
             gc.collect()
 
     # -- the engine thread ---------------------------------------------------------------
     def _run(self):
         try:
-            self.model, self.processor = self._load()
-            self.stream = mx.default_stream(mx.default_device())
-            self.generator = self._new_generator()
-            vocab = self.processor.tokenizer.vocab_size
-            self.rows = self.model.config.text_config["vocab_size"]
-            self.greedy = vocabulary_sampler(make_sampler(0.0), vocab, self.rows, self.processor.tokenizer.eos_token_ids)
+            self.model, self.processor = self.load_fn()
+            self.coordinator.joined(self)
+            self.scheduler.loaded()
         except Exception as e:  # reported by start() in the main thread
             self.load_error = e
             return
@@ -172,76 +191,57 @@ class Engine:
             self.ready.set()
         try:
             while not self.stopping.is_set():
-                self._drop_cancelled()
-                self._admit()
+                changes = self.coordinator.changes(self)
+                if changes.stop:
+                    self.stopping.set()
+                    break
+                self.scheduler.drop(changes.cancel)
+                for job in changes.start:
+                    self.worked_since_idle = True
+                    self.guard(job, self.scheduler.start, job)
                 self._work()
         except Exception as e:
-            self.failure = self._failed(e)
+            self.failure = self.coordinator.failed(e)
         finally:
             self._close(f"the generation engine stopped ({self.failure}); restart the server" if self.failure else "the server is shutting down")
+        if self.failure is None:
+            self.coordinator.finish(self)
 
-    def _failed(self, e: Exception) -> str:
-        """What to say when the engine ends on error `e` (the server then exits)."""
-        log.exception("the engine failed")
-        return f"{type(e).__name__}: {e}"
+    def _work(self):
+        """One step of the scheduler's work, or (idle) a short wait for a request."""
+        if self.scheduler.has_work():
+            self.worked_since_idle = True
+            self.scheduler.step()
+        else:
+            if self.worked_since_idle:  # idle now: give MLX's buffer cache back to the system
+                mx.clear_cache()
+            self.worked_since_idle = False
+            if not self.waiting and self.coordinator.idle_wait:  # else the next iteration starts one at once
+                try:
+                    self.waiting.append(self.inbox.get(timeout=self.coordinator.idle_wait))
+                except queue.Empty:
+                    pass
+        self.memory.update(peak_memory_gb=mx.get_peak_memory() / 1e9, active_memory_gb=mx.get_active_memory() / 1e9)
 
     def _close(self, reason: str):
         """Take no more requests, and end every one not yet answered with a 503."""
         with self.lock:
             self.closed = reason
         self._take_inbox()
-        for job in [*self.waiting, *self.prefilling, *self.running.values()]:
-            if not job.over.is_set():
+        for job in [*self.waiting, *self.scheduler.jobs()]:
+            if not job.finished.is_set():
                 job.fail(ApiError(503, reason))
         self.waiting.clear()
-        self.prefilling.clear()
-        self.running.clear()
+        self.scheduler.clear()
 
-    def _load(self):
-        return self.load_fn()
-
-    def _work(self):
-        """One prefill chunk and one decode step, or a short wait for a request."""
-        self.busy = self.busy or bool(self.prefilling or self.running)
-        if self.prefilling:
-            self._prefill_step()
-        if self.running:
-            self._decode_step()
-        elif not self.prefilling:
-            if self.busy:  # idle now: give MLX's buffer cache back to the system
-                mx.clear_cache()
-            self.busy = False
-            if not self.waiting:  # else the next iteration starts one of them at once
-                try:
-                    self.waiting.append(self.inbox.get(timeout=self.idle_wait))
-                except queue.Empty:
-                    pass
-        self.memory.update(peak_memory_gb=mx.get_peak_memory() / 1e9, active_memory_gb=mx.get_active_memory() / 1e9)
-
-    def _new_generator(self) -> BatchGenerator:
-        eos = self.processor.tokenizer.eos_token_ids
-        n = self.options.max_batch
-        return BatchGenerator(
-            self.model.language_model,
-            stop_tokens=[[t] for t in eos],
-            completion_batch_size=n,
-            prefill_batch_size=n,
-            prefill_step_size=self.options.prefill_step_size,
-            stream=self.stream,
-        )
-
-    def _admit(self):
-        for job in self._admissible():
-            self._guard(job, self._start, job)
-
-    def _admissible(self) -> list:
+    def admissible(self) -> list:
         """The waiting request that starts now, if any; cancelled ones dropped.
 
-        One at a time, once the one before has been prefilled: starting a request encodes
-        its images, so starting all that arrive together would hold the first one's first
-        token until every image had gone through the tower."""
+        One at a time, once the scheduler is ready for it: starting a request encodes its
+        images, so starting all that arrive together would hold the first one's first token
+        until every image had gone through the tower."""
         self._take_inbox()
-        while self.waiting and not self.prefilling and len(self.running) < self.options.max_batch:
+        while self.waiting and self.scheduler.ready_for_more():
             job = self.waiting.popleft()
             if job.cancelled.is_set():
                 self.counters["cancelled"] += 1
@@ -257,7 +257,7 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _guard(self, job: Job, fn, *args):
+    def guard(self, job: Job, fn, *args):
         """Run one job's step; a failure fails that job only."""
         try:
             fn(*args)
@@ -268,111 +268,27 @@ class Engine:
             self._abandon(job, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
     def _abandon(self, job: Job, error: ApiError):
-        if job in self.prefilling:
-            self.prefilling.remove(job)
+        self.scheduler.forget(job)
         job.kv = job.embeddings = None
         self.counters["failed"] += 1
         job.fail(error)
 
-    def _start(self, job: Job):
-        """Image features (cached by content), the cached prefix, the embeddings to prefill."""
-        p = job.prompt
-        features = self._features(p)
-        for feats, n in zip(features, p.image_lengths):
-            if feats.shape[0] != n:
-                raise RuntimeError(f"an image gave {feats.shape[0]} positions where {n} were expected")
-        p.pixels, p.images = {}, {}
-        if not isinstance(p.keys[-1], int):
-            raise RuntimeError("the prompt ends inside an image")
-        kv, job.cached = self.prompt_cache.fetch(p.keys)
-        job.kv = kv if kv is not None else make_prompt_cache(self.model.language_model)
-        embeddings = self.model.embed(p.ids, image_features=features)[0]
-        job.embeddings = embeddings[job.cached : len(p.keys) - 1]
-        self.prefilling.append(job)
-
-    def _features(self, p: Prompt) -> list:
-        return self.features.get(self.model, p.image_keys, p.pixels, lambda k: pixel_values(self.processor, p.images[k]))
-
-    def _prefill_step(self):
-        job = self.prefilling[0]
-        self._guard(job, self._prefill_chunk, job)
-
-    def _prefill_chunk(self, job: Job):
-        total = job.embeddings.shape[0]
-        if job.prefilled < total:
-            end = min(job.prefilled + self.options.prefill_step_size, total)
-            with mx.stream(self.stream):
-                self.model.language_model(None, cache=job.kv, input_embeddings=job.embeddings[None, job.prefilled : end])
-                mx.eval([c.state for c in job.kv])
-            job.prefilled = end
-        if job.prefilled == total:
-            self.prefilling.popleft()
-            (job.uid,) = self.generator.insert(
-                [[job.prompt.keys[-1]]], max_tokens=[job.prompt.max_tokens], caches=[job.kv], samplers=[self._sampler(job.chat)]
-            )
-            job.kv = job.embeddings = None
-            job.detokenizer = self.processor.tokenizer.detokenizer
-            self.running[job.uid] = job
-
-    def _sampler(self, chat: Chat):
-        """Greedy requests share one sampler (one batched call); others get their own."""
-        if chat.temperature == 0:
-            return self.greedy
-        if chat.seed is not None:
-            base = seeded_sampler(chat.temperature, chat.top_p, chat.seed)
-        else:
-            base = make_sampler(chat.temperature, chat.top_p if chat.top_p < 1 else 0.0)
-        tokenizer = self.processor.tokenizer
-        return vocabulary_sampler(base, tokenizer.vocab_size, self.rows, tokenizer.eos_token_ids)
-
-    def _decode_step(self):
-        try:
-            responses = self._next_responses()
-        except self.fatal:
-            raise
-        except Exception as e:
-            log.exception("the batch failed")
-            for job in self.running.values():
-                job.fail(ApiError(500, f"internal error in the batch: {type(e).__name__}: {e}"))
-            self.counters["failed"] += len(self.running)
-            self.running.clear()
-            self.generator = self._new_generator()
-            return
-        if responses:
-            self.counters["decode_steps"] += 1
-            self.counters["batched_steps"] += len(responses) > 1
-            self.counters["max_batch"] = max(self.counters["max_batch"], len(responses))
-        for r in responses:
-            job = self.running[r.uid]
-            job.tokens.append(r.token)
-            if r.finish_reason != "stop":
-                job.detokenizer.add_token(r.token)
-            if r.finish_reason is not None:
-                job.detokenizer.finalize()
-            if self._emit(job, job.detokenizer.last_segment, r.finish_reason) and r.finish_reason is None:
-                self.generator.remove([r.uid])  # a stop string ended it
-            if r.finish_reason is not None:
-                self._remember(job, r.prompt_cache)
-
-    def _next_responses(self) -> list:
-        return self.generator.next()[1]
-
-    def _emit(self, job: Job, text: str, finish: Optional[str]) -> bool:
+    def emit(self, job: Job, text: str, finish: Optional[str]) -> bool:
         """Send new text (up to any stop string); True if the job is over."""
         stops = job.chat.stop
         if stops:
-            text, job.held = job.held + text, ""
+            text, job.unsent = job.unsent + text, ""
             hits = [i for i in (text.find(s) for s in stops) if i >= 0]
             if hits:
                 text, finish = text[: min(hits)], "stop"
             elif finish is None:
                 keep = held_back(text, stops)
-                text, job.held = text[: len(text) - keep], text[len(text) - keep :]
+                text, job.unsent = text[: len(text) - keep], text[len(text) - keep :]
         if text:
             job.events.put(("text", text))
         if finish is None:
             return False
-        self.running.pop(job.uid, None)
+        self.scheduler.forget(job)
         self.counters["finished"] += 1
         n = len(job.tokens) - (job.tokens[-1] in self.processor.tokenizer.eos_token_ids and finish == "stop")
         self.counters["generated_tokens"] += n
@@ -384,29 +300,5 @@ class Engine:
             "prompt_tokens_details": {"cached_tokens": job.cached},
         }
         job.events.put(("done", finish, usage))
-        job.over.set()
+        job.finished.set()
         return True
-
-    def _remember(self, job: Job, cache):
-        """Keep a finished request's KV (prompt and answer) for later requests to share."""
-        keys = job.prompt.keys + job.tokens
-        if cache[0].offset != len(keys):
-            log.warning("not caching a KV of %d positions for %d keys", cache[0].offset, len(keys))
-            return
-        self.prompt_cache.insert(keys, cache)
-
-    def _drop_cancelled(self):
-        self._drop([job for job in [*self.prefilling, *self.running.values()] if job.cancelled.is_set()])
-
-    def _drop(self, jobs: list):
-        """Stop prefilling or decoding these jobs and free their KV."""
-        dropped = {id(job) for job in jobs}
-        self.prefilling = deque(job for job in self.prefilling if id(job) not in dropped)
-        for job in jobs:
-            job.kv = job.embeddings = None
-        gone = [uid for uid, job in self.running.items() if id(job) in dropped]
-        if gone:
-            self.generator.remove(gone)
-            for uid in gone:
-                del self.running[uid]
-        self.counters["cancelled"] += len(jobs)

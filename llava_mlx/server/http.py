@@ -2,7 +2,7 @@
 
 HTTP on the standard library (`ThreadingHTTPServer`, as mlx-lm's server): a thread per
 connection checks the request and prepares its images and prompt, then waits on its
-job's queue while the engine thread (server_engine.py) runs it; the answer goes back as
+job's queue while the engine thread (engine.py) runs it; the answer goes back as
 JSON or as server-sent events. Endpoints: POST /v1/chat/completions (also without /v1),
 GET /v1/models, GET /health, and GET / (a chat page).
 """
@@ -20,8 +20,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .server_engine import Engine, Job
-from .server_request import ApiError, Limits, build_prompt, parse_chat
+from .engine import Engine, Job
+from .request import ApiError, Limits, build_prompt, parse_chat
 
 log = logging.getLogger("llava_mlx.server")
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
@@ -188,7 +188,7 @@ class Handler(BaseHTTPRequestHandler):
     def _run_chat(self):
         app = self.app
         chat = parse_chat(self._body(), app.limits)
-        job = Job(build_prompt(chat, app.processor, app.limits, app.engine.is_cached), chat)
+        job = Job(build_prompt(chat, app.processor, app.limits, app.engine.needs_pixels), chat)
         app.engine.submit(job)
         try:
             first = self._event(job)
@@ -227,7 +227,7 @@ class Handler(BaseHTTPRequestHandler):
     def _complete(self, job: Job, event):
         # Wait for the end, not token by token: waking this thread for every token would
         # make the engine thread wait for the GIL as often.
-        while event[0] == "text" and not job.over.wait(CHECK_EVERY):
+        while event[0] == "text" and not job.finished.wait(CHECK_EVERY):
             if client_gone(self.connection):
                 job.cancel()
                 raise ClientGone()
@@ -263,7 +263,7 @@ class Handler(BaseHTTPRequestHandler):
                 send({"content": "".join(pieces)})
             if event is not None:
                 break
-            job.over.wait(STREAM_EVERY)  # let the next tokens gather: one wake-up, not one per token
+            job.finished.wait(STREAM_EVERY)  # let the next tokens gather: one wake-up, not one per token
             event = self._event(job)
         if event[0] == "error":
             self._chunk(b"data: " + json.dumps(event[1].body()).encode() + b"\n\n")

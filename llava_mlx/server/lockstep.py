@@ -15,82 +15,78 @@ import dataclasses
 import logging
 import random
 
-from .distributed import check_ranks, group_of, settle, share_object, shared_features
-from .errors import LlavaError
-from .server_engine import Engine, Job
-from .server_request import Prompt
+from ..distributed import check_ranks, group_of, settle, share_object, shared_features
+from ..errors import LlavaError
+from .engine import Changes, Job, LocalCoordinator
+from .request import Prompt
 
 log = logging.getLogger("llava_mlx.server")
 
 
-class LockstepEngine(Engine):
-    halted = False
+class LockstepCoordinator(LocalCoordinator):
     # The ring lost a rank (it died or was killed; RankLost is one): no way on. Any other
     # error in a step would leave the ranks out of step, so it ends the engine too.
     fatal = (Exception,)
-    serial = 0  # rank 0 numbers the requests it starts; followers know them by it
 
-    def _load(self):
-        model, processor = self.load_fn()
+    def __init__(self):
+        self.group = None
+        self.main = True  # rank 0: serves HTTP and decides; the others follow
+        self.halted = False  # rank 0 told this rank to stop
+        self.serial = 0  # rank 0 numbers the requests it starts; followers know them by it
+        self.started: dict = {}  # rank 0: serial → its job, between deciding and starting
+
+    def joined(self, engine):
+        model = engine.model
         self.group = group_of(model)
         if self.group is None:
             raise LlavaError("launched as one rank of several, but this process is the only one: run it under mlx.launch with -n 2 or more")
         self.main = self.group.rank() == 0
         if not self.main:
             self.idle_wait = 0  # a follower waits in the exchange instead
-        sharding = model.sharding
         layers = model.config.text_config["num_hidden_layers"]
-        if sharding.mode == "pipeline" and layers % self.group.size() and self.options.prompt_cache_bytes:
+        if model.sharding.mode == "pipeline" and layers % self.group.size() and engine.options.prompt_cache_bytes:
             # Ranks holding different numbers of layers would evict different prompt-cache
             # entries (the LRU is bounded in bytes) and then reuse different prefixes.
             log.warning("%d layers do not divide over %d ranks: the prompt cache is off", layers, self.group.size())
-            self.prompt_cache.lru.max_bytes = 0
-        return model, processor
+            engine.prompt_cache.lru.max_bytes = 0
 
-    def _run(self):
-        super()._run()
-        if self.load_error is None and self.failure is None:
-            if self.main:  # the followers wait for this before they leave
-                share_object(self.group, {"stop": True})
-            settle(self.model)
+    def finish(self, engine):
+        if self.main:  # the followers wait for this before they leave
+            share_object(self.group, {"stop": True})
+        settle(engine.model)
 
-    # -- each iteration: rank 0's changes, applied on every rank in the same order --------
-    def _failed(self, e: Exception) -> str:
+    def failed(self, e: Exception) -> str:
         if not isinstance(e, RuntimeError):
-            return super()._failed(e)
+            return super().failed(e)
         lost = str(e).splitlines()[0]
         log.error("%s: the engine stops; restart the whole launch", lost)
         return f"lost a rank: {lost}"
 
-    def _next_responses(self) -> list:
+    def after_decode(self):
         # A rank lost mid-step may leave zeros in the all-reduces without an error: make
         # sure every rank took part before any of the step's tokens is sent.
-        responses = super()._next_responses()
         check_ranks(self.group)
-        return responses
 
-    def _drop_cancelled(self):
-        pass  # part of the exchange: a cancellation is seen on rank 0 only
-
-    def _admit(self):
-        change = self._changes() if self.main else None
-        change = share_object(self.group, change)
+    # -- each iteration: rank 0's changes, applied on every rank in the same order --------
+    def changes(self, engine) -> Changes:
+        change = share_object(self.group, self._decide(engine) if self.main else None)
         self.halted = bool(change.get("stop"))
         if self.halted:
-            self.stopping.set()
-            return
-        live = {job.serial: job for job in [*self.prefilling, *self.running.values()]}
-        self._drop([live[serial] for serial in change["cancel"]])
+            return Changes(stop=True)
+        live = {job.serial: job for job in engine.scheduler.jobs()}
+        engine.scheduler.drop([live[serial] for serial in change["cancel"]])
+        start = []
         for serial, prompt, chat in change["start"]:
             job = self.started.pop(serial) if self.main else Job(prompt, chat)
             job.serial = serial
-            self._guard(job, self._start, job)
+            start.append(job)
+        return Changes(start=start)
 
-    def _changes(self) -> dict:
-        """Rank 0: the requests to start now (as `Engine._admit` picks them) and those cancelled."""
-        cancel = [job.serial for job in [*self.prefilling, *self.running.values()] if job.cancelled.is_set()]
+    def _decide(self, engine) -> dict:
+        """Rank 0: the requests to start now (as the engine picks them) and those cancelled."""
+        cancel = [job.serial for job in engine.scheduler.jobs() if job.cancelled.is_set()]
         self.started, start = {}, []
-        for job in self._admissible():
+        for job in engine.admissible():
             if job.chat.temperature > 0 and job.chat.seed is None:
                 job.chat.seed = random.randrange(2**31)  # every rank samples the same tokens
             self.serial += 1
@@ -99,21 +95,17 @@ class LockstepEngine(Engine):
             start.append((self.serial, dataclasses.replace(job.prompt, pixels={}, images={}), job.chat))
         return {"cancel": cancel, "start": start}
 
-    def _work(self):
-        if not self.halted:  # only the exchange stops a rank: all ranks stop at the same point
-            super()._work()
-
-    def _features(self, p: Prompt) -> list:
+    def encode(self, engine, prompt: Prompt, encode) -> list:
         """Rank 0 encodes (from its feature cache) and shares; a failure fails the request on
         every rank (an unexpected one too, so that the ranks stay in step)."""
 
-        def encode():
+        def on_rank_0():
             try:
-                return p.image_keys, super(LockstepEngine, self)._features(p)
+                return prompt.image_keys, encode()
             except LlavaError:
                 raise
             except Exception as e:
                 log.exception("encoding the images failed")
                 raise LlavaError(f"encoding the images failed: {type(e).__name__}: {e}") from e
 
-        return shared_features(self.model, encode)[1]
+        return shared_features(engine.model, on_rank_0)[1]

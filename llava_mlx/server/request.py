@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
-from .cache import image_key, sequence_keys
-from .errors import LlavaError
-from .fetch import fetch
-from .processor import IMAGE_TOKEN, MAX_PIXELS, load_image
+from ..cache import image_key, sequence_keys
+from ..errors import LlavaError
+from ..fetch import fetch
+from ..processor import IMAGE_TOKEN, MAX_PIXELS, load_image
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOPS = 4
@@ -278,7 +278,7 @@ def decode_image(where: str, data: bytes, limits: Limits) -> Image.Image:
 
 
 # -- the prompt -----------------------------------------------------------------------
-def build_prompt(chat: Chat, processor, limits: Limits, is_cached: Callable[[str], bool]) -> Prompt:
+def build_prompt(chat: Chat, processor, limits: Limits, needs_pixels: Callable[[str], bool]) -> Prompt:
     """Token ids in the checkpoint's chat template, images fetched and keyed by content,
     the context checked, and the pixels of images whose features are not cached."""
     images = [decode_image(where, image_bytes(where, url, limits), limits) for where, url in chat.image_urls]
@@ -299,7 +299,7 @@ def build_prompt(chat: Chat, processor, limits: Limits, is_cached: Callable[[str
             "context_length_exceeded",
         )
     by_key = dict(zip(keys, images))
-    pixels = {key: pixel_values(processor, im) for key, im in by_key.items() if not is_cached(key)}
+    pixels = {key: pixel_values(processor, im) for key, im in by_key.items() if needs_pixels(key)}
     return Prompt(ids, keys, lengths, pixels, by_key, merged, min(chat.max_tokens, context - len(merged)), text)
 
 

@@ -2,51 +2,68 @@
 
 mlx-lm's `BatchGenerator` cannot batch quantized KV caches, so mlx-lm's server generates
 such requests one by one with `stream_generate(kv_bits=...)`; this engine does the same
-with `llava_mlx.generate.stream_generate`, so an answer equals `generate(..., kv_bits=N)`'s.
-Everything around the generation is the batching engine's (server_engine.py): the queue,
-stop strings, usage, cancellation, errors, and the LRU prompt cache, which here holds
-quantized caches and hands the longest cached prefix to `stream_generate` through its
-`SessionCache`.
+with `llava_mlx.generation.stream_generate`, so an answer equals `generate(..., kv_bits=N)`'s.
+Everything around the generation is the engine's (engine.py): the queue, stop strings,
+usage, cancellation, errors, and the LRU prompt cache, which here holds quantized caches and
+hands the longest cached prefix to `stream_generate` through its `SessionCache`.
 """
 
-from typing import Optional
-
-from .cache import SessionCache
-from .generate import head_size, kv_group_size, stream_generate
-from .server_engine import Engine, Job
-from .server_request import ApiError
+from ..cache import SessionCache
+from ..generation import head_size, kv_group_size, stream_generate
+from .request import ApiError
 
 
-class SerialEngine(Engine):
-    def __init__(self, load_fn, options):
-        super().__init__(load_fn, options)
+class SerialScheduler:
+    # stream_generate preprocesses and encodes the images itself: the HTTP threads need not
+    # prepare their pixels.
+    encodes_images = False
+
+    def __init__(self, engine):
+        self.engine = engine
         self.session = SessionCache()  # the image features; its KV is set per request
-        self.current: Optional[Job] = None
+        self.current = None  # the job being answered
 
-    def is_cached(self, key: str) -> bool:
-        # stream_generate preprocesses and encodes the images itself: the HTTP threads
-        # need not prepare their pixels.
+    def loaded(self):
+        # No batch; a head size the KV cannot be quantized with fails the start-up here.
+        kv_group_size(head_size(self.engine.model.config.text_config), self.engine.options.kv_bits)
+
+    def release(self):
+        self.session = None
+
+    def jobs(self) -> list:
+        return [self.current] if self.current is not None else []
+
+    def has_work(self) -> bool:
+        return False  # a request runs whole inside start()
+
+    def ready_for_more(self) -> bool:
         return True
 
     def stats(self) -> dict:
-        return {**super().stats(), "running": int(self.current is not None), "kv_bits": self.options.kv_bits}
+        return {"running": int(self.current is not None), "kv_bits": self.engine.options.kv_bits}
 
-    def _new_generator(self):
-        # No batch; a head size the KV cannot be quantized with fails the start-up here.
-        kv_group_size(head_size(self.model.config.text_config), self.options.kv_bits)
-        return None
+    def clear(self):
+        pass  # nothing is kept between requests
 
-    def _start(self, job: Job):
+    def forget(self, job):
+        pass
+
+    def drop(self, jobs: list):
+        pass  # a cancellation is seen inside start()
+
+    def step(self):
+        pass
+
+    def start(self, job):
         """Run the whole request now: the engine serves one at a time."""
-        p, chat = job.prompt, job.chat
-        self.busy = True
+        engine, p, chat = self.engine, job.prompt, job.chat
         # A copy of the cached prefix's KV, or None: stream_generate then starts a new one.
-        kv, cached = self.prompt_cache.fetch(p.keys)
+        kv, cached = engine.prompt_cache.fetch(p.keys)
         self.session.kv, self.session.keys = kv, p.keys[:cached]
-        self.session.kv_options = (self.options.kv_bits, None)
+        self.session.kv_options = (engine.options.kv_bits, None)
         steps = stream_generate(
-            self.model,
-            self.processor,
+            engine.model,
+            engine.processor,
             p.text,
             [p.images[k] for k in p.image_keys],
             template=False,
@@ -54,26 +71,26 @@ class SerialEngine(Engine):
             temperature=chat.temperature,
             top_p=chat.top_p,
             seed=chat.seed,
-            prefill_step_size=self.options.prefill_step_size,
-            kv_bits=self.options.kv_bits,
+            prefill_step_size=engine.options.prefill_step_size,
+            kv_bits=engine.options.kv_bits,
             cache=self.session,
         )
         p.pixels, p.images = {}, {}
         failed, self.current = True, job
         try:
             for r in steps:
-                if self.stopping.is_set():
+                if engine.stopping.is_set():
                     job.fail(ApiError(503, "the server is shutting down"))
                     break
                 if job.cancelled.is_set():
-                    self.counters["cancelled"] += 1
+                    engine.counters["cancelled"] += 1
                     break
                 job.cached = r.cached_tokens
                 if r.finish_reason is None or r.finish_reason == "stop":  # the final "stop" piece carries the EOS
                     job.tokens.append(r.token)
-                self.counters["decode_steps"] += r.finish_reason is None
-                self.counters["max_batch"] = 1
-                if self._emit(job, r.text, r.finish_reason):
+                engine.counters["decode_steps"] += r.finish_reason is None
+                engine.counters["max_batch"] = 1
+                if engine.emit(job, r.text, r.finish_reason):
                     break
             failed = False
         finally:
@@ -86,4 +103,4 @@ class SerialEngine(Engine):
         kv, keys = self.session.kv, self.session.keys
         self.session.kv, self.session.keys = None, []
         if keep and kv and kv[0].offset == len(keys):
-            self.prompt_cache.insert(keys, kv)
+            self.engine.prompt_cache.insert(keys, kv)

@@ -13,9 +13,7 @@ when quantized. It is written into a temporary directory beside `out` and rename
 place at the end: an error leaves nothing behind and a previous `out` untouched.
 """
 
-import argparse
 import glob
-import json
 import os
 import shutil
 import tempfile
@@ -27,32 +25,28 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
+from .. import validate as arguments
+from ..signals import signals_held
+from ..errors import LlavaError, LlavaValueError
+from ..model import LlavaConfig
+from ..processor import image_settings
 from . import validate
 from .adapters import checkpoint_kind, read_checkpoint, tokenizer_dir
-from .cli import command, signals_held
-from .errors import LlavaError, LlavaValueError
-from .load import (
-    HUB_PATTERNS,
-    MLX_FORMAT,
-    detect_layout,
-    load_model,
-    read_json,
-    resolve,
-    ships_tower,
-    tower_location,
-)
-from .model import LlavaConfig, LlavaModel
-from .quantization import RECIPES, bits_summary, recipe_predicate, recorded_entries
+from .files import torch_load, has_safetensors, import_torch, read_json, save_shard, to_mx, write_json
+from .hub import HUB_PATTERNS, resolve
+from .layouts import MLX_FORMAT, detect_layout, ships_tower, tower_location
+from .load import load, load_model
+from .quantize import DEFAULT_GROUP_SIZE, RECIPES, bits_summary, cast, existing_quantization, quantize_model
+
 
 QUANT_BITS = (4, 8)
+
 GROUP_SIZES = (32, 64, 128)
+
 DEFAULT_BITS = 4
-DEFAULT_GROUP_SIZE = 64
+
 DTYPES = ("float16", "bfloat16", "float32")
-# Quantized only with --quantize-vision.
-VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
-# Never quantized: vision.py reads the patch and position embeddings' `.weight` directly.
-NEVER_QUANTIZED = ("vision_tower.embeddings.",)
+
 # Copied as they are when the checkpoint has them.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -68,108 +62,12 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "video_preprocessor_config.json",
 )
+
 TOKENIZER_REQUIRED = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 PREPROCESSOR = "preprocessor_config.json"
+
 INDEX = "model.safetensors.index.json"
-
-
-# -- quantization -----------------------------------------------------------------------
-def quantize_choice(path: str, module: nn.Module, group_size: int, quantize_vision: bool) -> Optional[str]:
-    """'quantize', 'skip' (input width not a multiple of the group size) or None (out of scope)."""
-    if not hasattr(module, "to_quantized") or path.startswith(NEVER_QUANTIZED):
-        return None
-    if path.startswith(VISION_PARTS) and not quantize_vision:
-        return None
-    return "quantize" if module.weight.shape[-1] % group_size == 0 else "skip"
-
-
-def quantize_model(
-    model: nn.Module, bits: int, group_size: int, quantize_vision: bool, recipe: Optional[str] = None
-) -> dict:
-    """Quantize `model` in place (lazily); returns the config's `quantization` block.
-
-    `recipe` (mixed_4_6 ...): each layer's bits are mlx-lm's choice for it, recorded per module
-    in the block as mlx-lm and mlx-vlm record them; `bits` is then the recipe's low bits."""
-    choices = {}
-    mixed = recipe_predicate(recipe, model, group_size) if recipe else None
-
-    def predicate(path, module):
-        choice = quantize_choice(path, module, group_size, quantize_vision)
-        if choice:
-            choices[path] = choice
-        if choice == "quantize" and mixed:
-            return mixed(path, module)
-        return choice == "quantize"
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    modules = sorted(p for p, c in choices.items() if c == "quantize")
-    skipped = sorted(p for p, c in choices.items() if c == "skip")
-    if not modules:
-        widths = sorted({int(m.weight.shape[-1]) for p, m in model.named_modules() if p in choices})
-        raise LlavaError(
-            f"group size {group_size} divides the input width of no layer to quantize "
-            f"(widths {', '.join(map(str, widths))}); choose another --q-group-size"
-        )
-    block = {"group_size": group_size, "bits": bits, "modules": modules, "skipped": skipped}
-    if recipe:
-        block["recipe"] = recipe
-    return {**block, **recorded_entries(model, block)}
-
-
-def quantized_modules(model: nn.Module) -> list:
-    return sorted(p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
-
-
-def existing_quantization(model: nn.Module, config: LlavaConfig) -> dict:
-    """The block for an already-quantized checkpoint converted as it is."""
-    modules = quantized_modules(model)
-    group_size = config.quantization["group_size"]
-    vision = any(p.startswith(VISION_PARTS) for p in modules)
-    skipped = sorted(
-        p
-        for p, m in model.named_modules()
-        if p not in modules and quantize_choice(p, m, group_size, vision) == "skip"
-    )
-    block = {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
-    return {**block, **recorded_entries(model, block)}
-
-
-def cast(model: nn.Module, dtype):
-    """Float parameters to `dtype` (lazily); quantized uint32 weights stay as they are."""
-
-    def to(value):
-        return value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
-
-    model.update(tree_map(to, model.parameters()))
-
-
-def estimate_bytes(
-    config: LlavaConfig,
-    bits: Optional[int] = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    quantize_vision: bool = False,
-    dtype: str = "float16",
-    quant_predicate: Optional[str] = None,
-) -> int:
-    """Bytes of the weights `convert` writes for `config`, computed from shapes alone.
-
-    The model is built lazily (nothing is allocated or computed), cast and quantized
-    exactly as `convert` does; MLX's quantized storage is the weight packed into uint32
-    (`bits` per value) plus a scale and a bias in `dtype` per group of `group_size`.
-    `bits=None`: unquantized. `quant_predicate`: a mixed recipe (then `bits` is its low bits).
-    """
-    config = LlavaConfig.from_dict({**config.to_dict(), "quantization": None})
-    model = LlavaModel(config)
-    cast(model, getattr(mx, dtype))
-    if bits or quant_predicate:
-        bits = RECIPES[quant_predicate][0] if quant_predicate else bits
-        quantize_model(model, bits, group_size, quantize_vision, quant_predicate)
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-# -- reading ----------------------------------------------------------------------------
-def has_safetensors(path: Path) -> bool:
-    return bool(glob.glob(str(path / "*.safetensors")))
 
 
 def stage_bin(src: Path, scratch: Path, chunk_bytes: int = 1 << 30) -> Path:
@@ -182,7 +80,7 @@ def stage_bin(src: Path, scratch: Path, chunk_bytes: int = 1 << 30) -> Path:
         if item.suffix != ".bin" and item.name != "pytorch_model.bin.index.json":
             os.symlink(item.resolve(), scratch / item.name)
     for file in sorted(src.glob("*.bin")):
-        state = _torch_load(torch, file)
+        state = torch_load(torch, file)
         chunk, size, part = {}, 0, 0
         for i, (key, tensor) in enumerate(state.items()):
             chunk[key] = to_mx(torch, tensor)
@@ -192,31 +90,6 @@ def stage_bin(src: Path, scratch: Path, chunk_bytes: int = 1 << 30) -> Path:
                 chunk, size, part = {}, 0, part + 1
         del state
     return scratch
-
-
-def import_torch(reason: str):
-    try:
-        import torch
-    except ImportError:
-        raise LlavaError(f"{reason}: reading them needs torch (pip install torch)") from None
-    return torch
-
-
-def to_mx(torch, tensor) -> mx.array:
-    tensor = tensor.detach().contiguous()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
-        return mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
-    return mx.array(tensor.numpy())
-
-
-def _torch_load(torch, file: Path) -> dict:
-    errors = []
-    for mmap in (True, False):  # files from before torch's zip format cannot be memory-mapped
-        try:
-            return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
-        except Exception as e:  # pickle / zip / format errors of every kind
-            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    raise LlavaError(f"cannot read weights {file}: {errors[-1]}")
 
 
 def local_checkpoint(path_or_repo: str, what: str, scratch: Path) -> Path:
@@ -255,7 +128,6 @@ def read_source(
     return loaded, config, tokenizer, tower_dir
 
 
-# -- writing ----------------------------------------------------------------------------
 def write_weights(model: nn.Module, directory: Path, progress: bool = True, shard_gb: int = MAX_FILE_SIZE_GB) -> int:
     """Safetensors shards of at most `shard_gb` GB plus the index; returns the bytes written.
 
@@ -295,27 +167,9 @@ def write_weights(model: nn.Module, directory: Path, progress: bool = True, shar
     return total
 
 
-def save_shard(path: Path, shard: dict):
-    try:
-        mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
-    except (RuntimeError, OSError, ValueError) as e:
-        raise LlavaError(f"cannot write {path}: {e}") from None
-
-
-def write_json(path: Path, data: dict):
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-    except OSError as e:
-        raise LlavaError(f"cannot write {path}: {e}") from None
-
-
 def copy_files(path: Path, tower_dir: Optional[Path], config: LlavaConfig, out: Path):
     """Tokenizer and chat-template files, and preprocessor_config.json with the effective
     image settings: the checkpoint's, else the tower's, else CLIP's at the tower's size."""
-    from .processor import image_settings
-
     if not any((path / name).exists() for name in TOKENIZER_REQUIRED):
         raise LlavaError(f"no tokenizer in {path} (tokenizer.json or tokenizer.model)")
     names = set(TOKENIZER_FILES) | {Path(p).name for p in glob.glob(str(path / "chat_template*"))}
@@ -408,9 +262,9 @@ def convert(
     LoRA or projector-only checkpoint (merged into it), or with `delta=True`, the base that
     `model`'s delta weights are added to.
     """
-    model = validate.path_argument(model, "--model")
-    vision_tower = None if vision_tower is None else validate.path_argument(vision_tower, "--vision-tower")
-    model_base = None if model_base is None else validate.path_argument(model_base, "--model-base")
+    model = arguments.path_argument(model, "--model")
+    vision_tower = None if vision_tower is None else arguments.path_argument(vision_tower, "--vision-tower")
+    model_base = None if model_base is None else arguments.path_argument(model_base, "--model-base")
     if shard_gb is not None and not (isinstance(shard_gb, (int, float)) and shard_gb >= 0):
         raise LlavaValueError(f"shard_gb must be a number >= 0, not {shard_gb!r}")
     if quant_predicate is not None:
@@ -418,8 +272,8 @@ def convert(
         quantize = True
     if not quantize and (q_bits is not None or q_group_size is not None or quantize_vision):
         raise LlavaError("--q-bits, --q-group-size and --quantize-vision apply only with -q/--quantize")
-    bits = DEFAULT_BITS if q_bits is None else validate.integer(q_bits, "--q-bits")
-    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else validate.integer(q_group_size, "--q-group-size")
+    bits = DEFAULT_BITS if q_bits is None else arguments.integer(q_bits, "--q-bits")
+    group_size = DEFAULT_GROUP_SIZE if q_group_size is None else arguments.integer(q_group_size, "--q-group-size")
     if bits not in QUANT_BITS:
         raise LlavaError(f"--q-bits {bits} is not supported (choose {' or '.join(map(str, QUANT_BITS))})")
     if group_size not in GROUP_SIZES:
@@ -464,8 +318,6 @@ def convert(
         write_json(result / "config.json", {"model_type": MLX_FORMAT, **normalised.to_dict()})
         write_weights(loaded, result, progress, shard_gb)
         del loaded
-        from .load import load
-
         load(str(result))  # everything a user loads: config, weights and shapes, tokenizer
         with signals_held() as received:  # the move into place is all or nothing
             if received:  # Ctrl-C / SIGTERM before the move: nothing is put in place
@@ -494,35 +346,3 @@ def summary(out: Path) -> str:
         f"Wrote {out}: {size}; {bits_summary(q)}, group size {q['group_size']}: "
         f"{len(q['modules'])} layers quantized, {len(q['skipped'])} left unquantized"
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Convert a LLaVA 1.5/1.6, OneVision or NeXT-Video checkpoint to MLX, optionally quantized."
-    )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="local checkpoint directory or Hugging Face repo id")
-    source.add_argument("--delta", help="delta weights (first LLaVA releases) to add to --model-base")
-    p.add_argument("--model-base", help="base model of a LoRA, projector-only or --delta checkpoint")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder (linears, lm_head, embeddings)")
-    p.add_argument("--q-bits", type=int, choices=QUANT_BITS, help=f"bits per weight (default {DEFAULT_BITS})")
-    p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, help=f"group size (default {DEFAULT_GROUP_SIZE})")
-    p.add_argument("--dtype", choices=DTYPES, help="dtype of the float parameters (default: as stored)")
-    p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector")
-    p.add_argument(
-        "--quant-predicate",
-        choices=list(RECIPES),
-        help="mixed-precision recipe (mlx-lm's, implies -q): low bits for most layers, high bits for some",
-    )
-    p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out once the new output is complete")
-    return p
-
-
-@command
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    args.model, args.delta = (args.delta, True) if args.delta is not None else (args.model, False)
-    print(summary(convert(**vars(args))))
-    return 0

@@ -1,31 +1,29 @@
-"""Loading: any LLaVA checkpoint layout → one `LlavaModel` and its `Processor`.
+"""Every checkpoint layout → one `LlavaConfig` and one set of weight names.
 
-Layouts read (see README): the original liuhaotian checkpoints (text fields at the top of
-config.json, `mm_*` keys, the CLIP tower named by `mm_vision_tower`), llava-hf as on the
-hub (transformers 4 names), transformers-5 `save_pretrained` output, pre-converted MLX
-repos (llava-hf names, MLX conv layout, a `quantization` block) and this project's own
-converted output. Config differences are settled in `read_config`, weight-name
-differences in `sanitize`: nowhere else. Weights stay lazy (memory-mapped by `mx.load`).
+Layouts read (docs/checkpoints.md): the original liuhaotian checkpoints (text fields at the top
+of config.json, `mm_*` keys, the CLIP tower named by `mm_vision_tower`), llava-hf as on the hub
+(transformers 4 names), transformers-5 `save_pretrained` output, pre-converted MLX repos
+(llava-hf names, MLX conv layout, a `quantization` block) and this project's own converted
+output. Config differences are settled in `read_config`, weight-name differences in the
+`RENAMES` table and `sanitize`: nowhere else.
 """
 
-import glob
-import json
-import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-from . import distributed, validate
-from .errors import LlavaError, warn
-from .model import LlavaConfig, LlavaModel
-from .quantization import module_entries, module_params
-from .vision import layers_to_run
+from ..errors import LlavaError
+from ..model import LlavaConfig
+from ..vision import layers_to_run
+from . import validate
+from .files import read_json
+from .quantize import module_entries, module_params
+
 
 # Our own converted output says so in its config.json.
 MLX_FORMAT = "llava_mlx"
+
 # transformers' CLIPVisionConfig defaults, for fields a vision_config leaves out.
 CLIP_VISION_DEFAULTS = dict(
     hidden_size=768,
@@ -38,6 +36,7 @@ CLIP_VISION_DEFAULTS = dict(
     layer_norm_eps=1e-5,
     hidden_act="quick_gelu",
 )
+
 # transformers' SiglipVisionConfig defaults (LLaVA-OneVision's tower).
 SIGLIP_VISION_DEFAULTS = dict(
     hidden_size=768,
@@ -50,58 +49,14 @@ SIGLIP_VISION_DEFAULTS = dict(
     layer_norm_eps=1e-6,
     hidden_act="gelu_pytorch_tanh",
 )
+
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
 # LlavaOnevisionConfig's default: 384 … 2304 in both directions, (height, width).
 ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+
 # The model types of the llava-hf / transformers layouts, and what each adds to LLaVA-1.5.
 HF_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "llava_next_video")
-# + the .bin files of LoRA and projector-only checkpoints (adapters.py), which ship no others
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"] + [
-    "adapter_model.bin", "non_lora_trainables.bin", "mm_projector.bin"
-]
-
-
-def resolve(path_or_repo: str, what: str = "model", patterns=HUB_PATTERNS) -> Path:
-    """A local directory, or a Hugging Face repo id fetched (or found in the cache)."""
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
-        raise LlavaError(f"{what} '{path_or_repo}' is not a directory nor a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(path_or_repo, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        reason = "HF_HUB_OFFLINE is set" if offline else "no network"
-        raise LlavaError(
-            f"cannot download {what} '{path_or_repo}' ({reason}) and it is not in the local "
-            f"cache; pass --{what.replace(' ', '-')} PATH to a local checkpoint"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise LlavaError(f"cannot download {what} '{path_or_repo}': {str(e).splitlines()[0]}") from None
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; one clear error for anything else."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise LlavaError(f"missing {path.name} in {path.parent}") from None
-    except IsADirectoryError:
-        raise LlavaError(f"{path} is a directory, not a JSON file") from None
-    except UnicodeDecodeError as e:
-        raise LlavaError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise LlavaError(f"{path} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise LlavaError(f"cannot read {path}: {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        raise LlavaError(f"{path} must hold a JSON object, not a {type(data).__name__}")
-    return data
 
 
 def clip_vision_config(params: Optional[dict]) -> dict:
@@ -212,6 +167,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
 
 # The original code's LLaVA classes with a llama-architecture decoder (Vicuna, Mistral, Yi).
 ORIGINAL_TYPES = ("llava_llama", "llava_mistral")
+
 ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llava_llama", "LlavaMistralForCausalLM": "llava_mistral"}
 
 
@@ -247,8 +203,10 @@ RENAMES = [
     ("model.", "language_model.model."),  # original decoder
     ("lm_head.", "language_model.lm_head."),
 ]
+
 # Parameters the vision tower reads as plain arrays (never quantized modules).
 READ_RAW = ("vision_tower.embeddings.position_embedding", "vision_tower.embeddings.patch_embedding")
+
 DROPPED = (
     "text_model.",
     "visual_projection.",
@@ -306,54 +264,6 @@ def sanitize(weights: Dict[str, mx.array], config: LlavaConfig) -> Dict[str, mx.
     return out
 
 
-def weight_files(path: Path) -> list:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if any(not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..") for n in names):
-            raise LlavaError(f"{index} lists a weight file that is not a plain file name in {path}")
-        missing = [n for n in names if not (path / n).exists()]
-        if missing:
-            raise LlavaError(f"missing weight shard {missing[0]} in {path} (listed in {index.name})")
-        return [path / n for n in names]
-    return [Path(p) for p in sorted(glob.glob(str(path / "*.safetensors")))]
-
-
-def load_weights(path: Path) -> Dict[str, mx.array]:
-    """Every tensor of a checkpoint directory, lazily (safetensors are memory-mapped)."""
-    files = weight_files(path)
-    if not files:
-        if glob.glob(str(path / "*.bin")):
-            raise LlavaError(
-                f"{path} has only PyTorch .bin weights; convert the checkpoint first "
-                f"(python convert.py --model {path} --out DIR, with torch installed)"
-            )
-        raise LlavaError(f"no weights (*.safetensors) in {path}")
-    weights = {}
-    for file in files:
-        try:
-            weights.update(mx.load(str(file)))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise LlavaError(f"cannot read weights {file}: {e}") from None
-    return weights
-
-
-def check_weights(model: nn.Module, weights: Dict[str, mx.array]):
-    """Every parameter present with its expected shape, and nothing unknown."""
-    expected = dict(tree_flatten(model.parameters()))
-    for key, param in expected.items():
-        if key not in weights:
-            raise LlavaError(f"missing weight '{key}' in the checkpoint")
-        if tuple(weights[key].shape) != tuple(param.shape):
-            raise LlavaError(
-                f"weight '{key}' has shape {tuple(weights[key].shape)} but the config implies "
-                f"{tuple(param.shape)}: the checkpoint and its config.json disagree"
-            )
-    unknown = sorted(set(weights) - set(expected))
-    if unknown:
-        raise LlavaError(f"unexpected weight '{unknown[0]}' ({len(unknown)} in all) for this config")
-
-
 def ships_tower(weights) -> bool:
     """Whether a checkpoint's weight names include the vision tower (LLaVA-1.6 originals do,
     LLaVA-1.5 originals do not)."""
@@ -363,122 +273,3 @@ def ships_tower(weights) -> bool:
 def tower_location(raw: dict, vision_tower: Optional[str]) -> Optional[str]:
     """Where the original layout's CLIP tower lives: --vision-tower, else mm_vision_tower."""
     return vision_tower or raw.get("mm_vision_tower") or raw.get("vision_tower")
-
-
-def load_model(
-    path: Path,
-    vision_tower: Optional[str] = None,
-    lazy: bool = True,
-    model_base: Optional[Path] = None,
-    delta: bool = False,
-    group=None,
-    pipeline: bool = False,
-):
-    """(model, config, tower_dir) from a local checkpoint directory; LoRA, projector-only and
-    delta checkpoints (adapters.py) with their local `model_base`; with a distributed `group`,
-    this rank's shard of it (see distributed.py), evaluated."""
-    from .adapters import check_base_fits, read_checkpoint
-
-    raw, weights, lora = read_checkpoint(path, model_base, delta)
-    validate.raw_config(raw, str(path / "config.json"))
-    tower_dir, has_tower = None, ships_tower(weights)
-    if vision_tower and detect_layout(raw) != "original":
-        raise LlavaError(
-            f"--vision-tower applies only to original (liuhaotian) checkpoints; {path} is a "
-            f"{detect_layout(raw)} checkpoint with its own tower"
-        )
-    if detect_layout(raw) == "original":
-        location = tower_location(raw, vision_tower)
-        tower_dir = resolve(location, "vision tower") if (location and (vision_tower or not has_tower)) else None
-        if tower_dir is None and location:
-            tower_dir = _cached_tower(location)
-        if tower_dir is None and has_tower:
-            config_file = path / "config.json"
-            unread = f"the vision tower '{location}' named in {config_file} cannot be read" if location else (
-                f"{config_file} names no vision tower"
-            )
-            warn(
-                f"{unread}: guessing CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image "
-                "mean and std); pass --vision-tower PATH_OR_REPO (vision_tower= in Python) to use the right one"
-            )
-    try:
-        layout, config = read_config(raw, tower_dir)
-    except ValueError as e:  # LlavaConfig's own checks (e.g. an unknown text model type)
-        raise LlavaError(f"{path / 'config.json'}: {e}") from None
-    validate.model_config(config, str(path / "config.json"))
-    if layout == "original" and not has_tower:
-        if tower_dir is None:
-            raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
-        weights = {**load_weights(tower_dir), **weights}
-    stored = dict(weights)  # as read from the files: a sharded rank reads its slices of these
-    if lora is not None:
-        weights = lora.merge(weights)  # into the float weights, before any quantization
-    weights = sanitize(weights, config)
-    model = LlavaModel(config)
-    if config.quantization:
-        # Each module as its weights are stored, with its own bits when the block has an entry.
-        q = config.quantization
-        nn.quantize(model, class_predicate=lambda p, m: f"{p}.scales" in weights and module_params(q, p) or False)
-    if model_base is not None:
-        check_base_fits(dict(tree_flatten(model.parameters())), weights, path, model_base)
-    check_weights(model, weights)
-    if group is not None:
-        files = weight_files(path) + (weight_files(model_base) if model_base else [])
-        weights = distributed.shard(model, weights, group, pipeline, stored, files)
-    model.load_weights(list(weights.items()), strict=True)
-    if not lazy or group is not None:
-        mx.eval(model.parameters())
-    model.eval()
-    return model, config, tower_dir
-
-
-def _cached_tower(location: str) -> Optional[Path]:
-    """The named tower's config directory when it can be had (a path, the hub cache, or a
-    download of its small JSON files), else None.
-
-    LLaVA-1.6 ships its fine-tuned tower: the named one only supplies the vision config
-    and the image processor's settings, which default to CLIP ViT-L/14-336's (the tower
-    of every released LLaVA) when it is not at hand; the weights' shapes are checked.
-    """
-    path = Path(location).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(location, allow_patterns=["*.json"]))
-    except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, OSError):
-        return None
-
-
-def load(
-    path_or_repo: str,
-    vision_tower: Optional[str] = None,
-    lazy: bool = True,
-    model_base: Optional[str] = None,
-    pipeline: bool = False,
-):
-    """Load a LLaVA checkpoint (local directory or Hugging Face repo id).
-
-    Returns `(model, processor)`. `vision_tower` overrides the CLIP tower of the original
-    layout (a path or repo id): LLaVA-1.5 checkpoints ship without one. `model_base` (a path
-    or repo id) is the language model a LoRA or projector-only checkpoint was trained from:
-    the LoRA is merged into its weights at load. Under `mlx.launch` with several ranks the
-    decoder is sharded over them: tensor parallel, or pipeline parallel with `pipeline=True`
-    (no effect in a single process).
-    """
-    from .adapters import tokenizer_dir
-    from .processor import Processor
-
-    path_or_repo = validate.path_argument(path_or_repo, "the model")
-    if vision_tower is not None:
-        vision_tower = validate.path_argument(vision_tower, "vision_tower")
-    if model_base is not None:
-        model_base = validate.path_argument(model_base, "model_base")
-    path = resolve(path_or_repo)
-    base = resolve(model_base, "model base") if model_base else None
-    model, config, tower_dir = load_model(path, vision_tower, lazy, base, group=distributed.world(), pipeline=pipeline)
-    tokenizer = tokenizer_dir(path, base)
-    validate.checkpoint_files(tokenizer)
-    return model, Processor.from_checkpoint(tokenizer, config, tower_dir)

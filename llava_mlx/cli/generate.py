@@ -1,0 +1,119 @@
+"""python -m llava_mlx generate --image view.jpg --prompt "What is in this image?" """
+
+import argparse
+import sys
+from typing import Optional
+
+from .. import distributed, validate
+from ..cache import SessionCache
+from ..checkpoint.load import load
+from ..errors import LlavaError
+from ..generation import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PREFILL_STEP,
+    DEFAULT_TEMP,
+    DEFAULT_TOP_P,
+    GenerationResponse,
+    stream_generate,
+)
+from ..video import DEFAULT_NUM_FRAMES
+from . import command
+
+
+DEFAULT_MODEL = "mlx-community/llava-v1.6-mistral-7b-4bit"
+
+DEFAULT_PROMPT = "Describe this image."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Ask LLaVA about images (MLX).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint directory or Hugging Face repo id")
+    p.add_argument("--image", nargs="+", default=[], help="image path(s) or http(s) URL(s)")
+    p.add_argument("--video", nargs="+", default=[], help="video file(s) (LLaVA-OneVision, LLaVA-NeXT-Video)")
+    p.add_argument(
+        "--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled uniformly from each video"
+    )
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (or, with --no-template, the raw prompt)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt (replaces the template's)")
+    p.add_argument("--no-template", action="store_true", help="use --prompt as written, <image> placeholders included")
+    p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model (path or repo id)")
+    p.add_argument("--chat", action="store_true", help="after --prompt (if given), read more questions from stdin")
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
+    p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions")
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- (not tensor-) parallel")
+    return p
+
+
+def chat_questions(first: Optional[str], interactive: bool):
+    """--prompt, then (with --chat) one question per line of stdin until EOF or 'q'."""
+    if first is not None:
+        yield first
+    if not interactive:
+        return
+    while True:
+        if sys.stdin.isatty():
+            print(">> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as e:
+            raise LlavaError(f"stdin is not valid UTF-8 text (byte {e.start} of the line)") from None
+        if not line or line.strip() in ("q", "quit", "exit"):
+            return
+        if line.strip():
+            yield line.strip()
+
+
+@command
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    options = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_p=args.top_p,
+        seed=args.seed,
+        template=not args.no_template,
+        system=args.system,
+        prefill_step_size=args.prefill_step_size,
+        kv_bits=args.kv_bits,
+        max_kv_size=args.max_kv_size,
+        videos=args.video,
+        num_frames=args.num_frames,
+    )
+    first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
+    validate.generation_options(**{k: v for k, v in options.items() if k not in ("template", "system", "videos", "num_frames")})
+    if first is not None:
+        validate.prompt(first)
+    model, processor = load(args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline)
+    cache, history, response = SessionCache(), [], None
+    shown = distributed.is_main(model)  # under mlx.launch the answer is printed once
+    for question in chat_questions(first, args.chat):
+        # The images belong to the first turn; later turns only prefill their new text.
+        answer = []
+        for response in stream_generate(
+            model, processor, question, args.image, history=history, cache=cache, **options
+        ):
+            if shown:
+                print(response.text, end="", flush=True)
+            answer.append(response.text)
+        if shown:
+            print(flush=True)
+        history.append((question, "".join(answer).strip()))
+        report(response, distributed.label(model))
+    return 0
+
+
+def report(r: GenerationResponse, prefix: str = ""):
+    print(
+        f"{prefix}Prompt: {r.prompt_tokens} tokens ({r.image_positions} image positions), "
+        f"{r.prompt_tps:.1f} tokens/s\n"
+        f"{prefix}Generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s\n"
+        f"{prefix}Peak memory: {r.peak_memory:.3f} GB",
+        file=sys.stderr,
+    )

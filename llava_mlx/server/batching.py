@@ -1,0 +1,216 @@
+"""The batching scheduler: continuous batching over mlx-lm's `BatchGenerator`.
+
+A request's merged image+text sequence is prefilled by this project's own path (image
+features from the feature cache or the vision tower, `model.embed`, the decoder over the
+embeddings in chunks, starting from the KV of the longest cached prefix); its KV cache and
+last token then join mlx-lm's `BatchGenerator`, which decodes every running request in one
+batch (requests join and leave between steps). Prefill chunks and decode steps alternate, so
+a long new prompt never stalls the running answers for more than one chunk.
+"""
+
+import logging
+from collections import deque
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import apply_top_p, make_sampler
+
+from ..generation import vocabulary_sampler
+from .request import ApiError, Chat, Prompt, pixel_values
+
+log = logging.getLogger("llava_mlx.server")
+
+
+def seeded_sampler(temperature: float, top_p: float, seed: int):
+    """Sampling from a request's own random key: the same seed gives the same answer
+    whatever else shares the batch."""
+    state = [mx.random.key(seed)]
+
+    def sample(logprobs):
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        state[0], key = mx.random.split(state[0])
+        return mx.random.categorical(logprobs * (1 / temperature), key=key)
+
+    return sample
+
+
+class BatchScheduler:
+    encodes_images = True  # the engine encodes; the HTTP threads prepare the pixels
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.prefilling: deque = deque()
+        self.running: dict = {}  # the generator's uid → job
+        self.generator = None
+        self.greedy = None  # one sampler shared by every greedy request (one batched call)
+        self.padded_vocab = 0  # the decoder's output rows (llava-hf pads past the tokenizer)
+
+    def loaded(self):
+        engine = self.engine
+        self.stream = mx.default_stream(mx.default_device())
+        self.generator = self._new_generator()
+        tokenizer = engine.processor.tokenizer
+        self.padded_vocab = engine.model.config.text_config["vocab_size"]
+        self.greedy = vocabulary_sampler(make_sampler(0.0), tokenizer.vocab_size, self.padded_vocab, tokenizer.eos_token_ids)
+
+    def release(self):
+        self.generator = None
+
+    # -- what the engine asks ----------------------------------------------------------------
+    def jobs(self) -> list:
+        return [*self.prefilling, *self.running.values()]
+
+    def has_work(self) -> bool:
+        return bool(self.prefilling or self.running)
+
+    def ready_for_more(self) -> bool:
+        return not self.prefilling and len(self.running) < self.engine.options.max_batch
+
+    def stats(self) -> dict:
+        return {}
+
+    def clear(self):
+        self.prefilling.clear()
+        self.running.clear()
+
+    def forget(self, job):
+        """The job is over (answered or failed): it leaves the scheduler."""
+        if job in self.prefilling:
+            self.prefilling.remove(job)
+        self.running.pop(job.uid, None)
+
+    def drop(self, jobs: list):
+        """Stop prefilling or decoding these cancelled jobs and free their KV."""
+        dropped = {id(job) for job in jobs}
+        self.prefilling = deque(job for job in self.prefilling if id(job) not in dropped)
+        for job in jobs:
+            job.kv = job.embeddings = None
+        gone = [uid for uid, job in self.running.items() if id(job) in dropped]
+        if gone:
+            self.generator.remove(gone)
+            for uid in gone:
+                del self.running[uid]
+        self.engine.counters["cancelled"] += len(jobs)
+
+    # -- starting a request --------------------------------------------------------------------
+    def start(self, job):
+        """Image features (cached by content), the cached prefix, the embeddings to prefill."""
+        p = job.prompt
+        features = self._features(p)
+        for feats, n in zip(features, p.image_lengths):
+            if feats.shape[0] != n:
+                raise RuntimeError(f"an image gave {feats.shape[0]} positions where {n} were expected")
+        p.pixels, p.images = {}, {}
+        if not isinstance(p.keys[-1], int):
+            raise RuntimeError("the prompt ends inside an image")
+        kv, job.cached = self.engine.prompt_cache.fetch(p.keys)
+        job.kv = kv if kv is not None else make_prompt_cache(self.engine.model.language_model)
+        embeddings = self.engine.model.embed(p.ids, image_features=features)[0]
+        job.embeddings = embeddings[job.cached : len(p.keys) - 1]
+        self.prefilling.append(job)
+
+    def _features(self, p: Prompt) -> list:
+        engine = self.engine
+        local = lambda: engine.features.get(p.image_keys, lambda missing: self._encode(p, missing))  # noqa: E731
+        return engine.coordinator.encode(engine, p, local)
+
+    def _encode(self, p: Prompt, missing: list) -> list:
+        """Features of the images `missing` from the cache, in one batch. The pixels prepared
+        with the request are used; an image evicted since is preprocessed again."""
+        inputs = [p.pixels[k] if k in p.pixels else pixel_values(self.engine.processor, p.images[k]) for k in missing]
+        values = mx.array(np.concatenate([pixels for pixels, _ in inputs]))
+        return self.engine.model.image_features(values, [size for _, size in inputs])
+
+    # -- one step: a prefill chunk, then a decode step ------------------------------------------
+    def step(self):
+        if self.prefilling:
+            job = self.prefilling[0]
+            self.engine.guard(job, self._prefill_chunk, job)
+        if self.running:
+            self._decode_step()
+
+    def _prefill_chunk(self, job):
+        total = job.embeddings.shape[0]
+        if job.prefilled < total:
+            end = min(job.prefilled + self.engine.options.prefill_step_size, total)
+            with mx.stream(self.stream):
+                self.engine.model.language_model(
+                    None, cache=job.kv, input_embeddings=job.embeddings[None, job.prefilled : end]
+                )
+                mx.eval([c.state for c in job.kv])
+            job.prefilled = end
+        if job.prefilled == total:
+            self.prefilling.popleft()
+            (job.uid,) = self.generator.insert(
+                [[job.prompt.keys[-1]]],
+                max_tokens=[job.prompt.max_tokens],
+                caches=[job.kv],
+                samplers=[self._sampler(job.chat)],
+            )
+            job.kv = job.embeddings = None
+            job.detokenizer = self.engine.processor.tokenizer.detokenizer
+            self.running[job.uid] = job
+
+    def _sampler(self, chat: Chat):
+        """Greedy requests share one sampler (one batched call); others get their own."""
+        if chat.temperature == 0:
+            return self.greedy
+        if chat.seed is not None:
+            base = seeded_sampler(chat.temperature, chat.top_p, chat.seed)
+        else:
+            base = make_sampler(chat.temperature, chat.top_p if chat.top_p < 1 else 0.0)
+        tokenizer = self.engine.processor.tokenizer
+        return vocabulary_sampler(base, tokenizer.vocab_size, self.padded_vocab, tokenizer.eos_token_ids)
+
+    def _decode_step(self):
+        engine, counters = self.engine, self.engine.counters
+        try:
+            responses = self.generator.next()[1]
+            engine.coordinator.after_decode()
+        except engine.coordinator.fatal:
+            raise
+        except Exception as e:
+            log.exception("the batch failed")
+            for job in self.running.values():
+                job.fail(ApiError(500, f"internal error in the batch: {type(e).__name__}: {e}"))
+            counters["failed"] += len(self.running)
+            self.running.clear()
+            self.generator = self._new_generator()
+            return
+        if responses:
+            counters["decode_steps"] += 1
+            counters["batched_steps"] += len(responses) > 1
+            counters["max_batch"] = max(counters["max_batch"], len(responses))
+        for r in responses:
+            job = self.running[r.uid]
+            job.tokens.append(r.token)
+            if r.finish_reason != "stop":
+                job.detokenizer.add_token(r.token)
+            if r.finish_reason is not None:
+                job.detokenizer.finalize()
+            if engine.emit(job, job.detokenizer.last_segment, r.finish_reason) and r.finish_reason is None:
+                self.generator.remove([r.uid])  # a stop string ended it
+            if r.finish_reason is not None:
+                self._remember(job, r.prompt_cache)
+
+    def _remember(self, job, cache):
+        """Keep a finished request's KV (prompt and answer) for later requests to share."""
+        keys = job.prompt.keys + job.tokens
+        if cache[0].offset != len(keys):
+            log.warning("not caching a KV of %d positions for %d keys", cache[0].offset, len(keys))
+            return
+        self.engine.prompt_cache.insert(keys, cache)
+
+    def _new_generator(self) -> BatchGenerator:
+        options = self.engine.options
+        return BatchGenerator(
+            self.engine.model.language_model,
+            stop_tokens=[[t] for t in self.engine.processor.tokenizer.eos_token_ids],
+            completion_batch_size=options.max_batch,
+            prefill_batch_size=options.max_batch,
+            prefill_step_size=options.prefill_step_size,
+            stream=self.stream,
+        )
