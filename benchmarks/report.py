@@ -107,7 +107,7 @@ def write(out: Path, suite: str, record: dict) -> Path:
     data = load(out)
     data[suite] = record
     L = ["# Benchmarks\n",
-         "Two suites, one command (`python bench.py`, see the README's *Speed and memory*): "
+         "Two suites, one command (`python bench.py`, see [benchmarking.md](benchmarking.md)): "
          "[offline](#offline-one-request-at-a-time), each implementation answering one request in its own "
          "process, and [serving](#serving-concurrent-clients-over-http), this project's server against "
          "mlx-vlm's under concurrent OpenAI clients.\n"]

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command '{argv[0]}' (choose {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    sys.argv[0] = f"python -m llava_mlx {argv[0]}"  # what --help and usage errors call it
     return run(argv[0], argv[1:])
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .anyres import clip_preprocess
-from .errors import LlavaError
+from .errors import LlavaError, warn
 from .merge import frame_indices
 
 DEFAULT_NUM_FRAMES = 8
@@ -92,7 +92,7 @@ def video_settings(path: Path, image_settings: dict) -> dict:
     file = path / "video_preprocessor_config.json"
     if not file.exists():
         file = path / "preprocessor_config.json"
-        warnings.warn(f"{path} has no video_preprocessor_config.json: video frames are preprocessed like images")
+        warn(f"{path} has no video_preprocessor_config.json: video frames are preprocessed like images")
     if not file.exists():
         return {**image_settings, "square": False}
     raw = json.loads(file.read_text(encoding="utf-8"))

@@ -1,7 +1,7 @@
 """What two ranks cost: one process against `mlx.launch -n 2` (tensor and pipeline), and
 where the vision tower should run. Random weights (bench.py's checkpoint builder).
 
-    python scripts/bench_distributed.py fits                             # README's what-fits-where table
+    python scripts/bench_distributed.py fits                             # docs/distributed.md's what-fits-where table
     python scripts/bench_distributed.py build /tmp/bench-dist           # a LLaVA-1.5 'medium' checkpoint
     python scripts/bench_distributed.py run /tmp/bench-dist              # one process
     mlx.launch -n 2 --backend ring -- python scripts/bench_distributed.py run /tmp/bench-dist [--pipeline]

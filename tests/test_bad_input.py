@@ -483,13 +483,14 @@ def test_ctrl_c_during_start_up():
     and transformers are still to come)."""
     bin_dir = Path(sys.executable).parent  # the installed console scripts, beside the venv's python
     for script, args in (
-        (ROOT / "generate.py", ["--prompt", "hi"]),
-        (ROOT / "convert.py", ["--out", "y"]),
-        (bin_dir / "llava-generate", ["--prompt", "hi"]),
-        (bin_dir / "llava-convert", ["--out", "y"]),
+        ([ROOT / "generate.py"], ["--prompt", "hi"]),
+        ([ROOT / "convert.py"], ["--out", "y"]),
+        (["-m", "llava_mlx", "generate"], ["--prompt", "hi"]),
+        ([bin_dir / "llava-generate"], ["--prompt", "hi"]),
+        ([bin_dir / "llava-convert"], ["--out", "y"]),
     ):
         process = subprocess.Popen(
-            [sys.executable, "-X", "importtime", str(script), "--model", "nobody/nothing", *args],
+            [sys.executable, "-X", "importtime", *map(str, script), "--model", "nobody/nothing", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
         )
         for line in process.stderr:

@@ -1,6 +1,7 @@
 """generate.py end to end on every layout, and bad input: one line on stderr, exit 1."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -200,3 +201,20 @@ def test_http_image_urls(images, loaded):
             processor_module.load_image(base + "missing.png")
     finally:
         server.shutdown()
+
+
+def test_one_entry_point(checkpoints):
+    """`python -m llava_mlx generate` is the command `python generate.py` is; without a command, or
+    with an unknown one, the usage and exit 2."""
+    model = str(checkpoints["hf-v1.5-vicuna"])
+    args = ["--model", model, "--prompt", "What is it?", "--max-tokens", "3"]
+    answers = []
+    for command in ([str(ROOT / "generate.py")], ["-m", "llava_mlx", "generate"]):
+        result = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=ROOT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        answers.append(result.stdout)
+    assert answers[0] == answers[1] and answers[0].strip()
+    for argv, said in (([], "usage: python -m llava_mlx {generate,convert,server}"), (["bogus"], "error: unknown command 'bogus'")):
+        result = subprocess.run([sys.executable, "-m", "llava_mlx", *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert result.returncode == 2 and said in result.stderr, result.stderr

@@ -306,7 +306,7 @@ def test_estimate_bytes_matches_what_is_written(options, checkpoints, loaded, tm
 
 
 def test_estimate_bytes_of_llava_16_mistral_7b():
-    """The README's size table, from shapes alone, checked against a count by hand."""
+    """docs/convert.md's size table, from shapes alone, checked against a count by hand."""
     config = LlavaConfig(
         text_config=dict(
             model_type="mistral",

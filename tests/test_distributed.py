@@ -25,6 +25,7 @@ from conftest import ROOT
 from fixtures.preconverted import build_preconverted
 from llava_mlx import distributed, generate, load
 from llava_mlx.errors import LlavaError
+from llava_mlx.checkpoint import files
 from llava_mlx.checkpoint.load import load_model
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -228,13 +229,13 @@ def test_read_slice_reads_the_part_of_a_stored_tensor(tmp_path):
         "packed": mx.array(rng.integers(0, 2**32, (8, 4), dtype=np.uint32)),
     }
     mx.save_safetensors(str(tmp_path / "w.safetensors"), stored)
-    index = distributed.tensor_index([tmp_path / "w.safetensors"])
+    index = files.tensor_index([tmp_path / "w.safetensors"])
     loaded = mx.load(str(tmp_path / "w.safetensors"))
     for name, value in stored.items():
         assert index[name].matches(loaded[name])
         for axis in (0, 1):
             for part in (0, 1):
                 expected = mx.split(value, 2, axis=axis)[part]
-                got = distributed.read_slice(index[name], axis, part, 2)
+                got = files.read_slice(index[name], axis, part, 2)
                 assert got.dtype == value.dtype and got.shape == expected.shape
                 assert mx.array_equal(got, expected).item()

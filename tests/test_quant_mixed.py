@@ -171,7 +171,7 @@ def test_estimate_bytes_with_a_recipe(recipe, checkpoints, loaded, tmp_path):
 
 
 def test_estimate_bytes_of_the_7b_recipes():
-    """The README's 7B sizes: over plain 4-bit, mixed_4_6 adds 2 bits a weight to lm_head, the
+    """docs/convert.md's 7B sizes: over plain 4-bit, mixed_4_6 adds 2 bits a weight to lm_head, the
     embedding table, and v_proj and down_proj of 16 of the 32 layers (0-3, 6, 9, ..., 27, 28-31)."""
     text = dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, intermediate_size=14336, vocab_size=32064)

@@ -89,6 +89,7 @@ def merged_keys(loaded, question, image, history):
 def test_multi_turn_equals_generate_and_reuses_the_prefix(live_server, loaded, images):
     q1, q2, q3 = "Name one shape you see, turn test.", "And its colour?", "Anything else?"
     history, messages = [], []
+    previous, previous_prompt = [], 0  # the keys and prompt length of the turn before
     for turn, question in enumerate([q1, q2, q3]):
         text, tokens, _, length = reference(loaded, question, [images["odd2"]], history=history)
         messages.append(user(question, images["odd2"]) if turn == 0 else user(question))

@@ -15,7 +15,7 @@ from llava_mlx import generate
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
-# The README's screenshot (docs/server-chat.png) is refreshed only when asked for: a test run
+# docs/server.md's screenshot (docs/server-chat.png) is refreshed only when asked for: a test run
 # never rewrites a tracked file.
 SCREENSHOT = os.environ.get("LLAVA_SCREENSHOT")
 # Paste a PNG (base64) as the browser does when an image is on the clipboard.

@@ -4,14 +4,13 @@ which modules are targets (`target_modules`, `layers_to_transform`, `alpha_patte
 
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Tuple
 
 import mlx.core as mx
 
-from ..errors import LlavaError
+from ..errors import LlavaError, warn
 from .files import read_json, read_tensors
 from .layouts import rename
 
@@ -104,10 +103,9 @@ def read_lora(path: Path) -> Lora:
             continue
         lora.pairs[module] = (a, b, scaling(config, module, a.shape[0]), embedding)
     if skipped:  # peft builds no LoRA layer there, so their weights go unused: we say so
-        print(
-            f"warning: {path.name}: {len(skipped)} LoRA pair(s) outside target_modules left out, as peft does "
-            f"(first: '{skipped[0]}')",
-            file=sys.stderr,
+        warn(
+            f"{path.name}: {len(skipped)} LoRA pair(s) outside target_modules left out, as peft does "
+            f"(first: '{skipped[0]}')"
         )
     if not lora.pairs:
         raise LlavaError(f"the adapter {path.name} has no LoRA weights for its target_modules")

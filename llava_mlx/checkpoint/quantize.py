@@ -64,7 +64,7 @@ def recipe_predicate(recipe: str, model: nn.Module, group_size: int) -> Callable
 
     Two changes make the result what mlx-vlm's `--quant-predicate` writes, and what
     mlx-community publishes: the embedding table gets the high bits, like `lm_head` (mlx-lm
-    leaves it at the low bits; with it high, the logits are closer to float32, see README),
+    leaves it at the low bits; with it high, the logits are closer to float32, see docs/convert.md),
     and `mixed_4_8`, which mlx-lm does not name, is its `mixed_4_6` choice of layers with 8
     high bits instead of 6. `model` must have `layers` (the decoder's) and `down_proj` modules.
     """

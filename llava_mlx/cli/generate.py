@@ -26,26 +26,31 @@ DEFAULT_PROMPT = "Describe this image."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Ask LLaVA about images (MLX).")
+    p = argparse.ArgumentParser(
+        description="Ask LLaVA about images and videos (MLX). The answer streams to stdout; token counts, "
+        "speeds and peak memory go to stderr.",
+        epilog="Placement: with the template on (the default), the images come first in the user's turn and "
+        "--prompt is the question; with --no-template, --prompt is used as written and must hold one <image> "
+        "per --image and one <video> per --video, where they go.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--image", nargs="+", default=[], help="image path(s) or http(s) URL(s)")
     p.add_argument("--video", nargs="+", default=[], help="video file(s) (LLaVA-OneVision, LLaVA-NeXT-Video)")
-    p.add_argument(
-        "--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled uniformly from each video"
-    )
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (or, with --no-template, the raw prompt)")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled uniformly from each video")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (with --no-template, the raw prompt)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens to generate at most (-1: up to the context length)")
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling: keep the smallest set of tokens whose probability reaches this (1: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (none: a fresh one each run)")
     p.add_argument("--system", default=None, help="system prompt (replaces the template's)")
     p.add_argument("--no-template", action="store_true", help="use --prompt as written, <image> placeholders included")
-    p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
+    p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout, which ships none)")
     p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model (path or repo id)")
     p.add_argument("--chat", action="store_true", help="after --prompt (if given), read more questions from stdin")
-    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP)
-    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
-    p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions")
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, help="positions prefilled per step (bounds prefill memory)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache to this many bits (none: float)")
+    p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions (none: unbounded)")
     p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- (not tensor-) parallel")
     return p
 

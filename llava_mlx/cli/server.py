@@ -32,18 +32,21 @@ log = logging.getLogger("llava_mlx.server")
 
 def build_parser() -> argparse.ArgumentParser:
     d, o = Limits(), EngineOptions()
-    p = argparse.ArgumentParser(description="An OpenAI-compatible LLaVA server (MLX).")
+    p = argparse.ArgumentParser(
+        description="An OpenAI-compatible LLaVA server (MLX), with a chat page at /.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
     p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only checkpoint")
     p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- instead of tensor-parallel decoder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (none: no key)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="default and largest max_tokens of a request")
     p.add_argument("--max-batch", type=int, default=o.max_batch, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=o.max_queue, help="requests waiting for a batch slot before 429")
-    p.add_argument("--prefill-step-size", type=int, default=o.prefill_step_size)
+    p.add_argument("--prefill-step-size", type=int, default=o.prefill_step_size, help="positions prefilled per step (a running answer waits at most one step)")
     p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache (requests are then served one at a time)")
     p.add_argument("--prompt-cache-bytes", type=int, default=o.prompt_cache_bytes, help="LRU prompt (KV) cache size; 0 disables it")
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20), help="request body (and image URL download) size")
     p.add_argument("--image-url-timeout", type=float, default=d.image_url_timeout, help="seconds to download one image URL")
     p.add_argument("--allowed-origins", nargs="*", default=[], help="web origins allowed to call the API (CORS), or '*'")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="server log verbosity (stderr)")
     return p
 
 

@@ -70,7 +70,7 @@ class BatchScheduler:
         return not self.prefilling and len(self.running) < self.engine.options.max_batch
 
     def stats(self) -> dict:
-        return {}
+        return {"running": len(self.prefilling) + len(self.running)}
 
     def clear(self):
         self.prefilling.clear()

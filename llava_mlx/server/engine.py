@@ -152,9 +152,10 @@ class Engine:
             self.inbox.put(job)
 
     def stats(self) -> dict:
+        """Counters for /health (read from an HTTP thread while the engine works: nothing here
+        iterates the engine's collections)."""
         return {
             **self.counters,
-            "running": len(self.scheduler.jobs()),
             "waiting": self.inbox.qsize() + len(self.waiting),
             "prompt_cache_entries": len(self.prompt_cache),
             "prompt_cache_bytes": self.prompt_cache.nbytes,
