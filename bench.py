@@ -3,6 +3,7 @@
 
 The benchmarks live in benchmarks/ (one file per concern); this is their command.
 """
+
 from benchmarks.cli import main
 
 if __name__ == "__main__":

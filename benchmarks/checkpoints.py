@@ -4,6 +4,7 @@ Random-weight checkpoints in the llava-hf layout (transformers 4.x names, torch 
 config.json with text_config / vision_config), a small llama-style BPE tokenizer trained on the
 Python standard library, and deterministic structured pictures. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,18 +27,60 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 QUESTION = "Describe this image in detail."
 
 
-CLIP_L_336 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                  intermediate_size=4096, image_size=336, patch_size=14, projection_dim=768)
-CLIP_SMALL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=512, image_size=336, patch_size=14, projection_dim=128)
-VICUNA_7B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, intermediate_size=11008, rope_theta=10000.0)
-MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, intermediate_size=14336, rope_theta=1000000.0)
-LLAMA_SMALL = dict(model_type="llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=2, intermediate_size=352, rope_theta=10000.0)
-MISTRAL_SMALL = dict(model_type="mistral", hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=1, intermediate_size=448, rope_theta=1000000.0)
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+)
+CLIP_SMALL = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=512,
+    image_size=336,
+    patch_size=14,
+    projection_dim=128,
+)
+VICUNA_7B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    intermediate_size=11008,
+    rope_theta=10000.0,
+)
+MISTRAL_7B = dict(
+    model_type="mistral",
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    rope_theta=1000000.0,
+)
+LLAMA_SMALL = dict(
+    model_type="llama",
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=352,
+    rope_theta=10000.0,
+)
+MISTRAL_SMALL = dict(
+    model_type="mistral",
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=448,
+    rope_theta=1000000.0,
+)
 
 SHAPES = {
     "7b": {"llava-1.5": (VICUNA_7B, CLIP_L_336), "llava-1.6": (MISTRAL_7B, CLIP_L_336)},
@@ -47,17 +90,30 @@ SHAPES = {
 
 def text_config(shape_text: dict) -> dict:
     cfg = dict(shape_text)
-    cfg.update(vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096 if cfg["model_type"] == "llama" else 32768,
-               hidden_act="silu", tie_word_embeddings=False, attention_bias=False,
-               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(
+        vocab_size=32064,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096 if cfg["model_type"] == "llama" else 32768,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        attention_bias=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if cfg["model_type"] == "mistral":
         cfg["sliding_window"] = None
     return cfg
 
 
 def vision_config(shape_vision: dict) -> dict:
-    cfg = dict(model_type="clip_vision_model", hidden_act="quick_gelu", layer_norm_eps=1e-5,
-               num_channels=3, attention_dropout=0.0)
+    cfg = dict(
+        model_type="clip_vision_model",
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        num_channels=3,
+        attention_dropout=0.0,
+    )
     cfg.update(shape_vision)
     return cfg
 
@@ -65,7 +121,9 @@ def vision_config(shape_vision: dict) -> dict:
 def model_config(family: str, shape: str, dtype: str) -> dict:
     t, v = SHAPES[shape][family]
     cfg = {
-        "architectures": ["LlavaForConditionalGeneration" if family == "llava-1.5" else "LlavaNextForConditionalGeneration"],
+        "architectures": [
+            "LlavaForConditionalGeneration" if family == "llava-1.5" else "LlavaNextForConditionalGeneration"
+        ],
         "model_type": "llava" if family == "llava-1.5" else "llava_next",
         "ignore_index": -100,
         "image_token_index": IMAGE_TOKEN_ID,
@@ -105,28 +163,39 @@ def tensor_specs(cfg: dict):
             (p + "mlp.up_proj.weight", (inter, d), "normal"),
             (p + "mlp.down_proj.weight", (d, inter), "normal"),
         ]
-    specs += [("language_model.model.norm.weight", (d,), "ones"),
-              ("language_model.lm_head.weight", (V, d), "lm_head")]
+    specs += [("language_model.model.norm.weight", (d,), "ones"), ("language_model.lm_head.weight", (V, d), "lm_head")]
     vd, vi, ps = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     npos = (v["image_size"] // ps) ** 2 + 1
     vp = "vision_tower.vision_model."
-    specs += [(vp + "embeddings.class_embedding", (vd,), "normal"),
-              (vp + "embeddings.patch_embedding.weight", (vd, 3, ps, ps), "normal"),
-              (vp + "embeddings.position_embedding.weight", (npos, vd), "normal"),
-              (vp + "pre_layrnorm.weight", (vd,), "ones"), (vp + "pre_layrnorm.bias", (vd,), "zeros")]
+    specs += [
+        (vp + "embeddings.class_embedding", (vd,), "normal"),
+        (vp + "embeddings.patch_embedding.weight", (vd, 3, ps, ps), "normal"),
+        (vp + "embeddings.position_embedding.weight", (npos, vd), "normal"),
+        (vp + "pre_layrnorm.weight", (vd,), "ones"),
+        (vp + "pre_layrnorm.bias", (vd,), "zeros"),
+    ]
     for i in range(v["num_hidden_layers"]):
         p = f"{vp}encoder.layers.{i}."
         for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
             specs += [(p + f"self_attn.{n}.weight", (vd, vd), "normal"), (p + f"self_attn.{n}.bias", (vd,), "zeros")]
-        specs += [(p + "layer_norm1.weight", (vd,), "ones"), (p + "layer_norm1.bias", (vd,), "zeros"),
-                  (p + "mlp.fc1.weight", (vi, vd), "normal"), (p + "mlp.fc1.bias", (vi,), "zeros"),
-                  (p + "mlp.fc2.weight", (vd, vi), "normal"), (p + "mlp.fc2.bias", (vd,), "zeros"),
-                  (p + "layer_norm2.weight", (vd,), "ones"), (p + "layer_norm2.bias", (vd,), "zeros")]
-    specs += [(vp + "post_layernorm.weight", (vd,), "ones"), (vp + "post_layernorm.bias", (vd,), "zeros"),
-              ("multi_modal_projector.linear_1.weight", (d, vd), "normal"),
-              ("multi_modal_projector.linear_1.bias", (d,), "zeros"),
-              ("multi_modal_projector.linear_2.weight", (d, d), "normal"),
-              ("multi_modal_projector.linear_2.bias", (d,), "zeros")]
+        specs += [
+            (p + "layer_norm1.weight", (vd,), "ones"),
+            (p + "layer_norm1.bias", (vd,), "zeros"),
+            (p + "mlp.fc1.weight", (vi, vd), "normal"),
+            (p + "mlp.fc1.bias", (vi,), "zeros"),
+            (p + "mlp.fc2.weight", (vd, vi), "normal"),
+            (p + "mlp.fc2.bias", (vd,), "zeros"),
+            (p + "layer_norm2.weight", (vd,), "ones"),
+            (p + "layer_norm2.bias", (vd,), "zeros"),
+        ]
+    specs += [
+        (vp + "post_layernorm.weight", (vd,), "ones"),
+        (vp + "post_layernorm.bias", (vd,), "zeros"),
+        ("multi_modal_projector.linear_1.weight", (d, vd), "normal"),
+        ("multi_modal_projector.linear_1.bias", (d,), "zeros"),
+        ("multi_modal_projector.linear_2.weight", (d, d), "normal"),
+        ("multi_modal_projector.linear_2.bias", (d,), "zeros"),
+    ]
     if cfg["model_type"] == "llava_next":
         specs.append(("image_newline", (d,), "normal"))
     return specs
@@ -157,6 +226,7 @@ def kv_cache_bytes(cfg: dict, dtype: str, length: int) -> int:
 
 def _make_tensor(rng, shape, init, n_vocab_used):
     import numpy as np
+
     if init == "ones":
         return np.ones(shape, np.float32)
     if init == "zeros":
@@ -213,13 +283,15 @@ def write_weights(cfg: dict, out: Path, dtype: str, seed: int = SEED) -> int:
             final[s] = new
         weight_map = {k: final[v] for k, v in weight_map.items()}
         (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
     return total
 
 
 def _tokenizer_corpus(max_bytes: int = 4 << 20) -> list:
     """Deterministic English-ish training text: the Python standard library's own sources."""
     import sysconfig
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     lines, n = [], 0
     for f in sorted(stdlib.glob("*.py")):
@@ -249,10 +321,12 @@ def build_tokenizer(out: Path, chat_template: str):
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-        trainer = trainers.BpeTrainer(vocab_size=VOCAB_BASE, special_tokens=specials, show_progress=False,
-                                      min_frequency=1, limit_alphabet=200)
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        trainer = trainers.BpeTrainer(
+            vocab_size=VOCAB_BASE, special_tokens=specials, show_progress=False, min_frequency=1, limit_alphabet=200
+        )
         tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
         n = tok.get_vocab_size(with_added_tokens=True)
         if n < VOCAB_BASE:
@@ -261,48 +335,93 @@ def build_tokenizer(out: Path, chat_template: str):
     tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
     tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
     assert tok.token_to_id("<image>") == IMAGE_TOKEN_ID
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096,
-        "padding_side": "left", "clean_up_tokenization_spaces": False,
-        "extra_special_tokens": {"image_token": "<image>"},
-        "chat_template": chat_template,
-    }, indent=1))
-    (out / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "image_token": "<image>"}, indent=1))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": 4096,
+                "padding_side": "left",
+                "clean_up_tokenization_spaces": False,
+                "extra_special_tokens": {"image_token": "<image>"},
+                "chat_template": chat_template,
+            },
+            indent=1,
+        )
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "image_token": "<image>",
+            },
+            indent=1,
+        )
+    )
     (out / "chat_template.jinja").write_text(chat_template)
 
 
-CHAT_15 = ("{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-           "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-           " {% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
-           "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-CHAT_16 = ("{% for message in messages %}{% if message['role'] == 'user' %}[INST] "
-           "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-           " [/INST]{% else %} {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}")
+CHAT_15 = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    " {% else %}ASSISTANT: {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+CHAT_16 = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST] "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    " [/INST]{% else %} {% for c in message['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+)
 
 
 def write_processor_files(cfg: dict, out: Path):
     v = cfg["vision_config"]
     size = v["image_size"]
-    common = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-              "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3, "rescale_factor": 1 / 255,
-              "size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
-              "do_center_crop": True}
+    common = {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+    }
     if cfg["model_type"] == "llava":
         pre = {"image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor", **common}
         proc = {"processor_class": "LlavaProcessor"}
     else:
-        pre = {"image_processor_type": "LlavaNextImageProcessor", "processor_class": "LlavaNextProcessor",
-               "image_grid_pinpoints": PINPOINTS, "do_pad": True, **common}
+        pre = {
+            "image_processor_type": "LlavaNextImageProcessor",
+            "processor_class": "LlavaNextProcessor",
+            "image_grid_pinpoints": PINPOINTS,
+            "do_pad": True,
+            **common,
+        }
         proc = {"processor_class": "LlavaNextProcessor"}
-    proc.update(patch_size=v["patch_size"], vision_feature_select_strategy="default", image_token="<image>",
-                num_additional_image_tokens=1)
+    proc.update(
+        patch_size=v["patch_size"],
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=1))
     (out / "processor_config.json").write_text(json.dumps(proc, indent=1))
 
@@ -311,8 +430,9 @@ def build_checkpoint(family: str, shape: str, dtype: str, out: Path, tokenizer_s
     out.mkdir(parents=True, exist_ok=True)
     cfg = model_config(family, shape, dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001, "do_sample": False}, indent=1))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001, "do_sample": False}, indent=1)
+    )
     write_processor_files(cfg, out)
     chat = CHAT_15 if family == "llava-1.5" else CHAT_16
     if tokenizer_src is not None:
@@ -332,6 +452,7 @@ def make_image(size, seed: int, path: Path):
     """A deterministic, structured test picture (gradients, shapes, noise)."""
     import numpy as np
     from PIL import Image, ImageDraw
+
     W, H = size
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:H, 0:W].astype(np.float32)
@@ -341,11 +462,12 @@ def make_image(size, seed: int, path: Path):
     d = ImageDraw.Draw(im)
     for _ in range(12):
         x0, y0 = int(rng.integers(0, W - 40)), int(rng.integers(0, H - 40))
-        d.ellipse([x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
-                  fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        d.ellipse(
+            [x0, y0, x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 200))],
+            fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+        )
     im.save(path)
     return path
-
 
 
 def checkpoint_dir(root: Path, family: str, shape: str, dtype: str, tokenizer_src: Path | None = None) -> Path:

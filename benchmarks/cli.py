@@ -10,6 +10,7 @@ temporary directory (or --keep DIR). Every implementation and server runs in its
 Set up the peers with scripts/setup_bench.sh. Writes OUT/benchmarks.md, benchmarks.json and
 the charts; running one suite keeps the other suite's last figures on the page.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-               ("TRANSFORMERS_VERBOSITY", "error")):
+for _k, _v in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("TRANSFORMERS_OFFLINE", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+    ("TRANSFORMERS_VERBOSITY", "error"),
+):
     os.environ.setdefault(_k, _v)
 
 from . import offline, report, serving  # noqa: E402  (after the environment above)
@@ -37,7 +42,9 @@ def csv(kind):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--suite", choices=SUITES + ("all",), default="all")
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32")
@@ -46,8 +53,12 @@ def parse_args(argv=None):
     p.add_argument("--keep", default=None, help="build checkpoints here and keep them (default: temp dir)")
     p.add_argument("--build-only", action="store_true", help="only build the checkpoints (use with --keep)")
     p.add_argument("--dry-run", action="store_true", help="print shapes and sizes, write nothing")
-    p.add_argument("--blas", default=None, help="a BLAS library to preload into every MLX process (Linux: "
-                   "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3); transformers keeps PyTorch's MKL")
+    p.add_argument(
+        "--blas",
+        default=None,
+        help="a BLAS library to preload into every MLX process (Linux: "
+        "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3); transformers keeps PyTorch's MKL",
+    )
     g = p.add_argument_group("offline suite")
     g.add_argument("--peers", default="mlx-vlm,transformers", help="comma-separated: mlx-vlm,transformers (or 'none')")
     g.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="measured runs per case (best of)")
@@ -104,12 +115,14 @@ def main(argv=None):
             meta = offline.cases_meta(a.cases, a.shape, a.dtype)
             results = {tuple(k.split("|")): v for k, v in record["results"].items()}
             from .report_offline import evaluate_targets
+
             print("\n".join(evaluate_targets(record["settings"], results, record["roofline"], meta)[1]))
             print(f"wrote {page} and {out / 'benchmark.png'}", flush=True)
         if "serving" in suites:
             record = report.stamp(serving.run(a, root), command)
             page = report.write(out, "serving", record)
             from .report_serving import evaluate_targets
+
             print("\n".join(evaluate_targets(record)[1]))
             print(f"wrote {page} and {out / 'benchmark-serving.png'}", flush=True)
     finally:

@@ -5,6 +5,7 @@ answer ends) until the level's requests are all sent or its time is up; `second_
 question about an image, then a follow-up with the first answer in the history. Requests are
 never retried: a failure counts.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,18 +35,20 @@ class Reply:
 def data_uri(image_path) -> str:
     """The picture as a JPEG data URI (quality 90), how an app attaches a photo."""
     from PIL import Image
+
     buf = io.BytesIO()
     Image.open(image_path).convert("RGB").save(buf, "JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def user_turn(image_uri: str | None, question: str) -> dict:
-    parts = ([{"type": "image_url", "image_url": {"url": image_uri}}] if image_uri else [])
+    parts = [{"type": "image_url", "image_url": {"url": image_uri}}] if image_uri else []
     return {"role": "user", "content": parts + [{"type": "text", "text": question}]}
 
 
 def client(base_url: str, timeout: float):
     from openai import OpenAI
+
     return OpenAI(base_url=base_url, api_key="benchmark", max_retries=0, timeout=timeout)
 
 
@@ -55,8 +58,14 @@ def ask(api, model: str, messages: list, max_tokens: int) -> Reply:
     r = Reply(ok=False, started=t0, ended=t0)
     chunks, text = 0, []
     try:
-        stream = api.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0,
-                                             stream=True, stream_options={"include_usage": True})
+        stream = api.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         for ch in stream:
             if ch.usage is not None:
                 r.tokens, r.tokens_from_usage = ch.usage.completion_tokens, True
@@ -92,19 +101,30 @@ def summarize(replies: list, not_sent: int, wall: float) -> dict:
     ttfts = [r.ttft for r in ok]
     tokens = sum(r.tokens for r in ok)
     errors = sorted({r.error for r in replies if not r.ok})
-    return dict(requests=len(replies) + not_sent, answered=len(ok), failed=len(replies) - len(ok), not_sent=not_sent,
-                wall=wall, generated_tokens=tokens, aggregate_tps=tokens / wall if wall > 0 else None,
-                ttft_p50=percentile(ttfts, 50), ttft_p95=percentile(ttfts, 95),
-                tokens_per_request=tokens / len(ok) if ok else None,
-                # share of a request spent before its first token: what batching decode cannot overlap
-                prefill_share=sum(r.ttft for r in ok) / sum(r.ended - r.started for r in ok) if ok else None,
-                stopped_early=sum(1 for r in ok if r.finish_reason == "stop"),
-                prompt_tokens=[r.prompt_tokens for r in ok], tokens_from_usage=all(r.tokens_from_usage for r in ok),
-                errors=errors[:5], replies=[{k: v for k, v in asdict(r).items() if k != "text"} for r in replies])
+    return dict(
+        requests=len(replies) + not_sent,
+        answered=len(ok),
+        failed=len(replies) - len(ok),
+        not_sent=not_sent,
+        wall=wall,
+        generated_tokens=tokens,
+        aggregate_tps=tokens / wall if wall > 0 else None,
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p95=percentile(ttfts, 95),
+        tokens_per_request=tokens / len(ok) if ok else None,
+        # share of a request spent before its first token: what batching decode cannot overlap
+        prefill_share=sum(r.ttft for r in ok) / sum(r.ended - r.started for r in ok) if ok else None,
+        stopped_early=sum(1 for r in ok if r.finish_reason == "stop"),
+        prompt_tokens=[r.prompt_tokens for r in ok],
+        tokens_from_usage=all(r.tokens_from_usage for r in ok),
+        errors=errors[:5],
+        replies=[{k: v for k, v in asdict(r).items() if k != "text"} for r in replies],
+    )
 
 
-def run_level(base_url: str, model: str, requests: list, clients: int, max_tokens: int,
-              time_limit: float, request_timeout: float) -> dict:
+def run_level(
+    base_url: str, model: str, requests: list, clients: int, max_tokens: int, time_limit: float, request_timeout: float
+) -> dict:
     """`clients` closed-loop clients share `requests` (message lists); none starts one after `time_limit` s."""
     api = client(base_url, request_timeout)
     lock = threading.Lock()
@@ -130,8 +150,9 @@ def run_level(base_url: str, model: str, requests: list, clients: int, max_token
     return summarize(done, len(requests) - len(done), wall)
 
 
-def second_turn(base_url: str, model: str, image_uris: list, questions: tuple, max_tokens: int,
-                request_timeout: float) -> dict:
+def second_turn(
+    base_url: str, model: str, image_uris: list, questions: tuple, max_tokens: int, request_timeout: float
+) -> dict:
     """For each image: ask, then follow up with the answer in the history (one client, one after another)."""
     api = client(base_url, request_timeout)
     chats = []
@@ -145,12 +166,15 @@ def second_turn(base_url: str, model: str, image_uris: list, questions: tuple, m
         chats.append(chat)
     firsts = [c["first"] for c in chats if c["first"]["ok"]]
     seconds = [c["second"] for c in chats if c.get("second", {}).get("ok")]
-    return dict(chats=len(chats), answered_first=len(firsts), answered_second=len(seconds),
-                ttft_first=percentile([c["ttft"] for c in firsts], 50),
-                ttft_second=percentile([c["ttft"] for c in seconds], 50),
-                prompt_first=percentile([c["prompt_tokens"] for c in firsts if c["prompt_tokens"] is not None], 50),
-                prompt_second=percentile([c["prompt_tokens"] for c in seconds if c["prompt_tokens"] is not None], 50),
-                cached_second=percentile([c["cached_tokens"] for c in seconds if c["cached_tokens"] is not None], 50),
-                errors=sorted({c[k]["error"] for c in chats for k in ("first", "second")
-                               if k in c and c[k]["error"]})[:5],
-                detail=[{k: {f: v for f, v in c[k].items() if f != "text"} for k in c} for c in chats])
+    return dict(
+        chats=len(chats),
+        answered_first=len(firsts),
+        answered_second=len(seconds),
+        ttft_first=percentile([c["ttft"] for c in firsts], 50),
+        ttft_second=percentile([c["ttft"] for c in seconds], 50),
+        prompt_first=percentile([c["prompt_tokens"] for c in firsts if c["prompt_tokens"] is not None], 50),
+        prompt_second=percentile([c["prompt_tokens"] for c in seconds if c["prompt_tokens"] is not None], 50),
+        cached_second=percentile([c["cached_tokens"] for c in seconds if c["cached_tokens"] is not None], 50),
+        errors=sorted({c[k]["error"] for c in chats for k in ("first", "second") if k in c and c[k]["error"]})[:5],
+        detail=[{k: {f: v for f, v in c[k].items() if f != "text"} for k in c} for c in chats],
+    )

@@ -1,4 +1,5 @@
 """Worker: the matrix-vector roofline of the MLX backend (what decode could reach)."""
+
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ from .checkpoints import DTYPE_BYTES, INIT_STD, SEED
 def run(a) -> dict:
     """Bandwidth of one plain matrix-vector product over `a.bytes` of weights, same backend and dtype."""
     import mlx.core as mx
+
     dt = getattr(mx, a.dtype)
     K = a.hidden
     rows = max(1, a.bytes // (K * DTYPE_BYTES[a.dtype]))

@@ -6,6 +6,7 @@
 Every server is a child process of the benchmark, in its own process group, stopped (SIGTERM,
 then SIGKILL after a grace period) when the `with` block ends, whatever happened inside.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,10 @@ def free_port() -> int:
 def source(server_script: Path | None) -> str:
     """Which code of this project's server runs: its git commit when it is in a checkout."""
     path = Path(server_script or ROOT / "server.py").resolve()
-    git = lambda *args: subprocess.run(["git", "-C", str(path.parent), *args], capture_output=True, text=True).stdout.strip()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(path.parent), *args], capture_output=True, text=True).stdout.strip()
+
     commit = git("rev-parse", "--short", "HEAD")
     if not commit:
         return str(path)
@@ -73,8 +77,9 @@ class Server:
         self._log = open(self.log_path, "w")
         env = child_env(self.blas, PYTHONUNBUFFERED="1")
         t = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+        )
         try:
             self.model_id = self._wait_ready()
         except BaseException:
@@ -121,6 +126,7 @@ class Server:
 
     def _sample_rss(self):
         import psutil
+
         proc = psutil.Process(self.proc.pid)
         while self._sampling:
             try:

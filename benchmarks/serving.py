@@ -5,6 +5,7 @@ warm it up with two requests, run each concurrency level (the same requests, eve
 different one and the sizes mixed so that concurrent prompts differ in length), then the cached
 second turn, and stop it. Returns the suite's record for report.py.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,10 +33,15 @@ def pictures(root: Path, n: int, seed0: int) -> list:
 
 def workload(root: Path, levels: list, requests: int, chats: int) -> dict:
     """The requests every server gets, identical across servers."""
-    ask = lambda uri: [user_turn(uri, QUESTION)]
-    return dict(warmup=[ask(u) for u in pictures(root, WARMUP_REQUESTS, 5000)],
-                levels={c: [ask(u) for u in pictures(root, requests, 1000 * (k + 1))] for k, c in enumerate(levels)},
-                chats=pictures(root, chats, 9000))
+
+    def ask(uri):
+        return [user_turn(uri, QUESTION)]
+
+    return dict(
+        warmup=[ask(u) for u in pictures(root, WARMUP_REQUESTS, 5000)],
+        levels={c: [ask(u) for u in pictures(root, requests, 1000 * (k + 1))] for k, c in enumerate(levels)},
+        chats=pictures(root, chats, 9000),
+    )
 
 
 def measure_server(name: str, ckpt: Path, work: dict, a, root: Path) -> dict:
@@ -53,15 +59,22 @@ def measure_server(name: str, ckpt: Path, work: dict, a, root: Path) -> dict:
             r = run_level(s.base_url, s.model_id, requests, clients, a.tokens, a.level_time, a.request_timeout)
             r["peak_rss"] = s.peak_rss(reset=True)
             res["levels"][str(clients)] = r
-            print(f"  {clients} client(s): {r['answered']}/{r['requests']} answered, "
-                  f"{r['aggregate_tps'] or 0:.1f} tok/s aggregate, TTFT p50 {r['ttft_p50'] or 0:.2f}s "
-                  f"p95 {r['ttft_p95'] or 0:.2f}s, wall {r['wall']:.1f}s"
-                  + (f"; errors: {r['errors'][:2]}" if r["errors"] else ""), flush=True)
+            print(
+                f"  {clients} client(s): {r['answered']}/{r['requests']} answered, "
+                f"{r['aggregate_tps'] or 0:.1f} tok/s aggregate, TTFT p50 {r['ttft_p50'] or 0:.2f}s "
+                f"p95 {r['ttft_p95'] or 0:.2f}s, wall {r['wall']:.1f}s"
+                + (f"; errors: {r['errors'][:2]}" if r["errors"] else ""),
+                flush=True,
+            )
         if work["chats"]:
-            res["second_turn"] = t = second_turn(s.base_url, s.model_id, work["chats"], (QUESTION, FOLLOW_UP),
-                                                 a.tokens, a.request_timeout)
-            print(f"  second turn: TTFT {t['ttft_first'] or 0:.2f}s → {t['ttft_second'] or 0:.2f}s, "
-                  f"cached {t['cached_second']} of {t['prompt_second']} prompt tokens", flush=True)
+            res["second_turn"] = t = second_turn(
+                s.base_url, s.model_id, work["chats"], (QUESTION, FOLLOW_UP), a.tokens, a.request_timeout
+            )
+            print(
+                f"  second turn: TTFT {t['ttft_first'] or 0:.2f}s → {t['ttft_second'] or 0:.2f}s, "
+                f"cached {t['cached_second']} of {t['prompt_second']} prompt tokens",
+                flush=True,
+            )
         res["alive_at_end"] = s.proc.poll() is None
     return res
 
@@ -70,8 +83,11 @@ def run(a, root: Path) -> dict:
     ckpt = checkpoint_dir(root, a.serve_family, a.shape, a.dtype)
     t = time.perf_counter()
     work = workload(root, a.clients, a.requests, a.chats)
-    print(f"serving workload: {len(a.clients)} levels × {a.requests} requests, {a.chats} two-turn chats, "
-          f"{a.tokens} tokens each (pictures in {time.perf_counter() - t:.1f}s)", flush=True)
+    print(
+        f"serving workload: {len(a.clients)} levels × {a.requests} requests, {a.chats} two-turn chats, "
+        f"{a.tokens} tokens each (pictures in {time.perf_counter() - t:.1f}s)",
+        flush=True,
+    )
     servers = {}
     for name in a.servers:
         try:
@@ -79,10 +95,22 @@ def run(a, root: Path) -> dict:
         except (RuntimeError, TimeoutError, OSError) as e:  # a server that cannot start is a result, not a crash
             servers[name] = dict(error=str(e)[:600])
             print(f"  {name}: ERROR {e}", flush=True)
-    settings = dict(family=a.serve_family, shape=a.shape, dtype=a.dtype, tokens=a.tokens, clients=a.clients,
-                    requests=a.requests, chats=a.chats, image_sizes=IMAGE_SIZES, servers=a.servers,
-                    level_time=a.level_time, request_timeout=a.request_timeout, question=QUESTION,
-                    follow_up=FOLLOW_UP, warmup=WARMUP_REQUESTS, blas=a.blas,
-                    server_source=source(Path(a.server_script) if a.server_script else None))
+    settings = dict(
+        family=a.serve_family,
+        shape=a.shape,
+        dtype=a.dtype,
+        tokens=a.tokens,
+        clients=a.clients,
+        requests=a.requests,
+        chats=a.chats,
+        image_sizes=IMAGE_SIZES,
+        servers=a.servers,
+        level_time=a.level_time,
+        request_timeout=a.request_timeout,
+        question=QUESTION,
+        follow_up=FOLLOW_UP,
+        warmup=WARMUP_REQUESTS,
+        blas=a.blas,
+        server_source=source(Path(a.server_script) if a.server_script else None),
+    )
     return dict(settings=settings, servers=servers)
-

@@ -6,6 +6,7 @@ Each (implementation, case) runs in a fresh subprocess so that load time, peak m
 caches are not shared; the worker prints one `RESULT {json}` line. The implementations live
 in worker_llava_mlx.py, worker_mlx_vlm.py, worker_transformers.py and roofline.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,17 +21,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENS = 128
 DEFAULT_REPEATS = 2  # measured runs per (implementation, case), after one warm-up; best of
-MODULES = {"llava-mlx": "worker_llava_mlx", "mlx-vlm": "worker_mlx_vlm", "transformers": "worker_transformers",
-           "roofline": "roofline"}
+MODULES = {
+    "llava-mlx": "worker_llava_mlx",
+    "mlx-vlm": "worker_mlx_vlm",
+    "transformers": "worker_transformers",
+    "roofline": "roofline",
+}
 
 
 def rss_bytes() -> int:
     import psutil
+
     return psutil.Process().memory_info().rss
 
 
 def maxrss_bytes() -> int:
     import resource
+
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 
@@ -44,8 +51,15 @@ def timeline_stats(ttft, t_tokens, t0):
 def best(runs: list) -> dict:
     """Combine repeated measured runs: fastest times, highest rates, highest peak memory."""
     out = dict(runs[-1])
-    for k, pick in (("ttft", min), ("encode_time", min), ("total_time", min), ("decode_tps", max),
-                    ("own_decode_tps", max), ("own_prompt_tps", max), ("peak_memory", max)):
+    for k, pick in (
+        ("ttft", min),
+        ("encode_time", min),
+        ("total_time", min),
+        ("decode_tps", max),
+        ("own_decode_tps", max),
+        ("own_prompt_tps", max),
+        ("peak_memory", max),
+    ):
         vals = [r[k] for r in runs if r.get(k) is not None]
         if vals:
             out[k] = pick(vals)

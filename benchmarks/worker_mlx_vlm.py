@@ -1,4 +1,5 @@
 """Worker: mlx-vlm through its Python API (`mlx_vlm.load`, `mlx_vlm.stream_generate`)."""
+
 from __future__ import annotations
 
 import time
@@ -63,6 +64,7 @@ def run(a) -> dict:
     kw = dict(max_tokens=a.tokens, temperature=0.0, prefill_step_size=PREFILL_STEP_SIZE)
     for _ in stream_generate(model, processor, a.prompt, image=[a.warm_image], **{**kw, "max_tokens": 2}):
         pass
+
     def measure():
         mx.clear_cache()
         mx.reset_peak_memory()
@@ -77,8 +79,13 @@ def run(a) -> dict:
             last = r
         peak = mx.get_peak_memory()
         res = timeline_stats(times[0] - t0, times, t0)
-        res.update(peak_memory=peak, own_prompt_tps=last.prompt_tps, own_decode_tps=last.generation_tps,
-                   own_prompt_tokens=last.prompt_tokens, **probe)
+        res.update(
+            peak_memory=peak,
+            own_prompt_tps=last.prompt_tps,
+            own_decode_tps=last.generation_tps,
+            own_prompt_tokens=last.prompt_tokens,
+            **probe,
+        )
         return res
 
     res = best([measure() for _ in range(a.repeats)])

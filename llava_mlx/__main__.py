@@ -29,7 +29,10 @@ def run(command: str, argv=None) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE + "\n\n" + "\n".join(f"  {c:10s}{h}" for c, h in COMMANDS.items()), file=sys.stderr if not argv else sys.stdout)
+        print(
+            USAGE + "\n\n" + "\n".join(f"  {c:10s}{h}" for c, h in COMMANDS.items()),
+            file=sys.stderr if not argv else sys.stdout,
+        )
         return 2 if not argv else 0
     if argv[0] not in COMMANDS:
         print(f"error: unknown command '{argv[0]}' (choose {', '.join(COMMANDS)})", file=sys.stderr)

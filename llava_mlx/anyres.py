@@ -58,11 +58,7 @@ def resize_and_pad(image: Image.Image, target: Size) -> Image.Image:
 def divide_to_tiles(image: Image.Image, tile: int) -> List[Image.Image]:
     """Square tiles, row by row (outer loop y, inner loop x)."""
     width, height = image.size
-    return [
-        image.crop((x, y, x + tile, y + tile))
-        for y in range(0, height, tile)
-        for x in range(0, width, tile)
-    ]
+    return [image.crop((x, y, x + tile, y + tile)) for y in range(0, height, tile) for x in range(0, width, tile)]
 
 
 def expand_to_square(image: Image.Image, fill: Tuple[int, int, int]) -> Image.Image:

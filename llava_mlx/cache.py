@@ -15,7 +15,6 @@ from .features import DEFAULT_FEATURE_BYTES, FeatureCache
 from .model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 
-
 def image_key(image: Image.Image) -> str:
     """Identity of an image by content (pixels and size), not by file name."""
     digest = hashlib.sha1(image.tobytes())

@@ -57,7 +57,9 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
     def http_error_302(self, req, fp, code, msg, headers):
         target = urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
         if not target.lower().startswith(("http://", "https://")):
-            raise LlavaError(f"cannot download {req.full_url}: it redirects to {target[:80]}, and only http(s) URLs are read")
+            raise LlavaError(
+                f"cannot download {req.full_url}: it redirects to {target[:80]}, and only http(s) URLs are read"
+            )
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302

@@ -15,8 +15,10 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step as lm_generate_step
 from mlx_lm.sample_utils import make_sampler
 
-from . import distributed, validate
+from . import validate
 from .cache import SessionCache, in_prompt_order, sequence_keys
+from .distributed.group import agree_seed, is_main, settle
+from .distributed.share import shared_features
 from .errors import LlavaError
 from .processor import load_image
 from .video import DEFAULT_NUM_FRAMES, VIDEO_TOKEN, as_video_list, load_video
@@ -143,10 +145,10 @@ def stream_generate(
     start = time.perf_counter()
     images, history = validate.generation_inputs(prompt, images, system, history, cache)
     validate.generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, kv_bits, max_kv_size)
-    seed = distributed.agree_seed(model, seed)
+    seed = agree_seed(model, seed)
     if seed is not None:
         mx.random.seed(seed)
-    local = distributed.is_main(model)  # sharded: only rank 0 reads the media
+    local = is_main(model)  # sharded: only rank 0 reads the media
     images = [load_image(im) for im in images] if local else images
     videos = as_video_list(videos)
     text = prepare_prompt(processor, prompt, len(images), template, system, history, len(videos))
@@ -155,7 +157,7 @@ def stream_generate(
     cache = cache if cache is not None else SessionCache()
 
     tic = time.perf_counter()
-    image_keys, features = distributed.shared_features(
+    image_keys, features = shared_features(
         model,
         lambda: in_prompt_order(
             ids,
@@ -231,7 +233,7 @@ def stream_generate(
         yield response(detokenizer.last_segment, finish)
     finally:
         cache.record(keys, generated)
-        distributed.settle(model)
+        settle(model)
 
 
 def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
@@ -253,5 +255,3 @@ def generate(model, processor, prompt: str, images: Sequence = (), **kwargs) -> 
         ttft=last.ttft,
         finish_reason=last.finish_reason,
     )
-
-

@@ -176,9 +176,7 @@ class LlavaModel(nn.Module):
         sizes = [tuple(int(v) for v in s) for s in np.asarray(image_sizes).reshape(-1, 2)]
         counts = [self.config.crops(s, several) for s in sizes]
         if sum(counts) != pixel_values.shape[0]:
-            raise ValueError(
-                f"pixel_values holds {pixel_values.shape[0]} crops but the image sizes need {sum(counts)}"
-            )
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} crops but the image sizes need {sum(counts)}")
         features = self.encode_images(pixel_values)
         starts = np.cumsum([0] + counts)
         return [self.merge_image(features[starts[i] : starts[i + 1]], s) for i, s in enumerate(sizes)]

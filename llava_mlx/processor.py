@@ -16,11 +16,11 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
 from . import validate
-from .errors import LlavaError, warn
+from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
 from .checkpoint.files import read_json
 from .checkpoint.validate import image_settings as checked_image_settings
+from .errors import LlavaError, warn
 from .fetch import fetch
 from .model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, LlavaConfig
 from .tokenizer import SentencePieceTokenizer
@@ -48,7 +48,10 @@ def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) ->
     """
     if family == "mistral_instruct":
         head = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
-        parts = [f"[INST] {head if i == 0 else ''}{q} [/INST]" + (f" {a} </s>" if a is not None else "") for i, (q, a) in enumerate(turns)]
+        parts = [
+            f"[INST] {head if i == 0 else ''}{q} [/INST]" + (f" {a} </s>" if a is not None else "")
+            for i, (q, a) in enumerate(turns)
+        ]
         return "".join(parts)
     if family == "chatml_direct":
         system = CHATML_SYSTEM if system is None else system
@@ -201,7 +204,9 @@ class Processor:
         videos = [num_videos] + [0] * (len(turns) - 1)
         hf = self.tokenizer._tokenizer
         if not hf.chat_template:
-            turns = [(f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for n, v, (q, a) in zip(counts, videos, turns)]
+            turns = [
+                (f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for n, v, (q, a) in zip(counts, videos, turns)
+            ]
             return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for i, (q, a) in enumerate(turns):
@@ -267,19 +272,28 @@ class Processor:
         """`tokenize`, after checking there is one `<image>` per image and one `<video>` per video."""
         count = prompt.count(IMAGE_TOKEN)
         if count != num_images:
-            raise LlavaError(f"the prompt has {count} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given")
+            raise LlavaError(
+                f"the prompt has {count} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given"
+            )
         videos = prompt.count(VIDEO_TOKEN)
         if (videos or num_videos) and self.video_config is None:
-            raise LlavaError(f"this checkpoint ({self.config.llava_type}) takes no video; use a LLaVA-OneVision or LLaVA-NeXT-Video model")
+            raise LlavaError(
+                f"this checkpoint ({self.config.llava_type}) takes no video; "
+                "use a LLaVA-OneVision or LLaVA-NeXT-Video model"
+            )
         if videos != num_videos:
-            raise LlavaError(f"the prompt has {videos} {VIDEO_TOKEN} placeholder(s) but {num_videos} video(s) were given")
+            raise LlavaError(
+                f"the prompt has {videos} {VIDEO_TOKEN} placeholder(s) but {num_videos} video(s) were given"
+            )
         return self.tokenize(prompt)
 
     def preprocess_video(self, frames) -> np.ndarray:
         """float32 (T, H, W, 3) of one video's uint8 frames (T, H, W, 3)."""
         return preprocess_frames(frames, self.video_config)
 
-    def __call__(self, prompt: str, images: Sequence = (), videos: Sequence = (), num_frames: int = DEFAULT_NUM_FRAMES) -> dict:
+    def __call__(
+        self, prompt: str, images: Sequence = (), videos: Sequence = (), num_frames: int = DEFAULT_NUM_FRAMES
+    ) -> dict:
         """Inputs for `model(**inputs)`: the raw prompt, one `<image>` per image and one
         `<video>` per video, no template. A video is a file path, a uint8 array (T, H, W, 3)
         or a list of PIL images; `num_frames` are sampled uniformly from each."""
@@ -292,9 +306,7 @@ class Processor:
             inputs["pixel_values"] = mx.array(pixels)
             inputs["image_sizes"] = mx.array(sizes)
         if videos:
-            inputs["pixel_values_videos"] = [
-                mx.array(self.preprocess_video(load_video(v, num_frames))) for v in videos
-            ]
+            inputs["pixel_values_videos"] = [mx.array(self.preprocess_video(load_video(v, num_frames))) for v in videos]
         return inputs
 
 

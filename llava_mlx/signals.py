@@ -10,7 +10,6 @@ import signal
 import threading
 from contextlib import contextmanager
 
-
 TERMINATING = ("SIGTERM", "SIGHUP")
 
 

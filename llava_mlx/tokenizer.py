@@ -56,7 +56,9 @@ class SentencePieceTokenizer:
         self.unk_length = len(self.sp.encode(self.sp.id_to_piece(self.sp.unk_id()), out_type=str))
 
     @classmethod
-    def from_checkpoint(cls, path: Path, hf_tokenizer, family_legacy: Optional[bool]) -> Optional["SentencePieceTokenizer"]:
+    def from_checkpoint(
+        cls, path: Path, hf_tokenizer, family_legacy: Optional[bool]
+    ) -> Optional["SentencePieceTokenizer"]:
         """For a checkpoint with `tokenizer.model`; None otherwise (then transformers tokenises).
 
         `family_legacy` forces legacy rules (Mistral's fast tokenizer); None reads the config.

@@ -139,10 +139,6 @@ def generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, 
     if max_kv_size is not None:
         integer(max_kv_size, "max_kv_size", 1)
         if kv_bits is not None:
-            raise LlavaValueError("kv_bits and max_kv_size cannot be combined: MLX's rotating KV cache is not quantized")
-
-
-# -- checkpoints --------------------------------------------------------------------------------
-
-
-# -- conversion -------------------------------------------------------------------------------------
+            raise LlavaValueError(
+                "kv_bits and max_kv_size cannot be combined: MLX's rotating KV cache is not quantized"
+            )

@@ -7,7 +7,6 @@ those frames are converted to RGB, and decoding stops after the last one.
 """
 
 import json
-import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -67,7 +66,9 @@ def load_video(source, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
         frames = decode_frames(str(source), num_frames)
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 4 or source.shape[-1] != 3:
-            raise LlavaError(f"a video array must be uint8 (frames, height, width, 3), got {source.dtype} {source.shape}")
+            raise LlavaError(
+                f"a video array must be uint8 (frames, height, width, 3), got {source.dtype} {source.shape}"
+            )
         if source.shape[0] == 0 or source.shape[1] == 0 or source.shape[2] == 0:
             raise LlavaError(f"the video array {source.shape} has no frames")
         frames = [source[i] for i in frame_indices(source.shape[0], num_frames)]

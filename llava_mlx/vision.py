@@ -61,8 +61,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         B, L, D = x.shape
         q, k, v = (
-            p(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
-            for p in (self.q_proj, self.k_proj, self.v_proj)
+            p(x).reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)
         )
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))

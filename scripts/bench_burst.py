@@ -40,8 +40,9 @@ def picture(seed: int, size) -> str:
 
 def start(script: str, model: str, blas) -> tuple:
     env = {**os.environ, **({"LD_PRELOAD": blas} if blas else {})}
-    proc = subprocess.Popen([sys.executable, script, "--model", model, "--port", "0"], stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, script, "--model", model, "--port", "0"], stderr=subprocess.PIPE, text=True, env=env
+    )
     for line in proc.stderr:
         found = re.search(r"on http://127\.0\.0\.1:(\d+)", line)
         if found:  # read the rest of its log, or a full pipe would stall the server
@@ -52,8 +53,15 @@ def start(script: str, model: str, blas) -> tuple:
 
 def ask(client, url: str, tokens: int, sent: float) -> tuple:
     """(time to first token, time to the end), from `sent`."""
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "Describe this image in detail."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "Describe this image in detail."},
+            ],
+        }
+    ]
     first = None
     for chunk in client.chat.completions.create(model="llava", messages=messages, max_tokens=tokens, stream=True):
         if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -80,7 +88,10 @@ def main():
             with ThreadPoolExecutor(args.clients) as pool:
                 results = list(pool.map(lambda url: ask(client, url, args.tokens, sent), urls))
             firsts = " ".join(f"{first:.2f}" for first, _ in sorted(results))
-            print(f"round {round_}: TTFT sorted {firsts} s; last answer ended {max(end for _, end in results):.2f} s", flush=True)
+            print(
+                f"round {round_}: TTFT sorted {firsts} s; last answer ended {max(end for _, end in results):.2f} s",
+                flush=True,
+            )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

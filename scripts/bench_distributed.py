@@ -97,9 +97,9 @@ def vision_placements(model, processor, path: Path, image: Path, group) -> dict:
     """Seconds until every rank has the image features, both ways (best of 2)."""
     import mlx.core as mx
 
-    from llava_mlx import distributed
     from llava_mlx.cache import SessionCache
     from llava_mlx.checkpoint.load import load_model
+    from llava_mlx.distributed.share import shared_features
     from llava_mlx.processor import load_image
 
     def barrier():
@@ -117,7 +117,7 @@ def vision_placements(model, processor, path: Path, image: Path, group) -> dict:
         return min(times)
 
     encode = lambda: SessionCache().image_features(model, processor, [load_image(image)])  # noqa: E731
-    shared = best(lambda: distributed.shared_features(model, encode))
+    shared = best(lambda: shared_features(model, encode))
     whole, _, _ = load_model(path)  # unsharded and lazy: only the tower's weights get read
     pixels, sizes = processor.preprocess([load_image(image)])
     everywhere = best(lambda: mx.eval(whole.image_features(mx.array(pixels), sizes)))
@@ -128,13 +128,14 @@ def vision_placements(model, processor, path: Path, image: Path, group) -> dict:
 def run(path: Path, pipeline: bool, tokens: int):
     import mlx.core as mx
 
-    from llava_mlx import distributed, generate, load
+    from llava_mlx import generate, load
+    from llava_mlx.distributed.group import group_of
 
     tic = time.perf_counter()
     model, processor = load(str(path), pipeline=pipeline)
     mx.eval(model.parameters())
     load_s = time.perf_counter() - tic
-    group = distributed.group_of(model)
+    group = group_of(model)
     image = path / "image.png"
     options = dict(images=[image], max_tokens=tokens, ignore_eos=True)
     mx.reset_peak_memory()  # no warm-up: MLX compiles nothing ahead, and a prefill here is minutes

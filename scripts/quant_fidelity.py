@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 from fixtures.build import write_hf  # noqa: E402
@@ -44,7 +43,11 @@ def ours(source: Path, out: Path, options: dict):
 
 def mlx_vlm(python: str, source: Path, out: Path, options: dict):
     """`python -m mlx_vlm.convert -q` (it keeps the checkpoint's float32)."""
-    flags = ["--q-bits", str(options["q_bits"])] if "q_bits" in options else ["--quant-predicate", options["quant_predicate"]]
+    flags = (
+        ["--q-bits", str(options["q_bits"])]
+        if "q_bits" in options
+        else ["--quant-predicate", options["quant_predicate"]]
+    )
     command = [python, "-m", "mlx_vlm.convert", "--hf-path", str(source), "--mlx-path", str(out), "-q", *flags]
     subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -95,8 +98,10 @@ def main(argv=None) -> int:
         reference[name] = dict(logits=np.array(model(**inputs)[0]).astype(np.float64).ravel(), tokens=tokens.tokens)
     total = 16 * len(IMAGES)
     print(f"{source}: prompt {PROMPT!r}, images {', '.join(IMAGES)}; greedy tokens out of {total}\n")
-    print("| conversion | llava-mlx cosine | mlx-vlm cosine | llava-mlx max err | mlx-vlm max err "
-          "| llava-mlx greedy | mlx-vlm greedy | llava-mlx bits/weight | mlx-vlm bits/weight |")
+    print(
+        "| conversion | llava-mlx cosine | mlx-vlm cosine | llava-mlx max err | mlx-vlm max err "
+        "| llava-mlx greedy | mlx-vlm greedy | llava-mlx bits/weight | mlx-vlm bits/weight |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, options in CASES:
         slug = label.replace("-", "")
@@ -106,8 +111,11 @@ def main(argv=None) -> int:
         if not theirs.exists():
             mlx_vlm(args.mlx_vlm_python, source, theirs, options)
         a, b = measure(mine, reference, image_paths), measure(theirs, reference, image_paths)
-        print(f"| {label} | {a['cosine']:.6f} | {b['cosine']:.6f} | {a['error']:.4f} | {b['error']:.4f} "
-              f"| {a['same']}/{total} | {b['same']}/{total} | {a['bpw']:.2f} | {b['bpw']:.2f} |", flush=True)
+        print(
+            f"| {label} | {a['cosine']:.6f} | {b['cosine']:.6f} | {a['error']:.4f} | {b['error']:.4f} "
+            f"| {a['same']}/{total} | {b['same']}/{total} | {a['bpw']:.2f} | {b['bpw']:.2f} |",
+            flush=True,
+        )
     return 0
 
 

@@ -14,7 +14,6 @@ from fixtures.build import build_all  # noqa: E402
 from fixtures.build_family import build_family  # noqa: E402
 from fixtures.images import make_images  # noqa: E402
 
-
 # Every layout the fixtures build: liuhaotian's, llava-hf's, transformers 5's.
 LAYOUTS = [
     "orig-v1.5-vicuna",
@@ -81,8 +80,22 @@ def family_loaded(family):
 # The live server the server and chat-page tests share: LLaVA-1.6 (images of different
 # sizes give prompts of different lengths), limits small enough to reach in a test.
 SERVER_MODEL = "hf-v1.6-vicuna"
-SERVER_ARGS = ["--max-tokens", "600", "--max-batch", "8", "--max-images", "3", "--max-image-pixels", "4000000",
-               "--max-body-mb", "4", "--image-url-timeout", "2", "--prompt-cache-bytes", str(24 << 20)]
+SERVER_ARGS = [
+    "--max-tokens",
+    "600",
+    "--max-batch",
+    "8",
+    "--max-images",
+    "3",
+    "--max-image-pixels",
+    "4000000",
+    "--max-body-mb",
+    "4",
+    "--image-url-timeout",
+    "2",
+    "--prompt-cache-bytes",
+    str(24 << 20),
+]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,10 @@
 """What many test files share: the expectation of one clear error line, directory snapshots,
-the generate command as a subprocess, free loopback ports, logits and their cosine."""
+the generate command as a subprocess, free loopback ports, two ranks under mlx.launch, logits
+and their cosine."""
 
+import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -8,6 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # A command's environment: offline, no inherited Python paths, only the system's tools.
@@ -53,3 +58,56 @@ def logits(model, inputs) -> np.ndarray:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+LAUNCH_TIMEOUT = 600
+
+
+def free_port_pair() -> int:
+    """A base port with base and base + 1 free: mlx.launch's ring listens on base + rank."""
+    for _ in range(200):
+        base, held = random.randint(20000, 60000), []
+        try:
+            for port in (base, base + 1):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+
+
+def environment(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def run_bounded(command, timeout, env=None) -> subprocess.CompletedProcess:
+    """Run in its own process group, killed whole (launcher and ranks) on timeout."""
+    p = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env or environment(),
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        pytest.fail(f"{' '.join(map(str, command))} did not finish within {timeout} s")
+    return subprocess.CompletedProcess(command, p.returncode, out, err)
+
+
+def launch_two(*args, timeout=LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    command = [LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port_pair()), "--", sys.executable, *args]
+    return run_bounded(command, timeout)

@@ -1,5 +1,7 @@
-"""A live `server.py` for the tests: a subprocess on 127.0.0.1, a free port, its log in a file."""
+"""A live `server.py` for the tests (a subprocess on 127.0.0.1, a free port, its log in a file), and the
+official `openai` client's side of the conversation with it."""
 
+import base64
 import json
 import os
 import re
@@ -9,6 +11,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import openai
+import pytest
+from conftest import SERVER_MODEL
+
+from llava_mlx.generation import stream_generate
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 180
@@ -48,7 +56,11 @@ def start_server(model: Path, log: Path, *args, launcher=(), env=None) -> LiveSe
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [*launcher, sys.executable, str(ROOT / "server.py"), "--model", str(model), "--port", "0", *args],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
         )
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
@@ -60,3 +72,53 @@ def start_server(model: Path, log: Path, *args, launcher=(), env=None) -> LiveSe
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     raise RuntimeError(f"server.py did not start in {STARTUP_TIMEOUT} s:\n{log.read_text()}")
+
+
+TOKENS = 16
+
+
+def data_uri(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def user(question, *images):
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(p)}} for p in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": question}]}
+
+
+def client(server, **kwargs):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
+
+
+def reference(loaded, question, images, history=(), max_tokens=TOKENS):
+    """generate()'s answer: (text, tokens with the EOS if it stopped, finish, prompt length)."""
+    model, processor = loaded(SERVER_MODEL)
+    steps = list(stream_generate(model, processor, question, images, max_tokens=max_tokens, history=history))
+    text = "".join(s.text for s in steps)
+    tokens = [s.token for s in steps[:-1]] + ([steps[-1].token] if steps[-1].finish_reason == "stop" else [])
+    return text, tokens, steps[-1].finish_reason, steps[-1].prompt_tokens
+
+
+def ask(server, messages, max_tokens=TOKENS, **kwargs):
+    return client(server).chat.completions.create(model="llava", messages=messages, max_tokens=max_tokens, **kwargs)
+
+
+def disconnect_twice(server, image):
+    """Ask twice about `image` for 600 tokens, leaving a streamed and a plain request
+    early; the server's health (before, after both are no longer running)."""
+    before = server.health()
+    stream = ask(server, [user("A long story please.", image)], max_tokens=600, stream=True)
+    next(iter(stream))
+    stream.close()
+    with pytest.raises(openai.APITimeoutError):
+        # 600 tokens take over 1 s here even with the image cached: gone well before the end
+        client(server).with_options(timeout=0.4).chat.completions.create(
+            model="llava", messages=[user("Another long one.", image)], max_tokens=600
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = server.health()
+        if health["cancelled"] - before["cancelled"] >= 2 and health["running"] == 0:
+            break
+        time.sleep(0.2)
+    return before, health

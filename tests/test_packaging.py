@@ -4,9 +4,9 @@ imports, the reference environment is pinned, and CI starts from an empty virtua
 import ast
 import re
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 
+import tomllib
 from conftest import ROOT
 
 # Imported only on a path that says it needs them (convert.py's .bin reading: "pip install torch").

@@ -30,10 +30,6 @@ from .files import load_weights, read_json, read_tensors, tensor_files
 from .layouts import detect_layout, rename
 from .lora import LORA_CONFIG, non_lora_weights, read_lora
 
-
-
-
-
 PROJECTOR = "mm_projector"
 
 

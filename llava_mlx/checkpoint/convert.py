@@ -26,18 +26,17 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 
 from .. import validate as arguments
-from ..signals import signals_held
 from ..errors import LlavaError, LlavaValueError
 from ..model import LlavaConfig
 from ..processor import image_settings
+from ..signals import signals_held
 from . import validate
 from .adapters import checkpoint_kind, read_checkpoint, tokenizer_dir
-from .files import torch_load, has_safetensors, import_torch, read_json, save_shard, to_mx, write_json
+from .files import has_safetensors, import_torch, read_json, save_shard, to_mx, torch_load, write_json
 from .hub import HUB_PATTERNS, resolve
 from .layouts import MLX_FORMAT, detect_layout, ships_tower, tower_location
 from .load import load, load_model
 from .quantize import DEFAULT_GROUP_SIZE, RECIPES, bits_summary, cast, existing_quantization, quantize_model
-
 
 QUANT_BITS = (4, 8)
 

@@ -149,9 +149,11 @@ class Entry:
 
     def matches(self, value: mx.array) -> bool:
         numpy_dtype, view = SAFETENSORS_DTYPES.get(self.dtype, (None, None))
-        return numpy_dtype is not None and self.shape == tuple(value.shape) and (
-            view or getattr(mx, np.dtype(numpy_dtype).name, None)
-        ) == value.dtype
+        return (
+            numpy_dtype is not None
+            and self.shape == tuple(value.shape)
+            and (view or getattr(mx, np.dtype(numpy_dtype).name, None)) == value.dtype
+        )
 
 
 def tensor_index(files) -> Dict[str, Entry]:

@@ -7,10 +7,11 @@ from typing import Optional
 
 from ..errors import LlavaError
 
-
 # + the .bin files of LoRA and projector-only checkpoints (adapters.py), which ship no others
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"] + [
-    "adapter_model.bin", "non_lora_trainables.bin", "mm_projector.bin"
+    "adapter_model.bin",
+    "non_lora_trainables.bin",
+    "mm_projector.bin",
 ]
 
 

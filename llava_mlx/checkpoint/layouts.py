@@ -20,7 +20,6 @@ from . import validate
 from .files import read_json
 from .quantize import module_entries, module_params
 
-
 # Our own converted output says so in its config.json.
 MLX_FORMAT = "llava_mlx"
 
@@ -79,9 +78,7 @@ def detect_layout(raw: dict) -> str:
         return "original"
     if model_type in HF_MODEL_TYPES:
         return "llava-hf"
-    raise LlavaError(
-        f"unknown model type '{model_type}': not a LLaVA 1.5/1.6, OneVision or NeXT-Video checkpoint"
-    )
+    raise LlavaError(f"unknown model type '{model_type}': not a LLaVA 1.5/1.6, OneVision or NeXT-Video checkpoint")
 
 
 def family_fields(raw: dict) -> dict:
@@ -93,7 +90,9 @@ def family_fields(raw: dict) -> dict:
             vision_model_type="siglip",
             conventions="transformers",
             image_aspect_ratio=raw.get("vision_aspect_ratio", "anyres_max_9"),
-            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints", ONEVISION_PINPOINTS), "config.json"),
+            image_grid_pinpoints=validate.pinpoints(
+                raw.get("image_grid_pinpoints", ONEVISION_PINPOINTS), "config.json"
+            ),
             patch_merge_type="spatial_unpad",
             several_images_flat=True,
             video_pool="bilinear",
@@ -140,7 +139,11 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             vision_feature_layer=layer,
             vision_feature_select="cls_patch" if strategy == "full" else "patch",
             image_aspect_ratio="anyres" if next_ else "pad",
-            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS), "config.json") if next_ else None,
+            image_grid_pinpoints=validate.pinpoints(
+                raw.get("image_grid_pinpoints", LLAVA_NEXT_PINPOINTS), "config.json"
+            )
+            if next_
+            else None,
             patch_merge_type="spatial_unpad" if next_ else "flat",
             quantization=read_quantization(raw),
             llava_type=model_type,

@@ -1,7 +1,7 @@
 """`load`: any LLaVA checkpoint → one `LlavaModel` and its `Processor`.
 
 Wiring only: the files are read by files.py, the layout mapped by layouts.py, the checkpoint
-kinds that need a base by adapters.py, and the decoder sharded by distributed.py under
+kinds that need a base by adapters.py, and the decoder sharded by distributed/shard.py under
 mlx.launch. Weights stay lazy (memory-mapped by `mx.load`).
 """
 
@@ -12,7 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .. import distributed, validate as arguments
+from .. import validate as arguments
+from ..distributed.group import world
+from ..distributed.shard import shard
 from ..errors import LlavaError, warn
 from ..model import LlavaModel
 from ..processor import Processor
@@ -51,7 +53,7 @@ def load_model(
 ):
     """(model, config, tower_dir) from a local checkpoint directory; LoRA, projector-only and
     delta checkpoints (adapters.py) with their local `model_base`; with a distributed `group`,
-    this rank's shard of it (see distributed.py), evaluated."""
+    this rank's shard of it (see distributed/shard.py), evaluated."""
     raw, weights, lora = read_checkpoint(path, model_base, delta)
     validate.raw_config(raw, str(path / "config.json"))
     tower_dir, has_tower = None, ships_tower(weights)
@@ -67,8 +69,10 @@ def load_model(
             tower_dir = cached_tower(location)
         if tower_dir is None and has_tower:
             config_file = path / "config.json"
-            unread = f"the vision tower '{location}' named in {config_file} cannot be read" if location else (
-                f"{config_file} names no vision tower"
+            unread = (
+                f"the vision tower '{location}' named in {config_file} cannot be read"
+                if location
+                else (f"{config_file} names no vision tower")
             )
             warn(
                 f"{unread}: guessing CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image "
@@ -97,7 +101,7 @@ def load_model(
     check_weights(model, weights)
     if group is not None:
         files = weight_files(path) + (weight_files(model_base) if model_base else [])
-        weights = distributed.shard(model, weights, group, pipeline, stored, files)
+        weights = shard(model, weights, group, pipeline, stored, files)
     model.load_weights(list(weights.items()), strict=True)
     if not lazy or group is not None:
         mx.eval(model.parameters())
@@ -128,7 +132,7 @@ def load(
         model_base = arguments.path_argument(model_base, "model_base")
     path = resolve(path_or_repo)
     base = resolve(model_base, "model base") if model_base else None
-    model, config, tower_dir = load_model(path, vision_tower, lazy, base, group=distributed.world(), pipeline=pipeline)
+    model, config, tower_dir = load_model(path, vision_tower, lazy, base, group=world(), pipeline=pipeline)
     tokenizer = tokenizer_dir(path, base)
     validate.checkpoint_files(tokenizer)
     return model, Processor.from_checkpoint(tokenizer, config, tower_dir)

@@ -59,7 +59,9 @@ class Lora:
         for module, (a, b, scale, embedding) in self.pairs.items():
             key = index.get(rename(f"{module}.weight"))
             if key is None:
-                raise LlavaError(f"the adapter {self.name} has LoRA weights for '{module}', which this model does not have")
+                raise LlavaError(
+                    f"the adapter {self.name} has LoRA weights for '{module}', which this model does not have"
+                )
             w = weights[key]
             if not mx.issubdtype(w.dtype, mx.floating):
                 raise LlavaError(f"'{module}' of the base is quantized: LoRA merges into a float base model only")

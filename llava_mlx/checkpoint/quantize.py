@@ -25,7 +25,6 @@ from mlx.utils import tree_flatten, tree_map
 from ..errors import LlavaError
 from ..model import LlavaConfig, LlavaModel
 
-
 # (low, high) bits of each recipe `convert.py --quant-predicate` takes.
 RECIPES = {
     "mixed_2_6": (2, 6),
@@ -55,7 +54,9 @@ def module_params(block: dict, path: str) -> Optional[dict]:
     if entry is False:
         return None
     defaults = {"group_size": 64, "bits": 4, **{k: block[k] for k in ("group_size", "bits", "mode") if k in block}}
-    overrides = {k: v for k, v in entry.items() if k in ("group_size", "bits", "mode")} if isinstance(entry, dict) else {}
+    overrides = (
+        {k: v for k, v in entry.items() if k in ("group_size", "bits", "mode")} if isinstance(entry, dict) else {}
+    )
     return {**defaults, **overrides}
 
 
@@ -169,9 +170,7 @@ def existing_quantization(model: nn.Module, config: LlavaConfig) -> dict:
     group_size = config.quantization["group_size"]
     vision = any(p.startswith(VISION_PARTS) for p in modules)
     skipped = sorted(
-        p
-        for p, m in model.named_modules()
-        if p not in modules and quantize_choice(p, m, group_size, vision) == "skip"
+        p for p, m in model.named_modules() if p not in modules and quantize_choice(p, m, group_size, vision) == "skip"
     )
     block = {"group_size": group_size, "bits": config.quantization["bits"], "modules": modules, "skipped": skipped}
     return {**block, **recorded_entries(model, block)}

@@ -15,7 +15,6 @@ from ..validate import integer, number, path_argument
 from ..vision import ACTIVATIONS
 from .files import read_json
 
-
 ASPECT_RATIOS = ("pad", "anyres", "square")
 
 ANYRES_MAX = re.compile(r"anyres_max_[1-9][0-9]*")  # LLaVA-OneVision: anyres, then at most N tiles' worth
@@ -66,7 +65,9 @@ def pinpoints(value, where: str):
         try:
             return ast.literal_eval(value)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            raise LlavaError(f"image_grid_pinpoints in {where} is not a list of [width, height]: {value[:60]!r}") from None
+            raise LlavaError(
+                f"image_grid_pinpoints in {where} is not a list of [width, height]: {value[:60]!r}"
+            ) from None
     return value
 
 
@@ -102,20 +103,40 @@ def _positive(config: dict, keys, where: str):
 def model_config(config, where: str):
     """The normalised LlavaConfig describes a model that can be built and run."""
     t, v = config.text_config, config.vision_config
-    text_sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "max_position_embeddings")
+    text_sizes = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+    )
     _positive(t, text_sizes, f"{where}: text")
     if t.get("head_dim") is not None:
         _positive(t, ("head_dim",), f"{where}: text")
     elif t["hidden_size"] % t["num_attention_heads"]:
-        raise LlavaError(f"{where}: text hidden_size {t['hidden_size']} is not a multiple of its {t['num_attention_heads']} heads")
+        raise LlavaError(
+            f"{where}: text hidden_size {t['hidden_size']} is not a multiple of its {t['num_attention_heads']} heads"
+        )
     if t["num_attention_heads"] % t["num_key_value_heads"]:
         raise LlavaError(f"{where}: text num_attention_heads is not a multiple of num_key_value_heads")
     for key in ("rms_norm_eps", "rope_theta"):
         if number(t[key], f"{where}: text {key}") <= 0:
             raise LlavaError(f"{where}: text {key} must be positive, not {t[key]}")
-    _positive(v, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                  "patch_size", "num_channels"), f"{where}: vision")
+    _positive(
+        v,
+        (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
+            "num_channels",
+        ),
+        f"{where}: vision",
+    )
     if v["hidden_size"] % v["num_attention_heads"]:
         raise LlavaError(f"{where}: vision hidden_size {v['hidden_size']} is not a multiple of its heads")
     if v["patch_size"] > v["image_size"]:  # any other size works: the convolution drops what is left over
@@ -154,7 +175,10 @@ def grid(points, tile: int, where: str):
         ok = ok and isinstance(p, (list, tuple)) and len(p) == 2
         ok = ok and all(isinstance(s, Integral) and not isinstance(s, bool) and s > 0 and s % tile == 0 for s in p)
     if not ok:
-        raise LlavaError(f"{where}: image_grid_pinpoints must be [width, height] pairs of multiples of {tile}, not {str(points)[:60]}")
+        raise LlavaError(
+            f"{where}: image_grid_pinpoints must be [width, height] pairs of multiples of {tile}, "
+            f"not {str(points)[:60]}"
+        )
 
 
 def image_settings(settings: dict, where: str) -> dict:

@@ -44,5 +44,3 @@ def command(main):
                 signal.signal(s, handler)
 
     return run
-
-

@@ -18,8 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-base", help="base model of a LoRA, projector-only or --delta checkpoint")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder (linears, lm_head, embeddings)")
-    p.add_argument("--q-bits", type=int, choices=QUANT_BITS, default=None, help=f"bits per weight (none: {DEFAULT_BITS})")
-    p.add_argument("--q-group-size", type=int, choices=GROUP_SIZES, default=None, help=f"weights per quantization group (none: {DEFAULT_GROUP_SIZE})")
+    p.add_argument(
+        "--q-bits", type=int, choices=QUANT_BITS, default=None, help=f"bits per weight (none: {DEFAULT_BITS})"
+    )
+    p.add_argument(
+        "--q-group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=None,
+        help=f"weights per quantization group (none: {DEFAULT_GROUP_SIZE})",
+    )
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the float parameters (none: as stored)")
     p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision tower and the projector")
     p.add_argument(

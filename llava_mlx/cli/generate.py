@@ -4,9 +4,10 @@ import argparse
 import sys
 from typing import Optional
 
-from .. import distributed, validate
+from .. import validate
 from ..cache import SessionCache
 from ..checkpoint.load import load
+from ..distributed.group import is_main, label
 from ..errors import LlavaError
 from ..generation import (
     DEFAULT_MAX_TOKENS,
@@ -18,7 +19,6 @@ from ..generation import (
 )
 from ..video import DEFAULT_NUM_FRAMES
 from . import command
-
 
 DEFAULT_MODEL = "mlx-community/llava-v1.6-mistral-7b-4bit"
 
@@ -37,20 +37,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--image", nargs="+", default=[], help="image path(s) or http(s) URL(s)")
     p.add_argument("--video", nargs="+", default=[], help="video file(s) (LLaVA-OneVision, LLaVA-NeXT-Video)")
-    p.add_argument("--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled uniformly from each video")
+    p.add_argument(
+        "--num-frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled uniformly from each video"
+    )
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (with --no-template, the raw prompt)")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens to generate at most (-1: up to the context length)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="tokens to generate at most (-1: up to the context length)",
+    )
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling: keep the smallest set of tokens whose probability reaches this (1: off)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=DEFAULT_TOP_P,
+        help="nucleus sampling: keep the smallest set of tokens whose probability reaches this (1: off)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (none: a fresh one each run)")
     p.add_argument("--system", default=None, help="system prompt (replaces the template's)")
     p.add_argument("--no-template", action="store_true", help="use --prompt as written, <image> placeholders included")
-    p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout, which ships none)")
-    p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only --model (path or repo id)")
+    p.add_argument(
+        "--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout, which ships none)"
+    )
+    p.add_argument(
+        "--model-base", default=None, help="base model of a LoRA or projector-only --model (path or repo id)"
+    )
     p.add_argument("--chat", action="store_true", help="after --prompt (if given), read more questions from stdin")
-    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP, help="positions prefilled per step (bounds prefill memory)")
-    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache to this many bits (none: float)")
-    p.add_argument("--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions (none: unbounded)")
+    p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=DEFAULT_PREFILL_STEP,
+        help="positions prefilled per step (bounds prefill memory)",
+    )
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(4, 8),
+        default=None,
+        help="quantize the KV cache to this many bits (none: float)",
+    )
+    p.add_argument(
+        "--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions (none: unbounded)"
+    )
     p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- (not tensor-) parallel")
     return p
 
@@ -92,12 +121,16 @@ def main(argv=None) -> int:
         num_frames=args.num_frames,
     )
     first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
-    validate.generation_options(**{k: v for k, v in options.items() if k not in ("template", "system", "videos", "num_frames")})
+    validate.generation_options(
+        **{k: v for k, v in options.items() if k not in ("template", "system", "videos", "num_frames")}
+    )
     if first is not None:
         validate.prompt(first)
-    model, processor = load(args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline)
+    model, processor = load(
+        args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline
+    )
     cache, history, response = SessionCache(), [], None
-    shown = distributed.is_main(model)  # under mlx.launch the answer is printed once
+    shown = is_main(model)  # under mlx.launch the answer is printed once
     for question in chat_questions(first, args.chat):
         # The images belong to the first turn; later turns only prefill their new text.
         answer = []
@@ -110,7 +143,7 @@ def main(argv=None) -> int:
         if shown:
             print(flush=True)
         history.append((question, "".join(answer).strip()))
-        report(response, distributed.label(model))
+        report(response, label(model))
     return 0
 
 

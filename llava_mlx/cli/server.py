@@ -17,8 +17,8 @@ import threading
 from functools import partial
 from pathlib import Path
 
-from ..distributed import label, launched
 from ..checkpoint.load import load
+from ..distributed.group import label, launched
 from ..errors import LlavaError
 from ..server.batching import BatchScheduler
 from ..server.engine import Engine, EngineOptions
@@ -39,22 +39,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local checkpoint directory or Hugging Face repo id")
     p.add_argument("--vision-tower", default=None, help="CLIP tower path or repo id (original LLaVA-1.5 layout)")
     p.add_argument("--model-base", default=None, help="base model of a LoRA or projector-only checkpoint")
-    p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- instead of tensor-parallel decoder")
+    p.add_argument(
+        "--pipeline", action="store_true", help="under mlx.launch: pipeline- instead of tensor-parallel decoder"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (none: no key)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="default and largest max_tokens of a request")
     p.add_argument("--max-batch", type=int, default=o.max_batch, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=o.max_queue, help="requests waiting for a batch slot before 429")
-    p.add_argument("--prefill-step-size", type=int, default=o.prefill_step_size, help="positions prefilled per step (a running answer waits at most one step)")
-    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache (requests are then served one at a time)")
-    p.add_argument("--prompt-cache-bytes", type=int, default=o.prompt_cache_bytes, help="LRU prompt (KV) cache size; 0 disables it")
+    p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=o.prefill_step_size,
+        help="positions prefilled per step (a running answer waits at most one step)",
+    )
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(4, 8),
+        default=None,
+        help="quantize the KV cache (requests are then served one at a time)",
+    )
+    p.add_argument(
+        "--prompt-cache-bytes", type=int, default=o.prompt_cache_bytes, help="LRU prompt (KV) cache size; 0 disables it"
+    )
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height of one image")
-    p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / (1 << 20), help="request body (and image URL download) size")
-    p.add_argument("--image-url-timeout", type=float, default=d.image_url_timeout, help="seconds to download one image URL")
-    p.add_argument("--allowed-origins", nargs="*", default=[], help="web origins allowed to call the API (CORS), or '*'")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="server log verbosity (stderr)")
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=d.max_body_bytes / (1 << 20),
+        help="request body (and image URL download) size",
+    )
+    p.add_argument(
+        "--image-url-timeout", type=float, default=d.image_url_timeout, help="seconds to download one image URL"
+    )
+    p.add_argument(
+        "--allowed-origins", nargs="*", default=[], help="web origins allowed to call the API (CORS), or '*'"
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="server log verbosity (stderr)",
+    )
     return p
 
 
@@ -68,7 +97,9 @@ def main(argv=None) -> int:
         parser.error("--max-body-mb and --image-url-timeout must be positive, --prompt-cache-bytes not negative")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    options = EngineOptions(args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes, kv_bits=args.kv_bits)
+    options = EngineOptions(
+        args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes, kv_bits=args.kv_bits
+    )
     # mlx-lm's BatchGenerator cannot batch quantized KV caches: one request at a time, as mlx-lm's server does.
     scheduler = SerialScheduler if args.kv_bits else BatchScheduler
     coordinator = None
@@ -77,9 +108,17 @@ def main(argv=None) -> int:
             print("error: --kv-bits cannot be served over several ranks (mlx.launch); leave it out", file=sys.stderr)
             return 2
         coordinator = LockstepCoordinator()
-    load_model = partial(load, args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline)
+    load_model = partial(
+        load, args.model, vision_tower=args.vision_tower, model_base=args.model_base, pipeline=args.pipeline
+    )
     engine = Engine(load_model, options, scheduler, coordinator)
-    limits = Limits(args.max_tokens, args.max_images, args.max_image_pixels, int(args.max_body_mb * (1 << 20)), args.image_url_timeout)
+    limits = Limits(
+        args.max_tokens,
+        args.max_images,
+        args.max_image_pixels,
+        int(args.max_body_mb * (1 << 20)),
+        args.image_url_timeout,
+    )
     try:
         engine.start()
     except LlavaError as e:
@@ -100,7 +139,10 @@ def main(argv=None) -> int:
     host, port = httpd.server_address[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
-    print(f"llava-mlx: serving {app.model_id} on http://{host}:{port} (chat page /, API /v1)", file=sys.stderr, flush=True)
+    print(
+        f"llava-mlx: serving {app.model_id} on http://{host}:{port} (chat page /, API /v1)", file=sys.stderr, flush=True
+    )
+
     def terminated(signum, frame):  # the engine stops at its next step; the listener within 0.5 s
         engine.stopping.set()
         threading.Thread(target=httpd.shutdown, daemon=True).start()
@@ -155,6 +197,9 @@ def follow(engine: Engine) -> int:
     engine.thread.join()
     engine.stop()
     if engine.failure or not engine.coordinator.halted:
-        print(f"error: {me}{engine.failure or 'the engine stopped before rank 0 told it to'}; restart the whole launch", file=sys.stderr)
+        print(
+            f"error: {me}{engine.failure or 'the engine stopped before rank 0 told it to'}; restart the whole launch",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -54,7 +54,9 @@ class BatchScheduler:
         self.generator = self._new_generator()
         tokenizer = engine.processor.tokenizer
         self.padded_vocab = engine.model.config.text_config["vocab_size"]
-        self.greedy = vocabulary_sampler(make_sampler(0.0), tokenizer.vocab_size, self.padded_vocab, tokenizer.eos_token_ids)
+        self.greedy = vocabulary_sampler(
+            make_sampler(0.0), tokenizer.vocab_size, self.padded_vocab, tokenizer.eos_token_ids
+        )
 
     def release(self):
         self.generator = None

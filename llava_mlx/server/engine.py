@@ -124,8 +124,16 @@ class Engine:
         self.prompt_cache = PromptCache(options.prompt_cache_bytes)
         self.waiting: deque = deque()
         self.worked_since_idle = False  # MLX's buffer cache is given back once idle
-        self.counters = dict(requests=0, finished=0, cancelled=0, failed=0, decode_steps=0, batched_steps=0,
-                             max_batch=0, generated_tokens=0)
+        self.counters = dict(
+            requests=0,
+            finished=0,
+            cancelled=0,
+            failed=0,
+            decode_steps=0,
+            batched_steps=0,
+            max_batch=0,
+            generated_tokens=0,
+        )
         self.memory = dict(peak_memory_gb=0.0, active_memory_gb=0.0)
         self.scheduler = scheduler_type(self)
         self.thread = threading.Thread(target=self._run, name="llava-engine", daemon=True)
@@ -147,7 +155,9 @@ class Engine:
             if self.closed or not self.thread.is_alive():
                 raise ApiError(503, self.closed or "the generation engine has stopped; restart the server")
             if self.inbox.qsize() + len(self.waiting) >= self.options.max_queue:
-                raise ApiError(429, f"the server is busy: {self.options.max_queue} requests are already waiting (--max-queue)")
+                raise ApiError(
+                    429, f"the server is busy: {self.options.max_queue} requests are already waiting (--max-queue)"
+                )
             self.counters["requests"] += 1
             self.inbox.put(job)
 
@@ -204,7 +214,11 @@ class Engine:
         except Exception as e:
             self.failure = self.coordinator.failed(e)
         finally:
-            self._close(f"the generation engine stopped ({self.failure}); restart the server" if self.failure else "the server is shutting down")
+            self._close(
+                f"the generation engine stopped ({self.failure}); restart the server"
+                if self.failure
+                else "the server is shutting down"
+            )
         if self.failure is None:
             self.coordinator.finish(self)
 

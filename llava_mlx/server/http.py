@@ -161,7 +161,11 @@ class Handler(BaseHTTPRequestHandler):
         if size > limit:
             self.close_connection = True
             self._drain(min(size, DRAIN_LIMIT))
-            raise ApiError(413, f"the request body is {size:,} bytes, over the limit of {limit:,} (--max-body-mb)", code="request_too_large")
+            raise ApiError(
+                413,
+                f"the request body is {size:,} bytes, over the limit of {limit:,} (--max-body-mb)",
+                code="request_too_large",
+            )
         data = self.rfile.read(size)
         if len(data) < size:
             self.close_connection = True
@@ -179,7 +183,11 @@ class Handler(BaseHTTPRequestHandler):
         app = self.app
         if not app.slots.acquire(blocking=False):  # bounds the requests held in memory at once
             self.close_connection = True
-            raise ApiError(429, f"the server is busy: {app.engine.options.max_batch + app.engine.options.max_queue} requests are in progress (--max-batch + --max-queue)")
+            raise ApiError(
+                429,
+                f"the server is busy: {app.engine.options.max_batch + app.engine.options.max_queue} requests "
+                "are in progress (--max-batch + --max-queue)",
+            )
         try:
             self._run_chat()
         finally:
@@ -247,7 +255,9 @@ class Handler(BaseHTTPRequestHandler):
 
         def send(delta=None, finish=None, usage=None, choices=True):
             chunk = dict(envelope)
-            chunk["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}] if choices else []
+            chunk["choices"] = (
+                [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}] if choices else []
+            )
             if job.chat.include_usage:
                 chunk["usage"] = usage
             self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -317,7 +327,12 @@ class App:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "llava-mlx"}
 
     def envelope(self, kind: str) -> dict:
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()), "model": self.model_id}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.model_id,
+        }
 
 
 class Server(ThreadingHTTPServer):

@@ -15,7 +15,8 @@ import dataclasses
 import logging
 import random
 
-from ..distributed import check_ranks, group_of, settle, share_object, shared_features
+from ..distributed.group import group_of, settle
+from ..distributed.share import check_ranks, share_object, shared_features
 from ..errors import LlavaError
 from .engine import Changes, Job, LocalCoordinator
 from .request import Prompt
@@ -39,7 +40,10 @@ class LockstepCoordinator(LocalCoordinator):
         model = engine.model
         self.group = group_of(model)
         if self.group is None:
-            raise LlavaError("launched as one rank of several, but this process is the only one: run it under mlx.launch with -n 2 or more")
+            raise LlavaError(
+                "launched as one rank of several, but this process is the only one: "
+                "run it under mlx.launch with -n 2 or more"
+            )
         self.main = self.group.rank() == 0
         if not self.main:
             self.idle_wait = 0  # a follower waits in the exchange instead

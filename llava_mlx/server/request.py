@@ -136,7 +136,9 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name, limits.max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(400, f"'{name}' is {max_tokens}: it must be between 1 and {limits.max_tokens} (--max-tokens)", name)
+        raise ApiError(
+            400, f"'{name}' is {max_tokens}: it must be between 1 and {limits.max_tokens} (--max-tokens)", name
+        )
     seed = _integer(body, "seed")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
@@ -215,7 +217,9 @@ def parse_messages(messages, limits: Limits):
             system = text
         elif role == "user":
             if turns and turns[-1][1] is None:
-                raise ApiError(400, f"{where}: two user messages in a row (merge them, or add the assistant's answer)", "messages")
+                raise ApiError(
+                    400, f"{where}: two user messages in a row (merge them, or add the assistant's answer)", "messages"
+                )
             turns.append((text, None))
             counts.append(len(images))
             urls.extend(images)
@@ -243,7 +247,11 @@ def image_bytes(where: str, url: str, limits: Limits) -> bytes:
             raise ApiError(400, f"{where}: the image's base64 data is invalid", "messages") from None
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise ApiError(400, f"{where}: image URL scheme {scheme or 'none'!r} is not allowed (use https:// or a data: URI)", "messages")
+        raise ApiError(
+            400,
+            f"{where}: image URL scheme {scheme or 'none'!r} is not allowed (use https:// or a data: URI)",
+            "messages",
+        )
     return download(where, url, limits)
 
 
@@ -262,13 +270,17 @@ def decode_image(where: str, data: bytes, limits: Limits) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ApiError(400, f"{where}: the image has more than {limits.max_image_pixels:,} pixels (--max-image-pixels)", "messages") from None
+        raise ApiError(
+            400, f"{where}: the image has more than {limits.max_image_pixels:,} pixels (--max-image-pixels)", "messages"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ApiError(400, f"{where}: not an image, or a corrupt one", "messages") from None
     width, height = image.size
     limit = min(limits.max_image_pixels, MAX_PIXELS)
     if width * height > limit:
-        raise ApiError(400, f"{where}: the image is {width}x{height}, more than {limit:,} pixels (--max-image-pixels)", "messages")
+        raise ApiError(
+            400, f"{where}: the image is {width}x{height}, more than {limit:,} pixels (--max-image-pixels)", "messages"
+        )
     try:
         return load_image(image)
     except LlavaError as e:

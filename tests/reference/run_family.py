@@ -18,6 +18,7 @@ shortest edge then centre crop; BICUBIC, rescale, normalise), given to the model
 Returns numpy arrays: input_ids (T,) expanded, logits (T, vocab), greedy (new_tokens,),
 image_token_counts, video_token_counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,7 +94,7 @@ def preprocess_video(frames: np.ndarray, config: dict) -> np.ndarray:
         if config.get("do_center_crop"):
             ch, cw = config["crop_size"]["height"], config["crop_size"]["width"]
             top, left = (pixels.shape[0] - ch) // 2, (pixels.shape[1] - cw) // 2
-            pixels = pixels[top:top + ch, left:left + cw]
+            pixels = pixels[top : top + ch, left : left + cw]
         pixels = pixels * config["rescale_factor"]
         pixels = (pixels - np.array(config["image_mean"])) / np.array(config["image_std"])
         out.append(pixels.astype(np.float32).transpose(2, 0, 1))
@@ -127,8 +128,9 @@ def family_reference(ckpt_dir, prompt: str, image_paths=(), videos=(), new_token
             kwargs["batch_num_images"] = processed["batch_num_images"]
     if len(videos):
         pixel_videos = [preprocess_video(v, video_config) for v in videos]
-        replacements = [proc.replace_video_token({"pixel_values_videos": pixel_videos}, video_idx=i)
-                        for i in range(len(videos))]
+        replacements = [
+            proc.replace_video_token({"pixel_values_videos": pixel_videos}, video_idx=i) for i in range(len(videos))
+        ]
         video_counts = [len(r) // len(proc.video_token) for r in replacements]
         text = _expand(text, proc.video_token, replacements)
         kwargs["pixel_values_videos"] = torch.tensor(np.stack(pixel_videos))

@@ -34,6 +34,7 @@ hard-coded float16 (a thin proxy for the builder's `torch` module), device 'cpu'
 'llava-<dirname>' so that the builder's name checks ('llava' / 'mistral' in the name) pick the
 LLaVA classes as they do for liuhaotian/llava-v1.6-mistral-7b etc. Each checkpoint is loaded once.
 """
+
 import json
 import os
 import pathlib
@@ -46,14 +47,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import warnings
 
+import llava.model.builder as builder
 import numpy as np
 import torch
-from PIL import Image
-
-import llava.model.builder as builder
 from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import process_images, tokenizer_image_token
+from PIL import Image
 
 torch.set_grad_enabled(False)
 # llava's delayed CLIP load inside from_pretrained(low_cpu_mem_usage) prints one of these per tensor;
@@ -93,7 +93,8 @@ def load(checkpoint, model_base=None):
     if key not in _MODELS:
         name = "llava-" + os.path.basename(checkpoint.rstrip("/"))
         tokenizer, model, image_processor, _ = _float32(
-            builder, builder.load_pretrained_model, checkpoint, model_base, name, device_map="cpu", device="cpu")
+            builder, builder.load_pretrained_model, checkpoint, model_base, name, device_map="cpu", device="cpu"
+        )
         model.eval()
         for p in model.parameters():
             assert p.dtype == torch.float32, p.dtype
@@ -145,12 +146,18 @@ def run_job(job, out_dir):
             images_tensor = images_tensor.to(dtype=torch.float32)
 
     _, position_ids, attention_mask, past, inputs_embeds, _ = model.prepare_inputs_labels_for_multimodal(
-        input_ids, None, None, None, None, images_tensor, image_sizes=image_sizes)
+        input_ids, None, None, None, None, images_tensor, image_sizes=image_sizes
+    )
     if inputs_embeds is None:  # no image: plain text
         inputs_embeds = model.get_model().embed_tokens(input_ids)
 
-    out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, return_dict=True)
+    out = model(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        return_dict=True,
+    )
     logits = out.logits[0].float().numpy()
     pkv = out.past_key_values
     greedy, gaps = [], []
@@ -175,8 +182,9 @@ def run_job(job, out_dir):
         one = per_image[i]
         one = [one] if (isinstance(images_tensor, list) or one.ndim == 4) else one.unsqueeze(0)
         ids = torch.tensor([[tokenizer.bos_token_id, IMAGE_TOKEN_INDEX]])
-        emb = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, one,
-                                                         image_sizes=[image_sizes[i]])[4]
+        emb = model.prepare_inputs_labels_for_multimodal(
+            ids, None, None, None, None, one, image_sizes=[image_sizes[i]]
+        )[4]
         counts.append(emb.shape[1] - 1)
 
     res = {
@@ -215,8 +223,11 @@ def main(argv):
         current = ck
         res = run_job(job, out_dir)
         np.savez(out_dir / f"{job['name']}.npz", **res)
-        print(f"{job['name']}: L={res['logits'].shape[0]} image_tokens={res['image_token_counts'].tolist()} "
-              f"crops={res['num_crops'].tolist()} greedy={res['greedy'].tolist()}", flush=True)
+        print(
+            f"{job['name']}: L={res['logits'].shape[0]} image_tokens={res['image_token_counts'].tolist()} "
+            f"crops={res['num_crops'].tolist()} greedy={res['greedy'].tolist()}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ hf_logits_from_inputs(ckpt_dir, input_ids, pixel_values, image_sizes=None) -> np
     to the number of image tokens transformers computes for that image.
 Models and processors are cached per path.
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,12 @@ def _is_next(model):
 def _count_tokens(processor, model, image_sizes_hw):
     """Image positions transformers gives each image ((h, w) sizes of the original images)."""
     if _is_next(model):
-        return [int(n) for n in
-                processor._get_num_multimodal_tokens(image_sizes=[list(s) for s in image_sizes_hw]).num_image_tokens]
+        return [
+            int(n)
+            for n in processor._get_num_multimodal_tokens(
+                image_sizes=[list(s) for s in image_sizes_hw]
+            ).num_image_tokens
+        ]
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     if model.config.vision_feature_select_strategy == "full":
         n += 1
@@ -97,10 +102,16 @@ def hf_end_to_end(ckpt_dir, prompt_with_image_tokens: str, image_paths, new_toke
         greedy = _greedy(model, out, new_tokens)
     ids = inputs["input_ids"][0].numpy().astype(np.int64)
     image_sizes = inputs.get("image_sizes")
-    sizes_hw = ([tuple(int(v) for v in s) for s in image_sizes] if image_sizes is not None
-                else [(im.height, im.width) for im in images])
+    sizes_hw = (
+        [tuple(int(v) for v in s) for s in image_sizes]
+        if image_sizes is not None
+        else [(im.height, im.width) for im in images]
+    )
     counts = _count_tokens(processor, model, sizes_hw) if images else []
-    assert sum(counts) == int((ids == _image_token_id(model)).sum()), (counts, int((ids == _image_token_id(model)).sum()))
+    assert sum(counts) == int((ids == _image_token_id(model)).sum()), (
+        counts,
+        int((ids == _image_token_id(model)).sum()),
+    )
     return {
         "prompt": prompt_with_image_tokens,
         "input_ids": ids,

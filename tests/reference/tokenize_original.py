@@ -19,7 +19,11 @@ def main(checkpoint, strings_file):
         strings = json.load(f)
     with open(f"{checkpoint}/config.json", encoding="utf-8") as f:
         mistral = "mistral" in json.load(f).get("model_type", "")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint) if mistral else AutoTokenizer.from_pretrained(checkpoint, use_fast=False)
+    tokenizer = (
+        AutoTokenizer.from_pretrained(checkpoint)
+        if mistral
+        else AutoTokenizer.from_pretrained(checkpoint, use_fast=False)
+    )
     print(json.dumps([tokenizer(s).input_ids for s in strings]))
 
 

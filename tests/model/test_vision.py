@@ -40,10 +40,23 @@ def test_validation_checks_what_the_code_needs():
     from llava_mlx.checkpoint.validate import model_config
     from llava_mlx.model import LlavaConfig
 
-    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "vocab_size": 100, "model_type": "qwen2"}
-    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": 384, "patch_size": 14}
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+        "model_type": "qwen2",
+    }
+    vision = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 384,
+        "patch_size": 14,
+    }
     model_config(LlavaConfig(text, vision, vision_model_type="siglip"), "so400m")  # 384 / 14: accepted
     with pytest.raises(LlavaError, match="patch_size 400 is larger than image_size 384"):
         model_config(LlavaConfig(text, {**vision, "patch_size": 400}, vision_model_type="siglip"), "bad")

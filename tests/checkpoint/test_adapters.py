@@ -17,13 +17,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 from fixtures.build_adapters import build_adapters
+from helpers import expect_error
+from reference.original import QUESTION, REFERENCE_PYTHON, check_case, run_original
+
 from llava_mlx import LlavaError, convert, load
 from llava_mlx.checkpoint.lora import is_target, scaling
 from llava_mlx.generation import generate
-from test_parity_original import QUESTION, REFERENCE_PYTHON, check_case, run_original
 
 BASE = "base-vicuna"
 # name -> (checkpoint, image, what the reference does with it)
@@ -69,7 +70,9 @@ def check(model, processor, ref, image):
     prompt = processor.apply_template(QUESTION, 1)
     check_case(model, processor, ref, [image], prompt)
     logits = np.asarray(model(**processor(prompt, [image]))[0])[:, : ref["logits"].shape[-1]]
-    print(f"max |diff| {np.abs(logits - ref['logits']).max() / np.abs(ref['logits']).max():.2e} of max |logit|", end=" ")
+    print(
+        f"max |diff| {np.abs(logits - ref['logits']).max() / np.abs(ref['logits']).max():.2e} of max |logit|", end=" "
+    )
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("delta")])
@@ -107,10 +110,25 @@ def streamed_text(processor, tokens) -> str:
 def test_generate_cli_matches_the_original_builder(case, adapters, original_builder, images):
     checkpoint, image, _ = CASES[case]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "generate.py"), "--model", str(adapters[checkpoint]),
-         "--model-base", str(adapters[BASE]), "--image", str(images[image]), "--prompt", QUESTION,
-         "--max-tokens", "16"],
-        capture_output=True, text=True, cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "generate.py"),
+            "--model",
+            str(adapters[checkpoint]),
+            "--model-base",
+            str(adapters[BASE]),
+            "--image",
+            str(images[image]),
+            "--prompt",
+            QUESTION,
+            "--max-tokens",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     greedy = original_builder[case]["greedy"].tolist()
@@ -154,7 +172,9 @@ def merged(adapters, tmp_path_factory):
                 argv = ["--delta", str(adapters[checkpoint]), "--model-base", str(adapters[BASE]), "--out", str(out)]
                 assert main(argv + ["--dtype", "float32"]) == 0
             else:
-                convert(str(adapters[checkpoint]), str(out), model_base=str(adapters[BASE]), dtype="float32", progress=False)
+                convert(
+                    str(adapters[checkpoint]), str(out), model_base=str(adapters[BASE]), dtype="float32", progress=False
+                )
             cache[case] = out
         return cache[case]
 
@@ -182,8 +202,14 @@ def test_merged_then_quantized(adapters, merged, original_builder, images, tmp_p
     """-q quantizes the merged weights (the LoRA update is in them), and the answer stays close."""
     import mlx.core as mx
 
-    out = convert(str(adapters["lora-v1.5-vicuna"]), str(tmp_path / "q8"), model_base=str(adapters[BASE]),
-                  quantize=True, q_bits=8, progress=False)
+    out = convert(
+        str(adapters["lora-v1.5-vicuna"]),
+        str(tmp_path / "q8"),
+        model_base=str(adapters[BASE]),
+        quantize=True,
+        q_bits=8,
+        progress=False,
+    )
     model, processor = load(str(out))
     float_model, _ = load(str(merged("lora-v1.5")))
     base, _ = load(str(adapters["proj-v1.5-vicuna"]), model_base=str(adapters[BASE]))  # no LoRA
@@ -205,12 +231,6 @@ def test_merged_then_quantized(adapters, merged, original_builder, images, tmp_p
 
 
 # -- bad input: one clear line ----------------------------------------------------------------
-def expect_cli_error(capsys, main, argv, fragment):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 1
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and fragment in err, err
 
 
 def test_bad_input(adapters, checkpoints, images, tmp_path, capsys):
@@ -230,22 +250,38 @@ def test_bad_input(adapters, checkpoints, images, tmp_path, capsys):
     torch.save(tensors, extra / "adapter_model.bin")
     cases = [
         (generate_main, ["--model", lora, *ask], "is a LoRA adapter (adapter_config.json): pass --model-base"),
-        (generate_main, ["--model", proj, *ask], "is a projector-only checkpoint (mm_projector weights): pass --model-base"),
+        (
+            generate_main,
+            ["--model", proj, *ask],
+            "is a projector-only checkpoint (mm_projector weights): pass --model-base",
+        ),
         (generate_main, ["--model", lora, "--model-base", mistral, *ask], "the base model does not fit this adapter"),
         (generate_main, ["--model", proj, "--model-base", mistral, *ask], f"the base model {mistral} does not fit"),
-        (generate_main, ["--model", str(extra), "--model-base", base, *ask],
-         "LoRA weights for 'model.layers.7.self_attn.q_proj', which this model does not have"),
+        (
+            generate_main,
+            ["--model", str(extra), "--model-base", base, *ask],
+            "LoRA weights for 'model.layers.7.self_attn.q_proj', which this model does not have",
+        ),
         (generate_main, ["--model", mistral, "--model-base", base, *ask], "is a full checkpoint: --model-base is for"),
-        (generate_main, ["--model", lora, "--model-base", "lmsys/vicuna-7b-v1.5", *ask],
-         "cannot download model base 'lmsys/vicuna-7b-v1.5' (HF_HUB_OFFLINE is set)"),
-        (convert_main, ["--delta", str(adapters["delta-v1.5-vicuna"]), "--out", str(tmp_path / "o1")],
-         "--delta needs --model-base"),
-        (convert_main, ["--delta", str(adapters["delta-v1.5-vicuna"]), "--model-base", mistral, "--out",
-                        str(tmp_path / "o2")], "the base model does not fit these delta weights"),
+        (
+            generate_main,
+            ["--model", lora, "--model-base", "lmsys/vicuna-7b-v1.5", *ask],
+            "cannot download model base 'lmsys/vicuna-7b-v1.5' (HF_HUB_OFFLINE is set)",
+        ),
+        (
+            convert_main,
+            ["--delta", str(adapters["delta-v1.5-vicuna"]), "--out", str(tmp_path / "o1")],
+            "--delta needs --model-base",
+        ),
+        (
+            convert_main,
+            ["--delta", str(adapters["delta-v1.5-vicuna"]), "--model-base", mistral, "--out", str(tmp_path / "o2")],
+            "the base model does not fit these delta weights",
+        ),
         (convert_main, ["--model", lora, "--out", str(tmp_path / "o3")], "is a LoRA adapter"),
     ]
     for main, argv, fragment in cases:
-        expect_cli_error(capsys, main, argv, fragment)
+        expect_error(capsys, main, argv, fragment)
     assert not any(p.name.startswith(("o1", "o2", "o3", ".o")) for p in tmp_path.iterdir())
 
 
@@ -289,4 +325,6 @@ def test_lora_outside_target_modules_is_left_out_with_a_warning(adapters, origin
     base, _ = load(str(adapters["proj-v1.5-vicuna"]), model_base=str(adapters[BASE]))  # same projector, no LoRA
     layer = lambda m: m.language_model.model.layers[0]  # noqa: E731
     assert np.array_equal(np.asarray(layer(model).mlp.up_proj.weight), np.asarray(layer(base).mlp.up_proj.weight))
-    assert np.array_equal(np.asarray(layer(model).self_attn.q_proj.weight), np.asarray(layer(full).self_attn.q_proj.weight))
+    assert np.array_equal(
+        np.asarray(layer(model).self_attn.q_proj.weight), np.asarray(layer(full).self_attn.q_proj.weight)
+    )

@@ -14,17 +14,15 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
 import pytest
-
 from conftest import ROOT, SERVER_ARGS, SERVER_MODEL
-from serving import start_server
-from test_distributed import LAUNCH, environment, free_port_pair
-from test_server import ask, client, disconnect_twice, reference, user
+from helpers import LAUNCH, environment, free_port_pair
+from serving import ask, client, disconnect_twice, reference, start_server, user
 
 STOP_TIMEOUT = 60
 
@@ -127,8 +125,12 @@ def ranks_by_hand(checkpoints, tmp_path):
     model, log = str(checkpoints[SERVER_MODEL]), tmp_path / "rank1.log"
     with open(log, "w") as out:
         follower = subprocess.Popen(
-            [sys.executable, "server.py", "--model", model, "--port", "0"], stdout=subprocess.DEVNULL, stderr=out,
-            cwd=ROOT, env=environment(MLX_RANK="1", MLX_HOSTFILE=str(hostfile)), start_new_session=True,
+            [sys.executable, "server.py", "--model", model, "--port", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            cwd=ROOT,
+            env=environment(MLX_RANK="1", MLX_HOSTFILE=str(hostfile)),
+            start_new_session=True,
         )
     main = None
     try:
@@ -194,7 +196,9 @@ def test_a_rank_killed_mid_answer_fails_the_answer_and_ends_the_launch(checkpoin
         with pytest.raises(openai.APIError) as failed:
             for chunk in chunks:  # 512 tokens take far longer than noticing the loss
                 assert chunk.choices[0].finish_reason is None
-        lost = re.fullmatch(r"the generation engine stopped \(lost a rank: .*\); restart the server", failed.value.message)
+        lost = re.fullmatch(
+            r"the generation engine stopped \(lost a rank: .*\); restart the server", failed.value.message
+        )
         assert lost or failed.value.message == "the server is shutting down", failed.value.message
         server.proc.wait(timeout=STOP_TIMEOUT)  # mlx.launch itself exits 0 whatever its ranks did
         assert not group_alive(server.proc.pid)

@@ -12,20 +12,28 @@ def test_bilinear_weights_by_hand():
     assert np.allclose(merge.bilinear_weights(4, 2), [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
     assert np.allclose(merge.bilinear_weights(3, 2), [[0.75, 0.25, 0], [0, 0.25, 0.75]])
     # 5 → ceil(5/2) = 3, OneVision's video pooling of an odd map (27 → 14 in the real model)
-    assert np.allclose(merge.bilinear_weights(5, 3), [[2 / 3, 1 / 3, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1 / 3, 2 / 3]])
+    assert np.allclose(
+        merge.bilinear_weights(5, 3), [[2 / 3, 1 / 3, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1 / 3, 2 / 3]]
+    )
     # upsampling clamps at both edges
     assert np.allclose(merge.bilinear_weights(2, 4), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
 
 
-@pytest.mark.parametrize("shape,size", [((7, 7), (4, 4)), ((40, 14), (35, 12)), ((27, 27), (14, 14)), ((9, 31), (5, 20))])
+@pytest.mark.parametrize(
+    "shape,size", [((7, 7), (4, 4)), ((40, 14), (35, 12)), ((27, 27), (14, 14)), ((9, 31), (5, 20))]
+)
 def test_resize_bilinear_matches_torch(shape, size):
     import torch
 
     grid = np.random.default_rng(0).standard_normal((*shape, 6)).astype(np.float32)
     ours = np.asarray(merge.resize_bilinear(mx.array(grid), *size))
-    theirs = torch.nn.functional.interpolate(
-        torch.tensor(grid).permute(2, 0, 1)[None], list(size), mode="bilinear", align_corners=False
-    )[0].permute(1, 2, 0).numpy()
+    theirs = (
+        torch.nn.functional.interpolate(
+            torch.tensor(grid).permute(2, 0, 1)[None], list(size), mode="bilinear", align_corners=False
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     assert np.abs(ours - theirs).max() < 1e-5
 
 

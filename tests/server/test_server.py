@@ -9,9 +9,9 @@ import io
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
-import struct
 import threading
 import time
 import zlib
@@ -19,41 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from PIL import Image
-
 from conftest import ROOT, SERVER_MODEL
+from helpers import free_port
+from PIL import Image
+from serving import TOKENS, ask, client, data_uri, disconnect_twice, reference, user
+
 from llava_mlx.cache import common_prefix, image_key, sequence_keys
-from llava_mlx.generation import stream_generate
 from llava_mlx.processor import load_image
 
-TOKENS = 16
 SIZES = ["square", "wide", "tall", "tiny", "odd1", "odd2"]  # six image sizes, six prompt lengths
-
-
-def data_uri(path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def user(question, *images):
-    parts = [{"type": "image_url", "image_url": {"url": data_uri(p)}} for p in images]
-    return {"role": "user", "content": parts + [{"type": "text", "text": question}]}
-
-
-def client(server, **kwargs):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
-
-
-def reference(loaded, question, images, history=(), max_tokens=TOKENS):
-    """generate()'s answer: (text, tokens with the EOS if it stopped, finish, prompt length)."""
-    model, processor = loaded(SERVER_MODEL)
-    steps = list(stream_generate(model, processor, question, images, max_tokens=max_tokens, history=history))
-    text = "".join(s.text for s in steps)
-    tokens = [s.token for s in steps[:-1]] + ([steps[-1].token] if steps[-1].finish_reason == "stop" else [])
-    return text, tokens, steps[-1].finish_reason, steps[-1].prompt_tokens
-
-
-def ask(server, messages, max_tokens=TOKENS, **kwargs):
-    return client(server).chat.completions.create(model="llava", messages=messages, max_tokens=max_tokens, **kwargs)
 
 
 def test_plain_answer_equals_generate(live_server, loaded, images):
@@ -69,7 +43,9 @@ def test_plain_answer_equals_generate(live_server, loaded, images):
 
 def test_streamed_answer_equals_generate(live_server, loaded, images):
     text, tokens, finish, length = reference(loaded, "Describe it.", [images["tall"]])
-    stream = ask(live_server, [user("Describe it.", images["tall"])], stream=True, stream_options={"include_usage": True})
+    stream = ask(
+        live_server, [user("Describe it.", images["tall"])], stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == text
@@ -126,7 +102,10 @@ def test_concurrent_requests_batch_and_equal_one_by_one(live_server, loaded, ima
     after = live_server.health()
     assert [r.choices[0].message.content for r in together] == alone
     for (i, name), r in zip(enumerate(SIZES), together):
-        assert r.choices[0].message.content == reference(loaded, f"Question {i}: what is this?", [images[name]], max_tokens=24)[0]
+        assert (
+            r.choices[0].message.content
+            == reference(loaded, f"Question {i}: what is this?", [images[name]], max_tokens=24)[0]
+        )
     tokens = sum(r.usage.completion_tokens for r in together)
     steps_alone = middle["decode_steps"] - before["decode_steps"]
     steps_together = after["decode_steps"] - middle["decode_steps"]
@@ -134,28 +113,10 @@ def test_concurrent_requests_batch_and_equal_one_by_one(live_server, loaded, ima
     assert steps_alone == tokens
     assert after["batched_steps"] > middle["batched_steps"] and after["max_batch"] > 1
     assert steps_together < tokens
-    print(f"6 requests: one by one {one_by_one:.2f} s, {steps_alone} decode steps; "
-          f"together {concurrent:.2f} s, {steps_together} steps; largest batch {after['max_batch']}")
-
-
-def disconnect_twice(server, image):
-    """Ask twice about `image` for 600 tokens, leaving a streamed and a plain request
-    early; the server's health (before, after both are no longer running)."""
-    before = server.health()
-    stream = ask(server, [user("A long story please.", image)], max_tokens=600, stream=True)
-    next(iter(stream))
-    stream.close()
-    with pytest.raises(openai.APITimeoutError):
-        # 600 tokens take over 1 s here even with the image cached: gone well before the end
-        client(server).with_options(timeout=0.4).chat.completions.create(
-            model="llava", messages=[user("Another long one.", image)], max_tokens=600)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        health = server.health()
-        if health["cancelled"] - before["cancelled"] >= 2 and health["running"] == 0:
-            break
-        time.sleep(0.2)
-    return before, health
+    print(
+        f"6 requests: one by one {one_by_one:.2f} s, {steps_alone} decode steps; "
+        f"together {concurrent:.2f} s, {steps_together} steps; largest batch {after['max_batch']}"
+    )
 
 
 def test_disconnect_cancels_the_request(live_server, images):
@@ -226,12 +187,6 @@ def image_host():
     server.shutdown()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png_uri(image) -> str:
     out = io.BytesIO()
     image.save(out, "PNG")
@@ -240,6 +195,7 @@ def png_uri(image) -> str:
 
 def bomb_png(width=30000, height=30000) -> bytes:
     """A valid PNG header claiming width x height: nothing is spent making it."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -248,7 +204,14 @@ def bomb_png(width=30000, height=30000) -> bytes:
 
 
 def image_message(url, text="What is it?"):
-    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]}
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}],
+            }
+        ]
+    }
 
 
 def bad_requests(images, image_host):
@@ -265,19 +228,44 @@ def bad_requests(images, image_host):
         "missing content": ({"messages": [{"role": "user"}]}, 400, "content"),
         "content wrong type": ({"messages": [{"role": "user", "content": 5}]}, 400, "content"),
         "unknown part": ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "'audio'"),
-        "text not a string": ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400, "text must be a string"),
+        "text not a string": (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+            400,
+            "text must be a string",
+        ),
         "image placeholder in text": ({"messages": [{"role": "user", "content": "see <image>"}]}, 400, "<image>"),
         "assistant first": ({"messages": [{"role": "assistant", "content": "x"}, text]}, 400, "must answer a user"),
         "two user messages": ({"messages": [text, text]}, 400, "two user messages"),
-        "system not first": ({"messages": [text, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}, text]}, 400, "only come first"),
+        "system not first": (
+            {"messages": [text, {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}, text]},
+            400,
+            "only come first",
+        ),
         "ends with assistant": ({"messages": [text, {"role": "assistant", "content": "a"}]}, 400, "last message"),
-        "image in assistant": ({"messages": [text, {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_uri(images["square"])}}]}, text]}, 400, "only user messages"),
+        "image in assistant": (
+            {
+                "messages": [
+                    text,
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "image_url", "image_url": {"url": data_uri(images["square"])}}],
+                    },
+                    text,
+                ]
+            },
+            400,
+            "only user messages",
+        ),
         "temperature wrong type": ({"messages": [text], "temperature": "hot"}, 400, "'temperature' must be a number"),
         "temperature out of range": ({"messages": [text], "temperature": 3}, 400, "'temperature' is 3"),
         "top_p zero": ({"messages": [text], "top_p": 0}, 400, "'top_p' is 0"),
         "max_tokens zero": ({"messages": [text], "max_tokens": 0}, 400, "'max_tokens' is 0"),
         "max_tokens over limit": ({"messages": [text], "max_tokens": 100000}, 400, "--max-tokens"),
-        "max_tokens float": ({"messages": [text], "max_completion_tokens": 1.5}, 400, "'max_completion_tokens' must be an integer"),
+        "max_tokens float": (
+            {"messages": [text], "max_completion_tokens": 1.5},
+            400,
+            "'max_completion_tokens' must be an integer",
+        ),
         "n=2": ({"messages": [text], "n": 2}, 400, "'n' is 2"),
         "seed wrong type": ({"messages": [text], "seed": "x"}, 400, "'seed' must be an integer"),
         "stop wrong type": ({"messages": [text], "stop": [1]}, 400, "'stop'"),
@@ -287,32 +275,103 @@ def bad_requests(images, image_host):
         "logprobs": ({"messages": [text], "logprobs": True}, 400, "'logprobs'"),
         "bad base64": (image_message("data:image/png;base64,!!!notbase64"), 400, "base64"),
         "data URI not an image type": (image_message("data:text/plain;base64,aGVsbG8="), 400, "data:image/"),
-        "not an image": (image_message("data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode()), 400, "not an image"),
-        "truncated image": (image_message("data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()), 400, "image"),
-        "unreachable URL": (image_message(f"http://127.0.0.1:{free_port()}/a.png"), 400, "cannot download the image URL"),
+        "not an image": (
+            image_message("data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode()),
+            400,
+            "not an image",
+        ),
+        "truncated image": (
+            image_message("data:image/png;base64," + base64.b64encode(png[: len(png) // 2]).decode()),
+            400,
+            "image",
+        ),
+        "unreachable URL": (
+            image_message(f"http://127.0.0.1:{free_port()}/a.png"),
+            400,
+            "cannot download the image URL",
+        ),
         "image URL 404": (image_message(image_host + "/missing"), 400, "HTTP 404"),
         "slow image URL": (image_message(image_host + "/slow"), 400, "within 2 s"),
         "redirect to the disk": (image_message(image_host + "/to-disk"), 400, "only http(s) URLs"),
         "file URL": (image_message("file:///etc/passwd"), 400, "scheme 'file' is not allowed"),
         "ftp URL": (image_message("ftp://example.com/a.png"), 400, "scheme 'ftp' is not allowed"),
         "no scheme": (image_message("/etc/passwd"), 400, "is not allowed"),
-        "too many images": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(images["tiny"])}}] * 4}]}, 400, "at most 3 per request"),
-        "over the pixel limit": (image_message(png_uri(Image.new("RGB", (2500, 1700)))), 400, "2500x1700, more than 4,000,000 pixels"),
-        "pixel bomb": (image_message("data:image/png;base64," + base64.b64encode(bomb_png()).decode()), 400, "more than 4,000,000 pixels"),
-        "over the context": ({"messages": [{"role": "user", "content": "word " * 5000}]}, 400, "and the context is 4096"),
+        "too many images": (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": data_uri(images["tiny"])}}] * 4,
+                    }
+                ]
+            },
+            400,
+            "at most 3 per request",
+        ),
+        "over the pixel limit": (
+            image_message(png_uri(Image.new("RGB", (2500, 1700)))),
+            400,
+            "2500x1700, more than 4,000,000 pixels",
+        ),
+        "pixel bomb": (
+            image_message("data:image/png;base64," + base64.b64encode(bomb_png()).decode()),
+            400,
+            "more than 4,000,000 pixels",
+        ),
+        "over the context": (
+            {"messages": [{"role": "user", "content": "word " * 5000}]},
+            400,
+            "and the context is 4096",
+        ),
     }
 
 
 BAD_CASES = [
-    "invalid JSON", "not an object", "missing messages", "messages not a list", "empty messages",
-    "message not an object", "unknown role", "missing content", "content wrong type", "unknown part",
-    "text not a string", "image placeholder in text", "assistant first", "two user messages",
-    "system not first", "ends with assistant", "image in assistant", "temperature wrong type",
-    "temperature out of range", "top_p zero", "max_tokens zero", "max_tokens over limit", "max_tokens float",
-    "n=2", "seed wrong type", "stop wrong type", "stream wrong type", "stream_options wrong type",
-    "model wrong type", "logprobs", "bad base64", "data URI not an image type", "not an image",
-    "truncated image", "unreachable URL", "image URL 404", "slow image URL", "redirect to the disk", "file URL", "ftp URL",
-    "no scheme", "too many images", "over the pixel limit", "pixel bomb", "over the context",
+    "invalid JSON",
+    "not an object",
+    "missing messages",
+    "messages not a list",
+    "empty messages",
+    "message not an object",
+    "unknown role",
+    "missing content",
+    "content wrong type",
+    "unknown part",
+    "text not a string",
+    "image placeholder in text",
+    "assistant first",
+    "two user messages",
+    "system not first",
+    "ends with assistant",
+    "image in assistant",
+    "temperature wrong type",
+    "temperature out of range",
+    "top_p zero",
+    "max_tokens zero",
+    "max_tokens over limit",
+    "max_tokens float",
+    "n=2",
+    "seed wrong type",
+    "stop wrong type",
+    "stream wrong type",
+    "stream_options wrong type",
+    "model wrong type",
+    "logprobs",
+    "bad base64",
+    "data URI not an image type",
+    "not an image",
+    "truncated image",
+    "unreachable URL",
+    "image URL 404",
+    "slow image URL",
+    "redirect to the disk",
+    "file URL",
+    "ftp URL",
+    "no scheme",
+    "too many images",
+    "over the pixel limit",
+    "pixel bomb",
+    "over the context",
 ]
 
 
@@ -337,7 +396,10 @@ def test_context_error_gives_the_numbers(live_server, bad):
 
 def test_openai_client_reads_the_errors(live_server, images):
     with pytest.raises(openai.BadRequestError, match="base64"):
-        ask(live_server, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}])
+        ask(
+            live_server,
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}],
+        )
     with pytest.raises(openai.NotFoundError):
         client(live_server).completions.create(model="llava", prompt="hi")  # /v1/completions: no such route
 
@@ -349,10 +411,17 @@ def test_body_size_route_and_method_errors(live_server):
     assert_openai_error(*raw(live_server, "GET", "/v1/chat/completions"), 405, "takes POST")
     assert_openai_error(*raw(live_server, "DELETE", "/v1/models"), 405, "takes GET")
     headers = {"Content-Type": "application/json", "Origin": "https://evil.example"}
-    assert_openai_error(*post(live_server, {"messages": [{"role": "user", "content": "hi"}]}, headers=headers), 403, "not allowed")
+    assert_openai_error(
+        *post(live_server, {"messages": [{"role": "user", "content": "hi"}]}, headers=headers), 403, "not allowed"
+    )
     status, body = raw(live_server, "GET", "/v1/models")
     assert status == 200 and body["data"][0]["object"] == "model"
-    status, body = raw(live_server, "POST", "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode())
+    status, body = raw(
+        live_server,
+        "POST",
+        "/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode(),
+    )
     assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
 
 
@@ -361,8 +430,20 @@ def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
     a SIGTERM while it answers."""
     from serving import start_server
 
-    server = start_server(checkpoints[SERVER_MODEL], tmp_path / "log", "--api-key", "s3cret", "--max-tokens", "400",
-                          "--max-batch", "1", "--max-queue", "1", "--allowed-origins", "https://app.example")
+    server = start_server(
+        checkpoints[SERVER_MODEL],
+        tmp_path / "log",
+        "--api-key",
+        "s3cret",
+        "--max-tokens",
+        "400",
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+        "--allowed-origins",
+        "https://app.example",
+    )
     try:
         body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
         assert_openai_error(*raw(server, "POST", "/v1/chat/completions", body), 401, "API key")
@@ -371,12 +452,19 @@ def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
-        assert good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4).usage.completion_tokens > 0
+        assert (
+            good.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            ).usage.completion_tokens
+            > 0
+        )
         assert server.health()["status"] == "ok"  # health needs no key
 
         def long_request(i):
             try:
-                good.chat.completions.create(model="m", messages=[{"role": "user", "content": f"Story {i}"}], max_tokens=400)
+                good.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": f"Story {i}"}], max_tokens=400
+                )
                 return 200
             except openai.RateLimitError as e:
                 assert "busy" in e.message
@@ -400,8 +488,11 @@ def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
 
         # SIGTERM while an answer streams: the stream ends with an OpenAI-shaped error event
         # (not a cut connection), and the server exits 0.
-        chunks = iter(good.chat.completions.create(model="m", messages=[{"role": "user", "content": "A long story"}],
-                                                   max_tokens=400, stream=True))
+        chunks = iter(
+            good.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "A long story"}], max_tokens=400, stream=True
+            )
+        )
         while not next(chunks).choices[0].delta.content:  # the answer has begun
             pass
         server.proc.terminate()
@@ -415,12 +506,23 @@ def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
 
 def test_server_command_line_errors(checkpoints, tmp_path):
     """A bad model or a taken port: one line on stderr, exit code 1."""
+
     def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True,
-                              timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+        return subprocess.run(
+            [sys.executable, str(ROOT / "server.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        )
 
     missing = run("--model", str(tmp_path / "absent"))
-    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: ") and "is not a directory" in missing.stderr
+    assert (
+        missing.returncode == 1
+        and missing.stderr.strip().startswith("error: ")
+        and "is not a directory" in missing.stderr
+    )
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -442,10 +544,17 @@ def test_stop_strings_and_seeds(live_server, loaded, images):
 
 def test_load(live_server, loaded, images, bad):
     """8 client threads, 60 valid requests mixed with 30 malformed ones."""
-    cases = [("What is in the image?", "tiny"), ("Describe it.", "odd1"), ("Colours?", "tie_wide"), ("Shapes?", "square")]
+    cases = [
+        ("What is in the image?", "tiny"),
+        ("Describe it.", "odd1"),
+        ("Colours?", "tie_wide"),
+        ("Shapes?", "square"),
+    ]
     expected = {c: reference(loaded, c[0], [images[c[1]]], max_tokens=8)[0] for c in cases}
     malformed = [v for k, v in bad.items() if k != "slow image URL"]  # each takes the 2 s timeout
-    jobs = [("ok", cases[i % len(cases)]) for i in range(60)] + [("bad", malformed[i % len(malformed)]) for i in range(30)]
+    jobs = [("ok", cases[i % len(cases)]) for i in range(60)] + [
+        ("bad", malformed[i % len(malformed)]) for i in range(30)
+    ]
     jobs = [jobs[(i * 37) % len(jobs)] for i in range(len(jobs))]  # interleaved, deterministically
     before = live_server.rss_mb()
 
@@ -468,8 +577,10 @@ def test_load(live_server, loaded, images, bad):
     assert 0 < health["prompt_cache_bytes"] <= 24 << 20
     after = live_server.rss_mb()
     assert after - before < 400, (before, after)
-    print(f"load: 90 requests in {elapsed:.1f} s; RSS {before:.0f} -> {after:.0f} MB; "
-          f"prompt cache {health['prompt_cache_bytes'] / 1e6:.1f} MB in {health['prompt_cache_entries']} entries")
+    print(
+        f"load: 90 requests in {elapsed:.1f} s; RSS {before:.0f} -> {after:.0f} MB; "
+        f"prompt cache {health['prompt_cache_bytes'] / 1e6:.1f} MB in {health['prompt_cache_entries']} entries"
+    )
 
 
 def test_images_in_later_turns_are_templated_where_they_appear(loaded):
@@ -477,7 +588,9 @@ def test_images_in_later_turns_are_templated_where_they_appear(loaded):
     for name in (SERVER_MODEL, "orig-v1.6-vicuna", "hf-v1.6-mistral"):  # chat templates and the original's
         _, processor = loaded(name)
         history = [("First?", "An answer.")]
-        assert processor.apply_template("Next?", [1, 0], None, history) == processor.apply_template("Next?", 1, None, history)
+        assert processor.apply_template("Next?", [1, 0], None, history) == processor.apply_template(
+            "Next?", 1, None, history
+        )
         later = processor.apply_template("Next?", [0, 1], None, history)
         assert later.count("<image>") == 1 and later.index("<image>") > later.index("An answer.")
 

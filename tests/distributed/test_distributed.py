@@ -3,32 +3,27 @@ the single process's logits (to 1e-4 of max|logit|) and 16 greedy tokens, half t
 per rank, the vision tower on rank 0 only, `generate.py`'s answer printed once; clear errors
 for what cannot shard and for a rank that never joins.
 
-The launches are batched: one runs every case (tests/distributed_cases.py writes a JSON per
+The launches are batched: one runs every case (tests/distributed/distributed_cases.py writes a JSON per
 rank), one runs generate.py. Each is bounded in time and killed with its ranks on timeout.
 """
 
 import json
-import os
-import random
-import signal
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-
 from conftest import ROOT
 from fixtures.preconverted import build_preconverted
-from llava_mlx import distributed, generate, load
-from llava_mlx.errors import LlavaError
+from helpers import environment, free_port_pair, launch_two, run_bounded
+from mlx.utils import tree_flatten
+
+from llava_mlx import generate, load
 from llava_mlx.checkpoint import files
 from llava_mlx.checkpoint.load import load_model
+from llava_mlx.distributed.shard import check_shardable
+from llava_mlx.errors import LlavaError
 
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
 QUESTION = "What is in the image?"
 RAW_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 # (checkpoint, mode): LLaVA-1.5 (original layout, separate CLIP tower), LLaVA-1.6 Mistral
@@ -43,51 +38,6 @@ CASES = [
     ("hub-onevision", "tensor"),  # qwen2 decoder (4 heads, 2 KV heads), SigLIP tower
     ("hub-onevision", "pipeline"),
 ]
-LAUNCH_TIMEOUT = 600
-
-
-def free_port_pair() -> int:
-    """A base port with base and base + 1 free: mlx.launch's ring listens on base + rank."""
-    for _ in range(200):
-        base, held = random.randint(20000, 60000), []
-        try:
-            for port in (base, base + 1):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
-
-
-def environment(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **extra)
-    return env
-
-
-def run_bounded(command, timeout, env=None) -> subprocess.CompletedProcess:
-    """Run in its own process group, killed whole (launcher and ranks) on timeout."""
-    p = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env=env or environment(), start_new_session=True,
-    )
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        pytest.fail(f"{' '.join(map(str, command))} did not finish within {timeout} s")
-    return subprocess.CompletedProcess(command, p.returncode, out, err)
-
-
-def launch_two(*args, timeout=LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
-    command = [LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port_pair()), "--", sys.executable, *args]
-    return run_bounded(command, timeout)
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +63,7 @@ def sharded(models, images, tmp_path_factory):
         for m, mode in CASES
     ]  # fmt: skip
     (out / "plan.json").write_text(json.dumps(plan))
-    result = launch_two(ROOT / "tests" / "distributed_cases.py", out / "plan.json", out)
+    result = launch_two(ROOT / "tests" / "distributed" / "distributed_cases.py", out / "plan.json", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == ""
     ranks = {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
@@ -214,7 +164,7 @@ def test_what_cannot_shard_is_one_clear_error(models, checkpoints, tmp_path):
     with pytest.raises(LlavaError, match="cannot pipeline 2 decoder layers over 3 ranks"):
         load_model(checkpoints["hf-v1.6-mistral"], group=Ranks(3), pipeline=True)
     with pytest.raises(LlavaError, match="a 'gemma' decoder cannot be sharded"):
-        distributed.check_shardable({"model_type": "gemma"}, 2, False)
+        check_shardable({"model_type": "gemma"}, 2, False)
     # 4-bit in groups of 64: o_proj's 64 inputs cannot be cut in two groups.
     q64 = build_preconverted(checkpoints["hf-v1.6-mistral"], tmp_path / "q4g64", bits=4, group_size=64)
     with pytest.raises(LlavaError, match="cannot shard this checkpoint over 2 ranks"):

@@ -1,6 +1,6 @@
 """Run by test_distributed.py under `mlx.launch -n 2`: every case of a plan on this rank.
 
-    mlx.launch -n 2 --backend ring -- python tests/distributed_cases.py PLAN.json OUTDIR
+    mlx.launch -n 2 --backend ring -- python tests/distributed/distributed_cases.py PLAN.json OUTDIR
 
 A case loads a checkpoint sharded (tensor or pipeline parallel), computes the logits of the
 whole merged sequence of a raw prompt with one image, greedy-generates 16 tokens and
@@ -17,8 +17,10 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from llava_mlx import distributed, generate, load
+from llava_mlx import generate, load
 from llava_mlx.cache import SessionCache
+from llava_mlx.distributed.group import group_of
+from llava_mlx.distributed.share import shared_features
 from llava_mlx.processor import load_image
 
 
@@ -28,10 +30,10 @@ def held_bytes(model, prefix: str) -> int:
 
 def run(case: dict, out: Path, rank: int) -> dict:
     model, processor = load(case["model"], pipeline=case["mode"] == "pipeline")
-    group = distributed.group_of(model)
+    group = group_of(model)
     ids = processor.encode_prompt(case["raw_prompt"], len(case["images"]))
     images = [load_image(path) for path in case["images"]]
-    _, features = distributed.shared_features(model, lambda: SessionCache().image_features(model, processor, images))
+    _, features = shared_features(model, lambda: SessionCache().image_features(model, processor, images))
     logits = model(mx.array(ids), image_features=features)[0].astype(mx.float32)
     mx.eval(logits)
     if rank == 0:

@@ -8,13 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+from serving import ask, disconnect_twice, start_server, user
+
 from llava_mlx import load
 from llava_mlx.cache import SessionCache
 from llava_mlx.generation import stream_generate
-from serving import start_server
-from test_server import ask, disconnect_twice, user
 
 TOKENS = 16
 KV_MODEL = "orig-gqa"  # llama with GQA, head size 32: MLX quantizes it in groups of 32
@@ -23,7 +22,9 @@ KV_MODEL = "orig-gqa"  # llama with GQA, head size 32: MLX quantizes it in group
 @pytest.fixture(scope="module")
 def kv_server(variants, tmp_path_factory):
     log = tmp_path_factory.mktemp("kv-server") / "server.log"
-    server = start_server(variants[KV_MODEL], log, "--kv-bits", "8", "--max-tokens", "600", "--prompt-cache-bytes", str(24 << 20))
+    server = start_server(
+        variants[KV_MODEL], log, "--kv-bits", "8", "--max-tokens", "600", "--prompt-cache-bytes", str(24 << 20)
+    )
     yield server
     assert server.stop() == 0, server.log.read_text()[-2000:]
 
@@ -38,7 +39,13 @@ def reference(kv_model, question, images, **kwargs):
     model, processor = kv_model
     steps = list(stream_generate(model, processor, question, images, max_tokens=TOKENS, kv_bits=8, **kwargs))
     last = steps[-1]
-    return "".join(s.text for s in steps), last.finish_reason, last.prompt_tokens, last.generation_tokens, last.cached_tokens
+    return (
+        "".join(s.text for s in steps),
+        last.finish_reason,
+        last.prompt_tokens,
+        last.generation_tokens,
+        last.cached_tokens,
+    )
 
 
 def test_plain_answer_equals_generate_with_kv_bits(kv_server, kv_model, images):
@@ -101,9 +108,24 @@ def test_disconnect_cancels_the_request(kv_server, images):
 
 def test_kv_bits_with_head_size_16_fails_at_start(checkpoints):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "server.py"), "--model", str(checkpoints["hf-v1.5-vicuna"]), "--port", "0", "--kv-bits", "4"],
-        capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        [
+            sys.executable,
+            str(ROOT / "server.py"),
+            "--model",
+            str(checkpoints["hf-v1.5-vicuna"]),
+            "--port",
+            "0",
+            "--kv-bits",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == ["error: cannot quantize the KV cache: head size 16 is not a multiple of 32"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: cannot quantize the KV cache: head size 16 is not a multiple of 32"
+    ]
     assert proc.stdout == ""

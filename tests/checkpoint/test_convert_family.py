@@ -1,6 +1,5 @@
 """convert.py on LLaVA-OneVision and LLaVA-NeXT-Video: float conversion is exact, 8-bit stays close."""
 
-import mlx.core as mx
 import numpy as np
 import pytest
 

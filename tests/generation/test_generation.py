@@ -7,12 +7,12 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.sample_utils import make_sampler
 
 from llava_mlx import generate, load
 from llava_mlx.cache import SessionCache
 from llava_mlx.cli.generate import main
 from llava_mlx.generation import stream_generate, vocabulary_sampler
-from mlx_lm.sample_utils import make_sampler
 
 QUESTION = "What is here?"
 
@@ -45,7 +45,9 @@ def make_eos_win_at(model, processor, images, eos, step=3):
     target = top + np.where(np.arange(len(tokens)) == step, 1.0, -1.0)
     row = np.linalg.lstsq(hidden[: step + 1], target[: step + 1], rcond=None)[0]
     assert np.allclose(hidden[: step + 1] @ row, target[: step + 1], atol=1e-2)
-    head.weight = mx.concatenate([head.weight[:eos], mx.array(row[None], dtype=head.weight.dtype), head.weight[eos + 1 :]])
+    head.weight = mx.concatenate(
+        [head.weight[:eos], mx.array(row[None], dtype=head.weight.dtype), head.weight[eos + 1 :]]
+    )
     return tokens[:step]
 
 
@@ -57,7 +59,9 @@ def test_stops_at_eos_with_finish_reason_stop(checkpoints, images):
     assert result.tokens == expected and result.finish_reason == "stop"
     assert result.text == processor.tokenizer.decode(expected)
     # ignore_eos runs on through it; the stream's last piece carries the reason
-    assert generate(model, processor, QUESTION, [images["wide"]], max_tokens=20, ignore_eos=True).finish_reason == "length"
+    assert (
+        generate(model, processor, QUESTION, [images["wide"]], max_tokens=20, ignore_eos=True).finish_reason == "length"
+    )
     last = list(stream_generate(model, processor, QUESTION, [images["wide"]], max_tokens=20))[-1]
     assert last.finish_reason == "stop" and last.generation_tokens == len(expected)
 
@@ -119,7 +123,17 @@ def test_seeded_sampling_reproduces(loaded, images):
     greedy = generate(model, processor, QUESTION, ims, max_tokens=10, ignore_eos=True).tokens
     for temperature, top_p in ((0.9, 1.0), (1.3, 0.8)):
         runs = [
-            generate(model, processor, QUESTION, ims, max_tokens=10, ignore_eos=True, temperature=temperature, top_p=top_p, seed=seed).tokens
+            generate(
+                model,
+                processor,
+                QUESTION,
+                ims,
+                max_tokens=10,
+                ignore_eos=True,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+            ).tokens
             for seed in (11, 11, 12)
         ]
         assert runs[0] == runs[1]
@@ -179,7 +193,16 @@ def test_system_prompt_on_the_command_line(checkpoints, loaded, images, capsys):
     model, processor = loaded("orig-v1.6-vicuna")
     system = "You are terse."
     assert processor.apply_template("Hi", 1, system) == f"{system} USER: <image>\nHi ASSISTANT:"
-    args = ["--model", str(checkpoints["orig-v1.6-vicuna"]), "--image", str(images["tiny"]), "--prompt", "Hi", "--max-tokens", "6"]
+    args = [
+        "--model",
+        str(checkpoints["orig-v1.6-vicuna"]),
+        "--image",
+        str(images["tiny"]),
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "6",
+    ]
     assert main(args + ["--system", system]) == 0
     with_system = capsys.readouterr().out
     expected = generate(model, processor, "Hi", [images["tiny"]], max_tokens=6, system=system)

@@ -15,16 +15,22 @@ import subprocess
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from llava_mlx.generation import generate
+from reference.original import QUESTION, REFERENCE_PYTHON, assert_logits_close, case_name, check_case, run_original
 
-REFERENCE_PYTHON = os.environ.get("LLAVA_REFERENCE_PYTHON", str(ROOT / ".venv-orig" / "bin" / "python"))
-RTOL = 1e-4  # of the largest |logit|
-QUESTION = "What is in the image?"
 ALL_IMAGES = [
-    "square", "wide", "tall", "tiny", "huge", "odd1", "odd2",
-    "tie_wide", "tie_tall", "tie_square", "unpad_wide", "unpad_tall",
+    "square",
+    "wide",
+    "tall",
+    "tiny",
+    "huge",
+    "odd1",
+    "odd2",
+    "tie_wide",
+    "tie_tall",
+    "tie_square",
+    "unpad_wide",
+    "unpad_tall",
 ]
 CASES = (
     [("v1.5-vicuna", "llava_v1", [im]) for im in ["square", "wide", "tall", "tiny", "huge", "odd1", "odd2"]]
@@ -38,10 +44,6 @@ RAW = [
     ("v1.5-vicuna", "Describe<image> in detail, please.", ["wide"]),
     ("v1.6-mistral", "[INST] Hello there, how are you? [/INST]", []),
 ]
-
-
-def case_name(variant, images, raw=False):
-    return f"{'raw-' if raw else ''}{variant}-{'+'.join(images) or 'text'}"
 
 
 @pytest.fixture(scope="session")
@@ -73,41 +75,6 @@ def original(checkpoints, images, tmp_path_factory):
         for variant, prompt, ims in RAW
     ]
     return run_original(jobs, tmp_path_factory.mktemp("original"))
-
-
-def run_original(jobs, out, timeout=1800):
-    """name -> npz of each job of tests/reference/run_original.py, in one run of the original code."""
-    (out / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run(
-        [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "run_original.py"), str(out / "jobs.json"), str(out)],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}
-
-
-def assert_logits_close(ours, ref):
-    ours = np.asarray(ours, np.float32)[..., : ref.shape[-1]]  # llava-hf pads the vocabulary
-    assert ours.shape == ref.shape
-    err = np.abs(ours - ref).max() / np.abs(ref).max()
-    assert err <= RTOL, f"max |diff| = {err:.2e} of max |logit|"
-
-
-def check_case(model, processor, ref, images, prompt):
-    assert prompt == str(ref["prompt"])
-    inputs = processor(prompt, images)
-    assert np.asarray(inputs["input_ids"])[0].tolist() == ref["input_ids"].tolist()
-    if images:
-        crops = np.asarray(inputs["pixel_values"]).transpose(0, 3, 1, 2)
-        expected = np.concatenate([ref[f"pixel_values_{i}"] for i in range(len(images))])
-        np.testing.assert_allclose(crops, expected, atol=1e-5)
-        sizes = [tuple(s) for s in ref["image_sizes"].tolist()]
-        assert [model.config.image_token_count(s) for s in sizes] == ref["image_token_counts"].tolist()
-    logits = model(**inputs)
-    assert logits.shape[1] == ref["logits"].shape[0]
-    assert_logits_close(logits[0], ref["logits"])
-    result = generate(model, processor, prompt, images, max_tokens=16, template=False, ignore_eos=True)
-    assert result.tokens == ref["greedy"].tolist()
 
 
 @pytest.mark.parametrize("variant,mode,ims", CASES, ids=[case_name(v, i) for v, _, i in CASES])
@@ -164,16 +131,33 @@ def test_chunked_prefill_matches_one_pass(original, loaded, images):
 
 
 TRICKY = [
-    "A chat between a curious human. USER: ", "\nWhat is", " ASSISTANT: hi</s>USER: ok", "Describe",
-    " in detail,  please.  ", "[INST] Hello [/INST]", "", "x", "</s>x", "a ▁b  \n\n c</s> </s>",
-    "  two spaces", "<s>USER", "end</s>", "ünïcödé 1234 ☃ 🦙", "\t tab",
+    "A chat between a curious human. USER: ",
+    "\nWhat is",
+    " ASSISTANT: hi</s>USER: ok",
+    "Describe",
+    " in detail,  please.  ",
+    "[INST] Hello [/INST]",
+    "",
+    "x",
+    "</s>x",
+    "a ▁b  \n\n c</s> </s>",
+    "  two spaces",
+    "<s>USER",
+    "end</s>",
+    "ünïcödé 1234 ☃ 🦙",
+    "\t tab",
 ]
 
 
-@pytest.mark.parametrize("name,source", [
-    ("orig-v1.6-vicuna", "orig-v1.6-vicuna"), ("orig-v1.6-mistral", "orig-v1.6-mistral"),
-    ("hf-v1.5-vicuna", "orig-v1.5-vicuna"), ("hf-v1.6-mistral", "orig-v1.6-mistral"),
-])
+@pytest.mark.parametrize(
+    "name,source",
+    [
+        ("orig-v1.6-vicuna", "orig-v1.6-vicuna"),
+        ("orig-v1.6-mistral", "orig-v1.6-mistral"),
+        ("hf-v1.5-vicuna", "orig-v1.5-vicuna"),
+        ("hf-v1.6-mistral", "orig-v1.6-mistral"),
+    ],
+)
 def test_tokenisation_matches_original(name, source, checkpoints, loaded, tmp_path):
     """Special tokens, spaces, bytes: Vicuna's slow legacy=False rules, Mistral's fast ones."""
     strings = tmp_path / "strings.json"
@@ -181,8 +165,15 @@ def test_tokenisation_matches_original(name, source, checkpoints, loaded, tmp_pa
     if not os.path.exists(REFERENCE_PYTHON):
         pytest.fail(f"missing reference environment {REFERENCE_PYTHON}: run `bash scripts/setup_reference.sh`")
     result = subprocess.run(
-        [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "tokenize_original.py"), str(checkpoints[source]), str(strings)],
-        capture_output=True, text=True, timeout=300,
+        [
+            REFERENCE_PYTHON,
+            str(ROOT / "tests" / "reference" / "tokenize_original.py"),
+            str(checkpoints[source]),
+            str(strings),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     expected = json.loads(result.stdout.strip().splitlines()[-1])
@@ -202,7 +193,9 @@ def test_multi_turn_templates_match_original(system, tmp_path):
         pytest.fail(f"missing reference environment {REFERENCE_PYTHON}: run `bash scripts/setup_reference.sh`")
     result = subprocess.run(
         [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "conversation_original.py"), str(spec)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     expected = json.loads(result.stdout.strip().splitlines()[-1])

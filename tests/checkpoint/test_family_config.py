@@ -7,7 +7,9 @@ from llava_mlx.checkpoint.layouts import read_config
 
 
 def test_sparse_onevision_config():
-    _, config = read_config({"model_type": "llava_onevision", "text_config": {"hidden_size": 896}, "vision_config": {}}, None)
+    _, config = read_config(
+        {"model_type": "llava_onevision", "text_config": {"hidden_size": 896}, "vision_config": {}}, None
+    )
     assert config.vision_model_type == "siglip" and config.conventions == "transformers"
     assert config.vision_feature_layer == -1 and config.vision_feature_select == "cls_patch"
     assert config.image_aspect_ratio == "anyres_max_9" and len(config.image_grid_pinpoints) == 36
@@ -15,7 +17,11 @@ def test_sparse_onevision_config():
     assert config.pinpoints[1] == [768, 384]  # as (width, height) for the shared anyres maths
     assert config.text_config["model_type"] == "qwen2" and config.text_config["vocab_size"] == 151936
     assert config.text_config["sliding_window"] is None  # Qwen2 windows nothing unless use_sliding_window
-    assert (config.video_pool, config.video_pool_after_projector, config.video_newline) == ("bilinear", True, "one_token")
+    assert (config.video_pool, config.video_pool_after_projector, config.video_newline) == (
+        "bilinear",
+        True,
+        "one_token",
+    )
     assert config.vision.layer_norm_eps == 1e-6 and config.vision.hidden_act == "gelu_pytorch_tanh"
 
 

@@ -9,11 +9,11 @@ differ exactly as REFERENCE.md says: ours are the original's.
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
-
 from fixtures.images import num_image_tokens
-from llava_mlx.model import IMAGE_PLACEHOLDER
+from mlx_lm.generate import generate_step
 from reference.run_transformers import hf_end_to_end, hf_logits_from_inputs
+
+from llava_mlx.model import IMAGE_PLACEHOLDER
 
 RTOL = 1e-4
 PROMPTS = {
@@ -25,9 +25,14 @@ PROMPTS = {
 }
 # Sizes where transformers and the original build the same image sequence.
 AGREE = [
-    ("hf-v1.5-vicuna", "wide"), ("tf5-v1.5-vicuna", "odd1"),
-    ("hf-v1.6-vicuna", "wide"), ("hf-v1.6-vicuna", "tall"), ("hf-v1.6-vicuna", "huge"),
-    ("hf-v1.6-mistral", "square"), ("hf-v1.6-mistral", "odd2"), ("tf5-v1.6-mistral", "odd1"),
+    ("hf-v1.5-vicuna", "wide"),
+    ("tf5-v1.5-vicuna", "odd1"),
+    ("hf-v1.6-vicuna", "wide"),
+    ("hf-v1.6-vicuna", "tall"),
+    ("hf-v1.6-vicuna", "huge"),
+    ("hf-v1.6-mistral", "square"),
+    ("hf-v1.6-mistral", "odd2"),
+    ("tf5-v1.6-mistral", "odd1"),
 ]
 # Sizes where transformers departs from the original (ties and unpad rounding).
 DIFFER = ["tie_wide", "tie_tall", "tiny", "unpad_wide", "unpad_tall"]
@@ -52,7 +57,9 @@ def ours_from_transformers(reference, image_token):
 def test_same_inputs_same_logits_and_tokens(name, image, loaded, checkpoints, images):
     model, processor = loaded(name)
     reference = hf_end_to_end(str(checkpoints[name]), PROMPTS[name], [str(images[image])])
-    ids, pixels, sizes = ours_from_transformers(reference, processor.tokenizer._tokenizer.convert_tokens_to_ids("<image>"))
+    ids, pixels, sizes = ours_from_transformers(
+        reference, processor.tokenizer._tokenizer.convert_tokens_to_ids("<image>")
+    )
     from PIL import Image
 
     width, height = Image.open(images[image]).size
@@ -68,7 +75,9 @@ def test_same_inputs_same_logits_and_tokens(name, image, loaded, checkpoints, im
     assert logits.shape == reference["logits"].shape
     err = np.abs(logits - reference["logits"]).max() / np.abs(reference["logits"]).max()
     assert err <= RTOL, err
-    steps = generate_step(mx.zeros((embeddings.shape[1],), mx.int32), model.language_model, max_tokens=16, input_embeddings=embeddings[0])
+    steps = generate_step(
+        mx.zeros((embeddings.shape[1],), mx.int32), model.language_model, max_tokens=16, input_embeddings=embeddings[0]
+    )
     assert [int(t) for t, _ in steps] == reference["greedy"].tolist()
 
 
@@ -79,7 +88,9 @@ def test_counts_where_transformers_departs(image, loaded, checkpoints, images):
     from PIL import Image
 
     size = Image.open(images[image]).size
-    reference = hf_end_to_end(str(checkpoints["hf-v1.6-vicuna"]), PROMPTS["hf-v1.6-vicuna"], [str(images[image])], new_tokens=1)
+    reference = hf_end_to_end(
+        str(checkpoints["hf-v1.6-vicuna"]), PROMPTS["hf-v1.6-vicuna"], [str(images[image])], new_tokens=1
+    )
     theirs, ours = int(reference["image_token_counts"][0]), model.config.image_token_count(size)
     assert theirs == num_image_tokens(*size, impl="transformers")
     assert ours == num_image_tokens(*size, impl="original")

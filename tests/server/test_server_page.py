@@ -7,14 +7,21 @@ import os
 import shutil
 from pathlib import Path
 
+from conftest import SERVER_MODEL
 from playwright.sync_api import sync_playwright
 
-from conftest import SERVER_MODEL
 from llava_mlx import generate
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # docs/server.md's screenshot (docs/server-chat.png) is refreshed only when asked for: a test run
 # never rewrites a tracked file.
 SCREENSHOT = os.environ.get("LLAVA_SCREENSHOT")
@@ -34,7 +41,10 @@ def test_chat_page_answers_an_uploaded_image(live_server, loaded, images, tmp_pa
     history = []
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
             viewport={"width": 900, "height": 640},
         )
         try:

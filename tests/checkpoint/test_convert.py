@@ -12,17 +12,18 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
-
 from conftest import LAYOUTS, ROOT
 from fixtures.preconverted import build_preconverted
+from helpers import cosine, logits, snapshot
+from mlx.utils import tree_flatten
+
 from llava_mlx import generate, load
 from llava_mlx.checkpoint.convert import INDEX, convert
+from llava_mlx.checkpoint.files import load_weights, read_json
+from llava_mlx.checkpoint.layouts import rename
 from llava_mlx.checkpoint.quantize import estimate_bytes
 from llava_mlx.cli.convert import main
 from llava_mlx.errors import LlavaError
-from llava_mlx.checkpoint.files import load_weights, read_json
-from llava_mlx.checkpoint.layouts import rename
 from llava_mlx.model import LlavaConfig, LlavaModel
 from llava_mlx.vision import layers_to_run
 
@@ -43,21 +44,8 @@ GREEDY = {
 VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
 
 
-def logits(model, inputs) -> np.ndarray:
-    return np.array(model(**inputs)[0].astype(mx.float32))
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
 def quantized_paths(model) -> list:
     return sorted(p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
-
-
-def snapshot(directory: Path) -> dict:
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def leftovers(out: Path) -> list:
@@ -383,11 +371,19 @@ def odd_width_checkpoint(directory: Path, tokenizer_from: Path) -> Path:
     """Our own layout with widths 40 and 80: no group size (32, 64, 128) divides them."""
     config = LlavaConfig(
         text_config=dict(
-            model_type="llama", vocab_size=1064, hidden_size=40, intermediate_size=80, num_hidden_layers=1,
+            model_type="llama",
+            vocab_size=1064,
+            hidden_size=40,
+            intermediate_size=80,
+            num_hidden_layers=1,
             num_attention_heads=4,
         ),
         vision_config=dict(
-            hidden_size=40, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, image_size=336,
+            hidden_size=40,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=336,
             patch_size=14,
         ),
     )
@@ -429,7 +425,14 @@ def test_bad_input_via_the_cli(checkpoints, tmp_path):
         "unknown model type 'bert'": ["convert.py", "--model", str(unknown), *out, "--force"],
         "missing weight shard model-00002-of-00002": ["convert.py", "--model", str(missing), *out, "--force"],
         "group size 32 divides the input width of no layer": [
-            "convert.py", "--model", str(odd), *out, "--force", "-q", "--q-group-size", "32"
+            "convert.py",
+            "--model",
+            str(odd),
+            *out,
+            "--force",
+            "-q",
+            "--q-group-size",
+            "32",
         ],
         "already exists and is not empty; pass --force": ["convert.py", "--model", small, *out],
         "No space left on device": ["-c", halfway, "--model", small, *out, "--force"],
@@ -520,18 +523,45 @@ def test_cli_convert_then_generate(checkpoints, images, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = tmp_path / "q4"
     done = subprocess.run(
-        [sys.executable, str(root / "convert.py"), "--model", str(checkpoints["orig-v1.5-vicuna"]),
-         "--out", str(out), "-q", "--q-group-size", "64"],
-        capture_output=True, text=True, cwd=root, env=env, timeout=300,
+        [
+            sys.executable,
+            str(root / "convert.py"),
+            "--model",
+            str(checkpoints["orig-v1.5-vicuna"]),
+            "--out",
+            str(out),
+            "-q",
+            "--q-group-size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "4-bit" in done.stdout
     pre = build_preconverted(checkpoints["hf-v1.6-mistral"], tmp_path / "pre", bits=4, group_size=64, dtype="float16")
     for model in (out, pre):
         result = subprocess.run(
-            [sys.executable, str(root / "generate.py"), "--model", str(model), "--image", str(images["wide"]),
-             "--prompt", "What is it?", "--max-tokens", "4"],
-            capture_output=True, text=True, cwd=root, env=env, timeout=300,
+            [
+                sys.executable,
+                str(root / "generate.py"),
+                "--model",
+                str(model),
+                "--image",
+                str(images["wide"]),
+                "--prompt",
+                "What is it?",
+                "--max-tokens",
+                "4",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env=env,
+            timeout=300,
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() and "Peak memory" in result.stderr

@@ -7,9 +7,9 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import ROOT
 from mlx.utils import tree_flatten
 
-from conftest import ROOT
 from llava_mlx.cache import SessionCache
 from llava_mlx.generation import stream_generate
 
@@ -71,15 +71,31 @@ def test_chat_session_matches_single_prompts(checkpoints, loaded, images):
     """--chat through stdin answers as the equivalent single prompts (history included)."""
     questions = ["What is in the image?", "Describe the colours.", "Anything else?"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "generate.py"), "--model", str(checkpoints[NAME]),
-         "--image", str(images["wide"]), "--chat", "--max-tokens", "10"],
-        input="\n".join(questions) + "\n", capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "generate.py"),
+            "--model",
+            str(checkpoints[NAME]),
+            "--image",
+            str(images["wide"]),
+            "--chat",
+            "--max-tokens",
+            "10",
+        ],
+        input="\n".join(questions) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     model, processor = loaded(NAME)
     history, expected = [], ""
     for question in questions:
-        answer = "".join(r.text for r in stream_generate(model, processor, question, [images["wide"]], max_tokens=10, history=history))
+        answer = "".join(
+            r.text
+            for r in stream_generate(model, processor, question, [images["wide"]], max_tokens=10, history=history)
+        )
         expected += answer + "\n"
         history.append((question, answer.strip()))
     assert result.stdout == expected

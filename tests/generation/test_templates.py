@@ -41,7 +41,9 @@ def hf_processor():
 
 
 @pytest.mark.parametrize("name", ["hf-v1.5-vicuna", "hf-v1.6-vicuna", "hf-v1.6-mistral", "tf5-v1.6-mistral"])
-@pytest.mark.parametrize("num_images,system,history", CASES, ids=[f"{n}img-{s is not None}-{len(h)}" for n, s, h in CASES])
+@pytest.mark.parametrize(
+    "num_images,system,history", CASES, ids=[f"{n}img-{s is not None}-{len(h)}" for n, s, h in CASES]
+)
 def test_chat_template_matches_transformers(name, num_images, system, history, checkpoints, loaded, hf_processor):
     _, processor = loaded(name)
     assert processor.tokenizer._tokenizer.chat_template  # the checkpoint's own template is used
@@ -54,12 +56,15 @@ def test_chat_template_matches_transformers(name, num_images, system, history, c
     assert ours.count("<image>") == num_images
 
 
-@pytest.mark.parametrize("name,num_images,system,history,expected", [
-    ("hf-v1.5-vicuna", 1, None, [("D.", "A.")], "USER: <image>\nD. ASSISTANT: A. USER: Q? ASSISTANT:"),
-    ("hf-v1.5-vicuna", 2, "S.", (), "S. USER: <image>\n<image>\nQ? ASSISTANT:"),
-    ("hf-v1.6-mistral", 1, None, [("D.", "A.")], "[INST] <image>\nD. [/INST] A.</s> [INST] Q? [/INST]"),
-    ("hf-v1.6-mistral", 2, "S.", (), "<<SYS>>\nS.\n<</SYS>>\n\n[INST] <image>\n<image>\nQ? [/INST]"),
-])
+@pytest.mark.parametrize(
+    "name,num_images,system,history,expected",
+    [
+        ("hf-v1.5-vicuna", 1, None, [("D.", "A.")], "USER: <image>\nD. ASSISTANT: A. USER: Q? ASSISTANT:"),
+        ("hf-v1.5-vicuna", 2, "S.", (), "S. USER: <image>\n<image>\nQ? ASSISTANT:"),
+        ("hf-v1.6-mistral", 1, None, [("D.", "A.")], "[INST] <image>\nD. [/INST] A.</s> [INST] Q? [/INST]"),
+        ("hf-v1.6-mistral", 2, "S.", (), "<<SYS>>\nS.\n<</SYS>>\n\n[INST] <image>\n<image>\nQ? [/INST]"),
+    ],
+)
 def test_chat_template_by_hand(name, num_images, system, history, expected, loaded):
     """The llava-hf templates of the fixtures, rendered by hand."""
     _, processor = loaded(name)

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from llava_mlx import LlavaError, load
-from llava_mlx.cli.generate import main
 from llava_mlx.checkpoint.layouts import read_config
+from llava_mlx.cli.generate import main
 
 
 def edited_copy(src, dst, **changes):
@@ -21,7 +21,9 @@ def edited_copy(src, dst, **changes):
 def test_unreadable_vision_tower_is_a_stated_guess(checkpoints, tmp_path, capsys):
     """LLaVA-1.6 ships its tower weights; the named tower only gives its config. Unreadable
     (not a directory, not in the hub cache, offline), ViT-L/14-336 is guessed, out loud."""
-    path = edited_copy(checkpoints["orig-v1.6-vicuna"], tmp_path / "lost-tower", mm_vision_tower="nobody/no-such-clip-tower")
+    path = edited_copy(
+        checkpoints["orig-v1.6-vicuna"], tmp_path / "lost-tower", mm_vision_tower="nobody/no-such-clip-tower"
+    )
     with pytest.raises(LlavaError, match="the checkpoint and its config.json disagree"):
         load(str(path))  # the guess is ViT-L; this tiny tower is not
     err = capsys.readouterr().err
@@ -35,19 +37,24 @@ def test_unreadable_vision_tower_is_a_stated_guess(checkpoints, tmp_path, capsys
 
 
 def test_cli_shows_the_guess_then_the_error(checkpoints, tmp_path, capsys):
-    path = edited_copy(checkpoints["orig-v1.6-mistral"], tmp_path / "lost-tower", mm_vision_tower="nobody/no-such-clip-tower")
+    path = edited_copy(
+        checkpoints["orig-v1.6-mistral"], tmp_path / "lost-tower", mm_vision_tower="nobody/no-such-clip-tower"
+    )
     assert main(["--model", str(path), "--prompt", "hi", "--max-tokens", "2"]) == 1
     warning, error = capsys.readouterr().err.strip().splitlines()
     assert warning.startswith("warning: ") and "--vision-tower" in warning
     assert error.startswith("error: ") and "disagree" in error
 
 
-@pytest.mark.parametrize("model_type,architecture", [
-    ("llava_mpt", "LlavaMptForCausalLM"),
-    ("llava_qwen", "LlavaQwenForCausalLM"),
-    ("llava", "LlavaMptForCausalLM"),  # liuhaotian's 'llava' with another decoder
-    ("llava_gemma", None),
-])
+@pytest.mark.parametrize(
+    "model_type,architecture",
+    [
+        ("llava_mpt", "LlavaMptForCausalLM"),
+        ("llava_qwen", "LlavaQwenForCausalLM"),
+        ("llava", "LlavaMptForCausalLM"),  # liuhaotian's 'llava' with another decoder
+        ("llava_gemma", None),
+    ],
+)
 def test_original_decoders_other_than_llama_are_refused(model_type, architecture):
     raw = {"model_type": model_type, "mm_vision_tower": "openai/clip-vit-large-patch14-336", "hidden_size": 64}
     if architecture:
@@ -56,13 +63,16 @@ def test_original_decoders_other_than_llama_are_refused(model_type, architecture
         read_config(raw, None)
 
 
-@pytest.mark.parametrize("model_type,architecture,decoder", [
-    ("llava", "LlavaLlamaForCausalLM", "llama"),  # liuhaotian/llava-v1.5-7b
-    ("llava", "LlavaMistralForCausalLM", "mistral"),
-    ("llava_llama", "LlavaLlamaForCausalLM", "llama"),
-    ("llava_mistral", "LlavaMistralForCausalLM", "mistral"),
-    ("llava", None, "llama"),
-])
+@pytest.mark.parametrize(
+    "model_type,architecture,decoder",
+    [
+        ("llava", "LlavaLlamaForCausalLM", "llama"),  # liuhaotian/llava-v1.5-7b
+        ("llava", "LlavaMistralForCausalLM", "mistral"),
+        ("llava_llama", "LlavaLlamaForCausalLM", "llama"),
+        ("llava_mistral", "LlavaMistralForCausalLM", "mistral"),
+        ("llava", None, "llama"),
+    ],
+)
 def test_original_llama_and_mistral_decoders(model_type, architecture, decoder):
     raw = {"model_type": model_type, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
     if architecture:
@@ -71,8 +81,9 @@ def test_original_llama_and_mistral_decoders(model_type, architecture, decoder):
 
 
 def test_cli_refuses_an_mpt_original_by_name(checkpoints, tmp_path, capsys):
-    path = edited_copy(checkpoints["orig-v1.5-vicuna"], tmp_path / "mpt", model_type="llava_mpt",
-                       architectures=["LlavaMptForCausalLM"])
+    path = edited_copy(
+        checkpoints["orig-v1.5-vicuna"], tmp_path / "mpt", model_type="llava_mpt", architectures=["LlavaMptForCausalLM"]
+    )
     assert main(["--model", str(path), "--prompt", "hi"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: original LLaVA checkpoint of type 'llava_mpt' (LlavaMptForCausalLM)")

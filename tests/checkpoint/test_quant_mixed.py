@@ -9,17 +9,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from fixtures.preconverted import build_preconverted
+from helpers import cosine, logits
 from mlx.utils import tree_flatten
 
-from fixtures.preconverted import build_preconverted
-from test_convert import cosine, logits
 from llava_mlx import convert, generate, load
-from llava_mlx.checkpoint.quantize import estimate_bytes
+from llava_mlx.checkpoint.files import load_weights, read_json
+from llava_mlx.checkpoint.quantize import RECIPES, estimate_bytes
 from llava_mlx.cli.convert import main
 from llava_mlx.errors import LlavaError
-from llava_mlx.checkpoint.files import load_weights, read_json
 from llava_mlx.model import LlavaConfig, LlavaModel
-from llava_mlx.checkpoint.quantize import RECIPES
 
 NAME = "hf-v1.6-mistral"  # 2 decoder layers: layer 1 is "last eighth", so it gets the high bits
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
@@ -62,8 +61,9 @@ def mixed(checkpoints, tmp_path_factory):
     def get(recipe):
         if recipe not in cache:
             out = tmp_path_factory.mktemp("mixed") / recipe
-            cache[recipe] = convert(str(checkpoints[NAME]), str(out), quant_predicate=recipe, dtype="float32",
-                                    progress=False)
+            cache[recipe] = convert(
+                str(checkpoints[NAME]), str(out), quant_predicate=recipe, dtype="float32", progress=False
+            )
         return cache[recipe]
 
     return get
@@ -161,8 +161,9 @@ def test_entries_under_mlx_lm_names(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("recipe", ["mixed_4_6", "mixed_3_4"])
 def test_estimate_bytes_with_a_recipe(recipe, checkpoints, loaded, tmp_path):
-    out = convert(str(checkpoints[NAME]), str(tmp_path / "out"), quant_predicate=recipe, dtype="float16",
-                  progress=False)
+    out = convert(
+        str(checkpoints[NAME]), str(tmp_path / "out"), quant_predicate=recipe, dtype="float16", progress=False
+    )
     written = sum(v.nbytes for v in load_weights(out).values())
     config = loaded(NAME)[0].config
     assert estimate_bytes(config, quant_predicate=recipe) == written
@@ -173,10 +174,21 @@ def test_estimate_bytes_with_a_recipe(recipe, checkpoints, loaded, tmp_path):
 def test_estimate_bytes_of_the_7b_recipes():
     """docs/convert.md's 7B sizes: over plain 4-bit, mixed_4_6 adds 2 bits a weight to lm_head, the
     embedding table, and v_proj and down_proj of 16 of the 32 layers (0-3, 6, 9, ..., 27, 28-31)."""
-    text = dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, intermediate_size=14336, vocab_size=32064)
-    config = LlavaConfig(text_config=text, image_aspect_ratio="anyres", patch_merge_type="spatial_unpad",
-                         image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    text = dict(
+        model_type="mistral",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=32064,
+    )
+    config = LlavaConfig(
+        text_config=text,
+        image_aspect_ratio="anyres",
+        patch_merge_type="spatial_unpad",
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    )
     raised = 16 * (1024 * 4096 + 4096 * 14336) + 2 * 32064 * 4096
     plain = estimate_bytes(config, bits=4)
     assert estimate_bytes(config, quant_predicate="mixed_4_6") == plain + raised * 2 // 8

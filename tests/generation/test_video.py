@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
+from helpers import expect_error, run_cli
 from PIL import Image
 
 from llava_mlx import LlavaError, generate, stream_generate
+from llava_mlx.cli.generate import main
 from llava_mlx.video import decode_frames, load_video
-from test_cli import expect_error, run_cli
 
 FAMILY = ["hub-onevision", "hub-next-video"]
 
@@ -17,8 +18,16 @@ def test_cli_image_and_video(name, family, family_loaded):
     assert image.returncode == 0, image.stderr
     assert "Peak memory" in image.stderr
     video = run_cli(
-        "--model", str(family[name]), "--video", str(family["clip.mp4"]), "--num-frames", "4",
-        "--prompt", "What happens?", "--max-tokens", "6",
+        "--model",
+        str(family[name]),
+        "--video",
+        str(family["clip.mp4"]),
+        "--num-frames",
+        "4",
+        "--prompt",
+        "What happens?",
+        "--max-tokens",
+        "6",
     )
     assert video.returncode == 0, video.stderr
     model, processor = family_loaded(name)
@@ -48,12 +57,19 @@ def test_video_forms_agree(family, family_loaded):
 def test_video_and_image_in_one_prompt(family, family_loaded):
     model, processor = family_loaded("tf5-onevision")
     result = generate(
-        model, processor, "Compare.", images=[str(family["image-wide"])], videos=[str(family["clip.mp4"])],
-        num_frames=3, max_tokens=4,
+        model,
+        processor,
+        "Compare.",
+        images=[str(family["image-wide"])],
+        videos=[str(family["clip.mp4"])],
+        num_frames=3,
+        max_tokens=4,
     )
     wide = Image.open(family["image-wide"]).size  # 1200 x 480: a 4x2 grid of 384-px tiles
     positions = model.config.image_token_count(wide) + model.config.video_token_count(3)
-    assert positions == 729 + 44 * 109 + 3 * 196 + 1  # base, unpadded 44x108 map with newlines, 3 frames of 14x14, newline
+    assert (
+        positions == 729 + 44 * 109 + 3 * 196 + 1
+    )  # base, unpadded 44x108 map with newlines, 3 frames of 14x14, newline
     assert result.image_positions == positions
 
 
@@ -94,14 +110,20 @@ def test_bad_videos(family, checkpoints, tmp_path, capsys):
     junk.write_bytes(b"not a video at all" * 10)
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
-    expect_error(capsys, model + ["--video", str(junk)], "not a video or corrupt")
-    expect_error(capsys, model + ["--video", str(empty)], "not a video or corrupt")
-    expect_error(capsys, model + ["--video", str(tmp_path / "missing.mp4")], "video not found")
-    expect_error(capsys, model + ["--video", clip, "--num-frames", "0"], "at least 1")
-    expect_error(capsys, model + ["--video", clip, "--no-template", "--prompt", "USER: <video><video> hi"],
-                 "2 <video> placeholder(s) but 1 video(s)")
-    expect_error(capsys, model + ["--no-template", "--prompt", "USER: <video> hi"], "1 <video> placeholder(s) but 0")
-    expect_error(capsys, ["--model", str(checkpoints["hf-v1.6-vicuna"]), "--video", clip], "takes no video")
+    expect_error(capsys, main, model + ["--video", str(junk)], "not a video or corrupt")
+    expect_error(capsys, main, model + ["--video", str(empty)], "not a video or corrupt")
+    expect_error(capsys, main, model + ["--video", str(tmp_path / "missing.mp4")], "video not found")
+    expect_error(capsys, main, model + ["--video", clip, "--num-frames", "0"], "at least 1")
+    expect_error(
+        capsys,
+        main,
+        model + ["--video", clip, "--no-template", "--prompt", "USER: <video><video> hi"],
+        "2 <video> placeholder(s) but 1 video(s)",
+    )
+    expect_error(
+        capsys, main, model + ["--no-template", "--prompt", "USER: <video> hi"], "1 <video> placeholder(s) but 0"
+    )
+    expect_error(capsys, main, ["--model", str(checkpoints["hf-v1.6-vicuna"]), "--video", clip], "takes no video")
 
 
 def test_bad_video_arrays(family_loaded):
@@ -129,7 +151,9 @@ def test_video_settings_fallback(name, family, tmp_path, capsys):
     image_settings = {"size": 0, "crop": 0, "mean": (0.0,), "std": (1.0,)}
     fallback = video_settings(tmp_path, image_settings)
     said = capsys.readouterr().err.splitlines()
-    assert said == [f"warning: {tmp_path} has no video_preprocessor_config.json: video frames are preprocessed like images"]
+    assert said == [
+        f"warning: {tmp_path} has no video_preprocessor_config.json: video frames are preprocessed like images"
+    ]
     assert fallback == video_settings(family[name], image_settings)
 
 

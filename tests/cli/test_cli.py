@@ -10,73 +10,64 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import LAYOUTS, ROOT
+from helpers import expect_error, run_cli
 from PIL import Image
 
-from conftest import LAYOUTS, ROOT
 from llava_mlx import processor as processor_module
 from llava_mlx.cli.generate import main
-
-
-
-def run_cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "generate.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **(env or {})},
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_generate_cli_each_layout(name, checkpoints, images):
     result = run_cli(
-        "--model", str(checkpoints[name]), "--image", str(images["wide"]),
-        "--prompt", "What is in the image?", "--max-tokens", "8",
+        "--model",
+        str(checkpoints[name]),
+        "--image",
+        str(images["wide"]),
+        "--prompt",
+        "What is in the image?",
+        "--max-tokens",
+        "8",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "Peak memory" in result.stderr and "image positions" in result.stderr
 
 
-def expect_error(capsys, argv, fragment):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 1
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and fragment in err, err
-
-
 def huge_png(path, width=10000, height=10000):
     """A valid PNG header claiming width x height, so no memory is spent making it."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    )
     return path
 
 
 def test_bad_images(checkpoints, images, tmp_path, capsys):
     model = ["--model", str(checkpoints["hf-v1.6-vicuna"]), "--max-tokens", "2", "--image"]
-    expect_error(capsys, model + [str(tmp_path / "nope.jpg")], "image not found")
+    expect_error(capsys, main, model + [str(tmp_path / "nope.jpg")], "image not found")
     (tmp_path / "text.png").write_text("not an image at all")
-    expect_error(capsys, model + [str(tmp_path / "text.png")], "not an image or corrupt")
+    expect_error(capsys, main, model + [str(tmp_path / "text.png")], "not an image or corrupt")
     data = images["square"].read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
-    expect_error(capsys, model + [str(tmp_path / "cut.png")], "corrupt")
-    expect_error(capsys, model + [str(huge_png(tmp_path / "huge.png"))], "pixels")
+    expect_error(capsys, main, model + [str(tmp_path / "cut.png")], "corrupt")
+    expect_error(capsys, main, model + [str(huge_png(tmp_path / "huge.png"))], "pixels")
 
 
 def test_placeholder_count_and_context(checkpoints, images, capsys):
     model = ["--model", str(checkpoints["hf-v1.6-vicuna"]), "--max-tokens", "2"]
     expect_error(
         capsys,
+        main,
         model + ["--image", str(images["wide"]), "--no-template", "--prompt", "<image> and <image>?"],
         "2 <image> placeholder(s) but 1 image(s)",
     )
-    expect_error(capsys, model + ["--prompt", "word " * 5000], "context")
+    expect_error(capsys, main, model + ["--prompt", "word " * 5000], "context")
 
 
 def broken_copy(src, dst, edit_config=None, drop_file=None):
@@ -93,18 +84,19 @@ def broken_copy(src, dst, edit_config=None, drop_file=None):
 def test_bad_checkpoints(checkpoints, tmp_path, capsys):
     args = ["--max-tokens", "2", "--prompt", "hi", "--model"]
     unknown = broken_copy(checkpoints["hf-v1.5-vicuna"], tmp_path / "bert", lambda c: c.update(model_type="bert"))
-    expect_error(capsys, args + [str(unknown)], "unknown model type 'bert'")
+    expect_error(capsys, main, args + [str(unknown)], "unknown model type 'bert'")
     src = checkpoints["orig-v1.6-vicuna"]
     index = json.loads((src / "model.safetensors.index.json").read_text())
     shard = sorted(set(index["weight_map"].values()))[-1]
     missing = broken_copy(src, tmp_path / "shard", drop_file=shard)
-    expect_error(capsys, args + [str(missing)], f"missing weight shard {shard}")
+    expect_error(capsys, main, args + [str(missing)], f"missing weight shard {shard}")
     wrong = broken_copy(
-        checkpoints["hf-v1.6-mistral"], tmp_path / "shape",
+        checkpoints["hf-v1.6-mistral"],
+        tmp_path / "shape",
         lambda c: c["text_config"].update(intermediate_size=c["text_config"]["intermediate_size"] * 2),
     )
-    expect_error(capsys, args + [str(wrong)], "the checkpoint and its config.json disagree")
-    expect_error(capsys, args + [str(tmp_path / "absent")], "is not a directory")
+    expect_error(capsys, main, args + [str(wrong)], "the checkpoint and its config.json disagree")
+    expect_error(capsys, main, args + [str(tmp_path / "absent")], "is not a directory")
 
 
 def test_missing_weight(checkpoints, tmp_path, capsys):
@@ -114,11 +106,13 @@ def test_missing_weight(checkpoints, tmp_path, capsys):
     tensors = load_file(dst / "model.safetensors")
     del tensors["multi_modal_projector.linear_2.weight"]
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    expect_error(capsys, ["--model", str(dst), "--prompt", "hi"], "missing weight 'multi_modal_projector.linear_2.weight'")
+    expect_error(
+        capsys, main, ["--model", str(dst), "--prompt", "hi"], "missing weight 'multi_modal_projector.linear_2.weight'"
+    )
 
 
 def test_hub_offline_is_a_clear_error(capsys):
-    expect_error(capsys, ["--model", "nobody/no-such-llava", "--prompt", "hi"], "HF_HUB_OFFLINE")
+    expect_error(capsys, main, ["--model", "nobody/no-such-llava", "--prompt", "hi"], "HF_HUB_OFFLINE")
 
 
 def test_default_model_offline_names_model_flag(tmp_path):
@@ -210,11 +204,22 @@ def test_one_entry_point(checkpoints):
     args = ["--model", model, "--prompt", "What is it?", "--max-tokens", "3"]
     answers = []
     for command in ([str(ROOT / "generate.py")], ["-m", "llava_mlx", "generate"]):
-        result = subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=ROOT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        result = subprocess.run(
+            [sys.executable, *command, *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         answers.append(result.stdout)
     assert answers[0] == answers[1] and answers[0].strip()
-    for argv, said in (([], "usage: python -m llava_mlx {generate,convert,server}"), (["bogus"], "error: unknown command 'bogus'")):
-        result = subprocess.run([sys.executable, "-m", "llava_mlx", *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    for argv, said in (
+        ([], "usage: python -m llava_mlx {generate,convert,server}"),
+        (["bogus"], "error: unknown command 'bogus'"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "llava_mlx", *argv], capture_output=True, text=True, cwd=ROOT, timeout=60
+        )
         assert result.returncode == 2 and said in result.stderr, result.stderr

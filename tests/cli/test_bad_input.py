@@ -6,7 +6,6 @@ CLI cases run in-process (`main(argv)`); signals and argv bytes need real proces
 import importlib
 import io
 import json
-import os
 import shutil
 import signal
 import socket
@@ -19,29 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
+from helpers import expect_error, snapshot
 from PIL import Image
 
-from conftest import ROOT
 from llava_mlx import LlavaError, convert, generate, load, stream_generate
 from llava_mlx import processor as processor_module
 from llava_mlx.cli.convert import main as convert_main
-from llava_mlx.fetch import fetch
 from llava_mlx.cli.generate import main as generate_main
+from llava_mlx.fetch import fetch
 
 SMALL = "hf-v1.5-vicuna"
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-
-
-def expect_error(capsys, main, argv, fragment, code=1):
-    assert main(argv) == code
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
-
-
-def snapshot(directory: Path) -> dict:
-    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 # -- generate.py flags ------------------------------------------------------------------------------
@@ -87,7 +75,9 @@ def test_generate_inputs_refused(checkpoints, images, tmp_path, capsys):
 def test_invalid_utf8_in_argv_is_one_line(checkpoints):
     result = subprocess.run(
         [sys.executable, str(ROOT / "generate.py"), "--model", str(checkpoints[SMALL]), "--prompt", b"caf\xc3 ?"],
-        capture_output=True, env={**ENV, "LC_ALL": "C.UTF-8"}, timeout=120,
+        capture_output=True,
+        env={**ENV, "LC_ALL": "C.UTF-8"},
+        timeout=120,
     )
     assert result.returncode == 1, result.stderr
     assert result.stderr.decode().strip() == "error: the prompt is not valid UTF-8 text (bad character at position 3)"
@@ -96,7 +86,9 @@ def test_invalid_utf8_in_argv_is_one_line(checkpoints):
 def test_chat_stdin_not_utf8(checkpoints, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe what?\n"), encoding="utf-8"))
     expect_error(
-        capsys, generate_main, ["--model", str(checkpoints[SMALL]), "--chat", "--max-tokens", "1"],
+        capsys,
+        generate_main,
+        ["--model", str(checkpoints[SMALL]), "--chat", "--max-tokens", "1"],
         "stdin is not valid UTF-8",
     )
 
@@ -121,8 +113,12 @@ def test_closed_stdout_and_hangup_are_quiet(checkpoints):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1 and stderr == b"", stderr
     process = subprocess.Popen(
-        [*args, "--prompt", "hi", "--chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=ENV, text=True,
+        [*args, "--prompt", "hi", "--chat"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        text=True,
     )
     for line in process.stderr:  # the first answer's report: the chat now waits on stdin
         if line.startswith("Peak memory"):
@@ -154,7 +150,12 @@ CHECKPOINT_CASES = [
     ("config-empty", SMALL, {"config.json": b""}, "config.json is not valid JSON"),
     ("text-config-string", SMALL, edit(["text_config"], "llama"), "'text_config' in"),
     ("vision-config-list", SMALL, edit(["vision_config"], [1]), "'vision_config' in"),
-    ("negative-hidden", SMALL, edit(["text_config", "hidden_size"], -16), "text hidden_size must be a positive integer"),
+    (
+        "negative-hidden",
+        SMALL,
+        edit(["text_config", "hidden_size"], -16),
+        "text hidden_size must be a positive integer",
+    ),
     ("negative-layers", SMALL, edit(["text_config", "num_hidden_layers"], -1), "text num_hidden_layers must be"),
     ("zero-heads", SMALL, edit(["text_config", "num_attention_heads"], 0), "num_attention_heads must be a positive"),
     ("string-size", SMALL, edit(["text_config", "intermediate_size"], "64"), "intermediate_size must be a positive"),
@@ -198,20 +199,35 @@ CHECKPOINT_CASES = [
     ("preprocessor-negative", SMALL, {"preprocessor_config.json": b'{"crop_size": -5}'}, "crop must be positive"),
     ("preprocessor-mean", SMALL, {"preprocessor_config.json": b'{"image_mean": [0.5]}'}, "image_mean must be 3"),
     ("preprocessor-std", SMALL, {"preprocessor_config.json": b'{"image_std": [0, 0, 0]}'}, "image_std must be"),
-    ("chat-template-syntax", SMALL, {"tokenizer_config.json": edit(["chat_template"], "{% for %}")},
-     "chat template fails: TemplateSyntaxError"),
-    ("chat-template-raises", SMALL, {"tokenizer_config.json": edit(["chat_template"], "{{ raise_exception('no') }}")},
-     "chat template fails"),
+    (
+        "chat-template-syntax",
+        SMALL,
+        {"tokenizer_config.json": edit(["chat_template"], "{% for %}")},
+        "chat template fails: TemplateSyntaxError",
+    ),
+    (
+        "chat-template-raises",
+        SMALL,
+        {"tokenizer_config.json": edit(["chat_template"], "{{ raise_exception('no') }}")},
+        "chat template fails",
+    ),
     ("chat-template-json", SMALL, {"chat_template.json": b"{nope"}, "chat_template.json is not valid JSON"),
     ("index-json", "orig-v1.6-vicuna", {"model.safetensors.index.json": b"{nope"}, "index.json is not valid JSON"),
     ("index-list", "orig-v1.6-vicuna", {"model.safetensors.index.json": b"[]"}, "index.json must hold"),
-    ("index-escapes", "orig-v1.6-vicuna",
-     {"model.safetensors.index.json": json.dumps({"weight_map": {"a": "../../../etc/passwd"}}).encode()},
-     "not a plain file name"),
+    (
+        "index-escapes",
+        "orig-v1.6-vicuna",
+        {"model.safetensors.index.json": json.dumps({"weight_map": {"a": "../../../etc/passwd"}}).encode()},
+        "not a plain file name",
+    ),
     ("weights-garbage", SMALL, {"model-00001-of-00002.safetensors": b"garbage"}, "cannot read weights"),
     ("weights-directory", SMALL, {"model-00001-of-00002.safetensors": "DIR"}, "cannot read weights"),
-    ("orig-tower-missing", "orig-v1.5-vicuna", edit(["mm_vision_tower"], "/nonexistent/tower"),
-     "vision tower '/nonexistent/tower' is not a directory"),
+    (
+        "orig-tower-missing",
+        "orig-v1.5-vicuna",
+        edit(["mm_vision_tower"], "/nonexistent/tower"),
+        "vision tower '/nonexistent/tower' is not a directory",
+    ),
 ]
 
 
@@ -247,7 +263,9 @@ def broken(checkpoints, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name,fragment", [(c[0], c[3]) for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
+@pytest.mark.parametrize(
+    "name,fragment", [(c[0], c[3]) for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES]
+)
 def test_broken_checkpoint(name, fragment, broken, images, capsys):
     argv = ["--model", str(broken(name)), "--prompt", "hi", "--max-tokens", "1", "--image", str(images["tiny"])]
     expect_error(capsys, generate_main, argv, fragment)
@@ -336,7 +354,9 @@ def test_numpy_and_bytes_images_are_images(small, images):
     gray = np.asarray(Image.open(path).convert("L"))
     expected, _ = processor.preprocess([Image.fromarray(gray).convert("RGB")])
     np.testing.assert_array_equal(processor.preprocess([gray])[0], expected)
-    np.testing.assert_array_equal(processor("<image>\nhi", pixels)["pixel_values"], processor("<image>\nhi", [path])["pixel_values"])
+    np.testing.assert_array_equal(
+        processor("<image>\nhi", pixels)["pixel_values"], processor("<image>\nhi", [path])["pixel_values"]
+    )
     assert generate(model, processor, "hi", images=None, max_tokens=1).prompt_tokens > 0  # None: no images
 
 
@@ -425,7 +445,10 @@ def wait_for(process, marker: str, timeout: float = 120):
 
 
 # A hook that announces the step, then waits (up to 60 s) to be signalled.
-WAIT = "def {name}(*a, **k):\n    print('{marker}', flush=True)\n    import time; time.sleep(60)\n    return {call}(*a, **k)\n"
+WAIT = (
+    "def {name}(*a, **k):\n    print('{marker}', flush=True)\n    import time; time.sleep(60)\n"
+    "    return {call}(*a, **k)\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -491,7 +514,11 @@ def test_ctrl_c_during_start_up():
     ):
         process = subprocess.Popen(
             [sys.executable, "-X", "importtime", *map(str, script), "--model", "nobody/nothing", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
         )
         for line in process.stderr:
             if line.split("|")[-1].strip() == "mlx.core":

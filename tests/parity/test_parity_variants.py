@@ -9,9 +9,9 @@ max|logit| and 16 greedy tokens. All cases run in one start of the reference env
 """
 
 import pytest
+from reference.original import QUESTION, case_name, check_case, run_original
 
 from llava_mlx import load
-from test_parity_original import QUESTION, case_name, check_case, run_original
 
 CASES = [
     ("select-layer", "llava_v1", ["wide"]),
@@ -93,9 +93,15 @@ def test_yi_tokenisation_matches_original(variants, loaded_variant, tmp_path):
     strings = TRICKY + ["<|im_start|>user\nhi<|im_end|>", "a<|im_end|>\nb", " <|endoftext|>y", "<|im_end|><|im_start|>"]
     (tmp_path / "strings.json").write_text(json.dumps(strings))
     result = subprocess.run(
-        [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "tokenize_original.py"), str(variants["orig-yi"]),
-         str(tmp_path / "strings.json")],
-        capture_output=True, text=True, timeout=300,
+        [
+            REFERENCE_PYTHON,
+            str(ROOT / "tests" / "reference" / "tokenize_original.py"),
+            str(variants["orig-yi"]),
+            str(tmp_path / "strings.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     expected = json.loads(result.stdout.strip().splitlines()[-1])

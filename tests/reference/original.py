@@ -1,0 +1,62 @@
+"""Running the original LLaVA code (`.venv-orig`, made by scripts/setup_reference.sh) and
+checking our pipeline against one of its cases: prompt, token ids, crops, image-token counts,
+the logits of the whole merged sequence (within RTOL of max|logit|) and 16 greedy tokens."""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+from conftest import ROOT
+
+from llava_mlx.generation import generate
+
+REFERENCE_PYTHON = os.environ.get("LLAVA_REFERENCE_PYTHON", str(ROOT / ".venv-orig" / "bin" / "python"))
+
+
+RTOL = 1e-4  # of the largest |logit|
+
+
+QUESTION = "What is in the image?"
+
+
+def case_name(variant, images, raw=False):
+    return f"{'raw-' if raw else ''}{variant}-{'+'.join(images) or 'text'}"
+
+
+def run_original(jobs, out, timeout=1800):
+    """name -> npz of each job of tests/reference/run_original.py, in one run of the original code."""
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run(
+        [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "run_original.py"), str(out / "jobs.json"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}
+
+
+def assert_logits_close(ours, ref):
+    ours = np.asarray(ours, np.float32)[..., : ref.shape[-1]]  # llava-hf pads the vocabulary
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err <= RTOL, f"max |diff| = {err:.2e} of max |logit|"
+
+
+def check_case(model, processor, ref, images, prompt):
+    assert prompt == str(ref["prompt"])
+    inputs = processor(prompt, images)
+    assert np.asarray(inputs["input_ids"])[0].tolist() == ref["input_ids"].tolist()
+    if images:
+        crops = np.asarray(inputs["pixel_values"]).transpose(0, 3, 1, 2)
+        expected = np.concatenate([ref[f"pixel_values_{i}"] for i in range(len(images))])
+        np.testing.assert_allclose(crops, expected, atol=1e-5)
+        sizes = [tuple(s) for s in ref["image_sizes"].tolist()]
+        assert [model.config.image_token_count(s) for s in sizes] == ref["image_token_counts"].tolist()
+    logits = model(**inputs)
+    assert logits.shape[1] == ref["logits"].shape[0]
+    assert_logits_close(logits[0], ref["logits"])
+    result = generate(model, processor, prompt, images, max_tokens=16, template=False, ignore_eos=True)
+    assert result.tokens == ref["greedy"].tolist()
