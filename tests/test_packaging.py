@@ -68,3 +68,15 @@ def test_ci_starts_from_an_empty_venv():
     lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     create = lines.index("python3 -m venv .venv")
     assert "rm -rf .venv" in lines[:create]
+
+
+def test_readme_is_a_door_to_the_docs():
+    """README under 12 kB; every page in docs/ reachable from it; every link it makes resolves."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) < 12_000
+    linked = set(re.findall(r"\]\((docs/[^)#]+)\)", readme))
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
+    assert pages <= linked, f"not linked from the README: {sorted(pages - linked)}"
+    for page in pages:  # links between the pages resolve too
+        for target in re.findall(r"\]\(([^)#:]+\.md)", (ROOT / page).read_text()):
+            assert (ROOT / "docs" / target).resolve().exists(), (page, target)
