@@ -26,11 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
-from fixtures.build import write_hf  # noqa: E402
-from fixtures.images import make_images  # noqa: E402
 
 from llava_mlx import convert, generate, load  # noqa: E402
 from llava_mlx.checkpoint.quantize import RECIPES  # noqa: E402
+
+from fixtures.build import write_hf  # noqa: E402
+from fixtures.images import make_images  # noqa: E402
 
 PROMPT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 IMAGES = ("tie_wide", "square")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import SERVER_MODEL
 
 from llava_mlx.generation import stream_generate
+
+from conftest import SERVER_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 180
@@ -122,3 +123,41 @@ def disconnect_twice(server, image):
             break
         time.sleep(0.2)
     return before, health
+
+
+SMUGGLED = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # a body that is itself a request
+
+
+def responses_to(port: int, request: bytes, timeout: float = 10) -> list:
+    """The statuses of the responses the server sends on one connection for `request` (bytes as
+    sent), parsed one after another until the server closes the connection; None at the end
+    when it kept the connection open instead (nothing more came within `timeout`)."""
+    import socket
+
+    statuses = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        reader = s.makefile("rb")
+        while True:
+            try:
+                line = reader.readline()
+            except TimeoutError:
+                return statuses + [None]
+            if not line:
+                return statuses  # closed by the server
+            headers = {}
+            while (header := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = header.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if "content-length" in headers:
+                reader.read(int(headers["content-length"]))
+            elif headers.get("transfer-encoding") == "chunked":
+                while (size := int(reader.readline().split(b";")[0], 16)) > 0:
+                    reader.read(size + 2)
+                reader.readline()
+            statuses.append(line.decode().split()[1])
+
+
+def request_with_body(method: str, path: str, body: bytes = SMUGGLED, headers: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n{headers}\r\n"
+    return head.encode() + body

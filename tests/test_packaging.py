@@ -7,6 +7,7 @@ import sys
 from importlib.metadata import packages_distributions
 
 import tomllib
+
 from conftest import ROOT
 
 # Imported only on a path that says it needs them (convert.py's .bin reading: "pip install torch").

@@ -49,11 +49,22 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "llava-mlx"
     timeout = 60  # s: a client that sends nothing (or reads nothing) for this long is dropped
-    checked = 0.0  # when the connection was last checked for a disconnect
 
     def __init__(self, *args, app=None, **kwargs):
         self.app = app
+        self.checked = 0.0  # when the connection was last checked for a disconnect
+        self.body_read = False  # whether this request's body has been read (or it has none)
         super().__init__(*args, **kwargs)
+
+    def unread_body(self) -> bool:
+        """Whether this request declared a body that nobody read. Answering it and keeping the
+        connection would parse that body as the next request (request smuggling behind a
+        proxy; a desynchronised connection for any keep-alive client): such a response says
+        `Connection: close` and the connection ends with it."""
+        headers = getattr(self, "headers", None)  # unset when the request line itself was bad
+        if headers is None or self.body_read:
+            return False
+        return bool(headers.get("Transfer-Encoding")) or headers.get("Content-Length", "").strip() not in ("", "0")
 
     def log_message(self, fmt, *args):
         log.info("%s %s", self.address_string(), fmt % args)
@@ -65,6 +76,8 @@ class Handler(BaseHTTPRequestHandler):
         self._json(code, ApiError(code, message or HTTPStatus(code).phrase).body())
 
     def _headers(self, status: int, content_type: str, length=None):
+        if self.unread_body():
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         if length is None:
@@ -92,6 +105,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes ----------------------------------------------------------------------
     def _route(self, method: str):
+        self.body_read = False
         path = self.path.split("?", 1)[0]
         known = {"/": "GET", "/health": "GET", **{p: "GET" for p in MODEL_PATHS}, **{p: "POST" for p in CHAT_PATHS}}
         try:
@@ -131,6 +145,7 @@ class Handler(BaseHTTPRequestHandler):
         self._route("POST")
 
     def do_OPTIONS(self):  # CORS preflight
+        self.body_read = False
         origin = self.headers.get("Origin")
         if not origin or not self.app.cors(origin):
             return self._json(403, ApiError(403, f"origin {origin!r} is not allowed (--allowed-origins)").body())
@@ -140,6 +155,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
+        if self.unread_body():
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
 
     def do_PUT(self):
@@ -167,6 +185,7 @@ class Handler(BaseHTTPRequestHandler):
                 code="request_too_large",
             )
         data = self.rfile.read(size)
+        self.body_read = True
         if len(data) < size:
             self.close_connection = True
             raise ApiError(400, f"the request body ended after {len(data)} of {size} bytes")

@@ -17,14 +17,15 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
-from fixtures.build_adapters import build_adapters
-from helpers import expect_error
-from reference.original import QUESTION, REFERENCE_PYTHON, check_case, run_original
 
 from llava_mlx import LlavaError, convert, load
 from llava_mlx.checkpoint.lora import is_target, scaling
 from llava_mlx.generation import generate
+
+from conftest import ROOT
+from fixtures.build_adapters import build_adapters
+from helpers import expect_error
+from reference.original import QUESTION, REFERENCE_PYTHON, check_case, run_original
 
 BASE = "base-vicuna"
 # name -> (checkpoint, image, what the reference does with it)
@@ -141,8 +142,9 @@ def test_generate_cli_matches_the_original_builder(case, adapters, original_buil
 def test_server_serves_a_lora_with_its_base(adapters, original_builder, images, tmp_path):
     """server.py --model LORA --model-base BASE: the openai client gets the original builder's
     greedy answer."""
-    from serving import start_server
     from test_server import ask, user
+
+    from serving import start_server
 
     checkpoint, image, _ = CASES["lora-v1.5"]
     server = start_server(adapters[checkpoint], tmp_path / "server.log", "--model-base", str(adapters[BASE]))

@@ -12,9 +12,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import LAYOUTS, ROOT
-from fixtures.preconverted import build_preconverted
-from helpers import cosine, logits, snapshot
 from mlx.utils import tree_flatten
 
 from llava_mlx import generate, load
@@ -26,6 +23,10 @@ from llava_mlx.cli.convert import main
 from llava_mlx.errors import LlavaError
 from llava_mlx.model import LlavaConfig, LlavaModel
 from llava_mlx.vision import layers_to_run
+
+from conftest import LAYOUTS, ROOT
+from fixtures.preconverted import build_preconverted
+from helpers import cosine, logits, snapshot
 
 # One checkpoint per variant: the other layouts of a variant hold the same weights.
 VARIANTS = ["hf-v1.5-vicuna", "hf-v1.6-vicuna", "hf-v1.6-mistral"]

@@ -9,8 +9,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from fixtures.preconverted import build_preconverted
-from helpers import cosine, logits
 from mlx.utils import tree_flatten
 
 from llava_mlx import convert, generate, load
@@ -19,6 +17,9 @@ from llava_mlx.checkpoint.quantize import RECIPES, estimate_bytes
 from llava_mlx.cli.convert import main
 from llava_mlx.errors import LlavaError
 from llava_mlx.model import LlavaConfig, LlavaModel
+
+from fixtures.preconverted import build_preconverted
+from helpers import cosine, logits
 
 NAME = "hf-v1.6-mistral"  # 2 decoder layers: layer 1 is "last eighth", so it gets the high bits
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"

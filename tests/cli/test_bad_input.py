@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
-from helpers import expect_error, snapshot
 from PIL import Image
 
 from llava_mlx import LlavaError, convert, generate, load, stream_generate
@@ -27,6 +25,9 @@ from llava_mlx import processor as processor_module
 from llava_mlx.cli.convert import main as convert_main
 from llava_mlx.cli.generate import main as generate_main
 from llava_mlx.fetch import fetch
+
+from conftest import ROOT
+from helpers import expect_error, snapshot
 
 SMALL = "hf-v1.5-vicuna"
 ENV = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}

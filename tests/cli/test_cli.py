@@ -10,12 +10,13 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import LAYOUTS, ROOT
-from helpers import expect_error, run_cli
 from PIL import Image
 
 from llava_mlx import processor as processor_module
 from llava_mlx.cli.generate import main
+
+from conftest import LAYOUTS, ROOT
+from helpers import expect_error, run_cli
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

@@ -13,9 +13,6 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ROOT
-from fixtures.preconverted import build_preconverted
-from helpers import environment, free_port_pair, launch_two, run_bounded
 from mlx.utils import tree_flatten
 
 from llava_mlx import generate, load
@@ -23,6 +20,10 @@ from llava_mlx.checkpoint import files
 from llava_mlx.checkpoint.load import load_model
 from llava_mlx.distributed.shard import check_shardable
 from llava_mlx.errors import LlavaError
+
+from conftest import ROOT
+from fixtures.preconverted import build_preconverted
+from helpers import environment, free_port_pair, launch_two, run_bounded
 
 QUESTION = "What is in the image?"
 RAW_PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"

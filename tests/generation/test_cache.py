@@ -7,11 +7,12 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import ROOT
 from mlx.utils import tree_flatten
 
 from llava_mlx.cache import SessionCache
 from llava_mlx.generation import stream_generate
+
+from conftest import ROOT
 
 TOL = 1e-5
 NAME = "hf-v1.6-vicuna"

@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
-from helpers import expect_error, run_cli
 from PIL import Image
 
 from llava_mlx import LlavaError, generate, stream_generate
 from llava_mlx.cli.generate import main
 from llava_mlx.video import decode_frames, load_video
+
+from helpers import expect_error, run_cli
 
 FAMILY = ["hub-onevision", "hub-next-video"]
 

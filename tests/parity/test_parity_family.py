@@ -18,10 +18,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
-from reference.run_family import family_reference
 
 from llava_mlx.model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from llava_mlx.video import load_video
+
+from reference.run_family import family_reference
 
 RTOL = 1e-4
 ONEVISION_PROMPT = "<|im_start|>user {media}\nWhat is in it?<|im_end|>\n<|im_start|>assistant\n"

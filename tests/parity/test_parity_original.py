@@ -15,6 +15,7 @@ import subprocess
 import mlx.core as mx
 import numpy as np
 import pytest
+
 from conftest import ROOT
 from reference.original import QUESTION, REFERENCE_PYTHON, assert_logits_close, case_name, check_case, run_original
 

@@ -9,11 +9,12 @@ differ exactly as REFERENCE.md says: ours are the original's.
 import mlx.core as mx
 import numpy as np
 import pytest
-from fixtures.images import num_image_tokens
 from mlx_lm.generate import generate_step
-from reference.run_transformers import hf_end_to_end, hf_logits_from_inputs
 
 from llava_mlx.model import IMAGE_PLACEHOLDER
+
+from fixtures.images import num_image_tokens
+from reference.run_transformers import hf_end_to_end, hf_logits_from_inputs
 
 RTOL = 1e-4
 PROMPTS = {

@@ -9,9 +9,10 @@ max|logit| and 16 greedy tokens. All cases run in one start of the reference env
 """
 
 import pytest
-from reference.original import QUESTION, case_name, check_case, run_original
 
 from llava_mlx import load
+
+from reference.original import QUESTION, case_name, check_case, run_original
 
 CASES = [
     ("select-layer", "llava_v1", ["wide"]),

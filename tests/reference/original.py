@@ -7,9 +7,10 @@ import os
 import subprocess
 
 import numpy as np
-from conftest import ROOT
 
 from llava_mlx.generation import generate
+
+from conftest import ROOT
 
 REFERENCE_PYTHON = os.environ.get("LLAVA_REFERENCE_PYTHON", str(ROOT / ".venv-orig" / "bin" / "python"))
 

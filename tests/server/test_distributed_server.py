@@ -20,6 +20,7 @@ from pathlib import Path
 
 import openai
 import pytest
+
 from conftest import ROOT, SERVER_ARGS, SERVER_MODEL
 from helpers import LAUNCH, environment, free_port_pair
 from serving import ask, client, disconnect_twice, reference, start_server, user

@@ -19,13 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import ROOT, SERVER_MODEL
-from helpers import free_port
 from PIL import Image
-from serving import TOKENS, ask, client, data_uri, disconnect_twice, reference, user
 
 from llava_mlx.cache import common_prefix, image_key, sequence_keys
 from llava_mlx.processor import load_image
+
+from conftest import ROOT, SERVER_MODEL
+from helpers import free_port
+from serving import TOKENS, ask, client, data_uri, disconnect_twice, reference, request_with_body, responses_to, user
 
 SIZES = ["square", "wide", "tall", "tiny", "odd1", "odd2"]  # six image sizes, six prompt lengths
 
@@ -449,6 +450,9 @@ def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
         assert_openai_error(*raw(server, "POST", "/v1/chat/completions", body), 401, "API key")
         wrong = {"Content-Type": "application/json", "Authorization": "Bearer nope"}
         assert_openai_error(*raw(server, "POST", "/v1/chat/completions", body, wrong), 401, "API key")
+        # refused before its body is read: the body is not taken for a next request
+        statuses = responses_to(server.port, request_with_body("POST", "/v1/chat/completions"))
+        assert statuses == ["401"]
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=120)

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
-from serving import ask, disconnect_twice, start_server, user
 
 from llava_mlx import load
 from llava_mlx.cache import SessionCache
 from llava_mlx.generation import stream_generate
+
+from conftest import ROOT
+from serving import ask, disconnect_twice, start_server, user
 
 TOKENS = 16
 KV_MODEL = "orig-gqa"  # llama with GQA, head size 32: MLX quantizes it in groups of 32

@@ -7,10 +7,11 @@ import os
 import shutil
 from pathlib import Path
 
-from conftest import SERVER_MODEL
 from playwright.sync_api import sync_playwright
 
 from llava_mlx import generate
+
+from conftest import SERVER_MODEL
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
