@@ -115,7 +115,7 @@ def image_file(source):
         raise LlavaError("an image name is empty")
     if name.startswith(("http://", "https://")):
         return name, io.BytesIO(fetch(name, "image", URL_TIMEOUT, URL_MAX_BYTES))
-    if not Path(name).is_file():
+    if not validate.usable_path(name, "image").is_file():
         if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", name):
             raise LlavaError(f"cannot read image {name}: only http(s) URLs are downloaded")
         raise LlavaError(f"image not found: {name}" + (" (a directory)" if Path(name).is_dir() else ""))

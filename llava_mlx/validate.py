@@ -7,6 +7,7 @@ ValueError), so nothing deeper has to cope with a wrong type, a NaN or a negativ
 import math
 import os
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -47,13 +48,30 @@ def text(value, name: str) -> str:
 
 
 def path_argument(value, name: str) -> str:
-    """A local path or repo id given as str or os.PathLike, not empty."""
+    """A local path or repo id given as str or os.PathLike, not empty, and one the file system
+    can look up (see `usable_path`)."""
     if not isinstance(value, (str, os.PathLike)):
         raise LlavaTypeError(f"{name} must be a str or a path, not {type(value).__name__}")
     value = text(os.fspath(value), name)
     if not value.strip():
         raise LlavaValueError(f"{name} is empty")
+    usable_path(value, name)
     return value
+
+
+def usable_path(value: str, name: str) -> Path:
+    """`value` as a Path the file system can look up: a missing file is fine (the caller says
+    what is missing), but a name too long for it, a NUL byte or a permission error is one
+    clear error here rather than an OSError wherever the path is first touched."""
+    try:
+        os.stat(os.path.expanduser(value))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except (OSError, ValueError) as e:
+        shown = value if len(value) <= 80 else f"{value[:60]}… ({len(value):,} characters)"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise LlavaValueError(f"{name} {shown!r}: {reason}") from None
+    return Path(value).expanduser()
 
 
 # -- generation -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from . import validate
 from .anyres import clip_preprocess
 from .errors import LlavaError, warn
 from .merge import frame_indices
@@ -39,7 +40,7 @@ def decode_frames(path: str, num_frames: int) -> List[np.ndarray]:
     """`num_frames` RGB frames of the video file at `path`, uniformly spread."""
     import av
 
-    if not Path(path).is_file():
+    if not validate.usable_path(path, "video").is_file():
         raise LlavaError(f"video not found: {path}")
     try:
         wanted = set(frame_indices(count_frames(path), num_frames))

@@ -73,6 +73,29 @@ def test_generate_inputs_refused(checkpoints, images, tmp_path, capsys):
     expect_error(capsys, generate_main, [*model, "--vision-tower", str(tmp_path)], "applies only to original")
 
 
+LONG = "a" * 5000  # longer than any file system takes as one name
+
+
+def test_names_the_file_system_cannot_take(checkpoints, family, tmp_path, capsys):
+    """A 5,000-character name (or a NUL byte) is one line naming the argument, never an OSError."""
+    model = ["--model", str(checkpoints[SMALL]), "--max-tokens", "1", "--prompt", "hi"]
+    too_long = "(5,000 characters)': File name too long"
+    expect_error(capsys, generate_main, [*model, "--image", LONG], "image 'aaaa")
+    expect_error(capsys, generate_main, [*model, "--image", LONG], too_long)
+    video_model = ["--model", str(family["hub-onevision"]), "--max-tokens", "1", "--prompt", "hi"]
+    expect_error(capsys, generate_main, [*video_model, "--video", LONG], too_long)
+    expect_error(capsys, generate_main, ["--model", LONG, "--prompt", "hi"], "the model 'aaaa")
+    expect_error(capsys, generate_main, [*model, "--model-base", LONG], too_long)
+    expect_error(capsys, generate_main, [*model, "--vision-tower", LONG], too_long)
+    out = ["--out", str(tmp_path / LONG)]
+    expect_error(capsys, convert_main, ["--model", str(checkpoints[SMALL]), *out], "characters)': File name too long")
+    assert list(tmp_path.iterdir()) == []
+    from llava_mlx.processor import load_image
+
+    with pytest.raises(ValueError, match="image 'x\\\\x00y': embedded null byte"):
+        load_image("x\x00y")
+
+
 def test_invalid_utf8_in_argv_is_one_line(checkpoints):
     result = subprocess.run(
         [sys.executable, str(ROOT / "generate.py"), "--model", str(checkpoints[SMALL]), "--prompt", b"caf\xc3 ?"],
