@@ -21,7 +21,7 @@ from .distributed.group import agree_seed, is_main, settle
 from .distributed.share import shared_features
 from .errors import LlavaError
 from .processor import load_image
-from .video import DEFAULT_NUM_FRAMES, VIDEO_TOKEN, as_video_list, load_video
+from .video import DEFAULT_NUM_FRAMES, as_video_list, load_video
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMP = 0.0
@@ -65,13 +65,11 @@ class GenerationResult:
 def prepare_prompt(
     processor, prompt: str, num_images: int, template: bool, system=None, history=(), num_videos: int = 0
 ) -> str:
-    """The prompt to tokenise: as written, or the question in the chat template."""
+    """The prompt to tokenise: as written, or the question in the chat template (images first,
+    or where the question's own `<image>` placeholders put them: `Processor.apply_template`)."""
     if not template:
         return prompt
-    question = prompt
-    for token in ("<image>", VIDEO_TOKEN):
-        question = question.replace(f"{token}\n", "").replace(token, "")
-    return processor.apply_template(question, num_images, system, history, num_videos)
+    return processor.apply_template(prompt, num_images, system, history, num_videos)
 
 
 def vocabulary_sampler(sampler, vocabulary: int, rows: int, eos_ids=()):

@@ -67,6 +67,21 @@ def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) ->
     return text
 
 
+def placed(text: str, token: str, count: int, what: str) -> int:
+    """How many of a turn's `count` images (or videos) the template puts before its text: all
+    of them when `text` holds no `token`, none when it holds one per item (they stay where the
+    user put them); any other number of placeholders is an error."""
+    typed = text.count(token)
+    if typed == 0:
+        return count
+    if typed != count:
+        raise LlavaError(
+            f"the question holds {typed} {token} placeholder(s) but {count} {what}(s) were given with it: "
+            f"type one {token} per {what} where it goes, or none to put them first"
+        )
+    return 0
+
+
 def template_family(config: LlavaConfig, tokenizer) -> str:
     if config.text_config["model_type"] == "mistral":
         return "mistral_instruct"
@@ -196,21 +211,28 @@ class Processor:
         """The conversation so far plus `question`, images (then videos) in the first user
         turn: in the checkpoint's own chat template when it has one, else the family's
         template from the original code. `history` holds earlier (question, answer) turns.
-        `num_images` may also be a list: the images of each turn (the server's messages)."""
+        `num_images` may also be a list: the images of each turn (the server's messages).
+
+        Placement: the images of a turn go before its text, unless the text holds `<image>`
+        placeholders, one per image of that turn: then each image goes where its placeholder
+        is (as transformers' processors and the original CLI do); likewise `<video>`."""
         turns = [tuple(t) for t in history] + [(question, None)]
         counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images] + [0] * len(history)
         if len(counts) != len(turns):
             raise ValueError(f"{len(counts)} image counts for {len(turns)} turns")
         videos = [num_videos] + [0] * (len(turns) - 1)
+        # (images, videos) the template places before each turn's text; the others are in the text
+        before = [
+            (placed(q, IMAGE_TOKEN, n, "image"), placed(q, VIDEO_TOKEN, v, "video"))
+            for (q, _), n, v in zip(turns, counts, videos)
+        ]
         hf = self.tokenizer._tokenizer
         if not hf.chat_template:
-            turns = [
-                (f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for n, v, (q, a) in zip(counts, videos, turns)
-            ]
+            turns = [(f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for (n, v), (q, a) in zip(before, turns)]
             return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
-        for i, (q, a) in enumerate(turns):
-            images = [{"type": "image"}] * counts[i] + [{"type": "video"}] * videos[i]
+        for (q, a), (n, v) in zip(turns, before):
+            images = [{"type": "image"}] * n + [{"type": "video"}] * v
             messages.append({"role": "user", "content": images + [{"type": "text", "text": q}]})
             if a is not None:
                 messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})

@@ -29,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Ask LLaVA about images and videos (MLX). The answer streams to stdout; token counts, "
         "speeds and peak memory go to stderr.",
-        epilog="Placement: with the template on (the default), the images come first in the user's turn and "
-        "--prompt is the question; with --no-template, --prompt is used as written and must hold one <image> "
-        "per --image and one <video> per --video, where they go.",
+        epilog="Placement: with the template on (the default), --prompt is the question and the images come "
+        "first in the user's turn, unless the question holds one <image> per --image: then each image goes where "
+        "its <image> is (likewise <video>); any other number of placeholders is an error. With --no-template, "
+        "--prompt is used as written and must hold one <image> per --image and one <video> per --video.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="local checkpoint directory or Hugging Face repo id")

@@ -69,3 +69,31 @@ def test_chat_template_by_hand(name, num_images, system, history, expected, load
     """The llava-hf templates of the fixtures, rendered by hand."""
     _, processor = loaded(name)
     assert processor.apply_template("Q?", num_images, system, history) == expected
+
+
+@pytest.mark.parametrize("name", ["hf-v1.6-vicuna", "orig-v1.5-vicuna", "orig-v1.6-mistral"])
+def test_typed_placeholders_place_the_images(name, loaded):
+    """A question holding one <image> per image puts each image there (checkpoint template and
+    family template alike); none puts them first; any other number is one clear error."""
+    from llava_mlx.errors import LlavaError
+
+    _, processor = loaded(name)
+    placed = processor.apply_template("Compare <image> with <image>, please.", 2)
+    assert "Compare <image> with <image>, please." in placed and placed.count("<image>") == 2
+    first = processor.apply_template("Compare them, please.", 2)
+    assert first.count("<image>") == 2 and first.index("<image>") < first.index("Compare them")
+    for question, images, typed in (("<image><image> two?", 1, 2), ("What is <image>?", 0, 1), ("<image>", 3, 1)):
+        with pytest.raises(LlavaError, match=f"holds {typed} <image> placeholder\\(s\\) but {images} image"):
+            processor.apply_template(question, images)
+
+
+def test_typed_placeholder_in_generate(loaded, images):
+    """Through generate(): the image where the question puts it, the same image positions."""
+    from llava_mlx import LlavaError, generate
+
+    model, processor = loaded("hf-v1.6-vicuna")
+    here = generate(model, processor, "Is <image> a picture?", [images["wide"]], max_tokens=2)
+    first = generate(model, processor, "Is it a picture?", [images["wide"]], max_tokens=2)
+    assert here.image_positions == first.image_positions == 1948
+    with pytest.raises(LlavaError, match="holds 1 <image> placeholder"):
+        generate(model, processor, "What is <image>?", [], max_tokens=2)
