@@ -95,6 +95,7 @@ SERVER_ARGS = [
     "2",
     "--prompt-cache-bytes",
     str(24 << 20),
+    "--allow-private-image-urls",  # the tests' image hosts are on loopback
 ]
 
 

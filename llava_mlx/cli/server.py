@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-url-timeout", type=float, default=d.image_url_timeout, help="seconds to download one image URL"
     )
     p.add_argument(
+        "--allow-private-image-urls",
+        action="store_true",
+        help="also fetch image URLs on loopback, private, link-local and other non-public addresses "
+        "(off: a client cannot make this machine request its own or its network's services)",
+    )
+    p.add_argument(
         "--allowed-origins", nargs="*", default=[], help="web origins allowed to call the API (CORS), or '*'"
     )
     p.add_argument(
@@ -118,6 +124,7 @@ def main(argv=None) -> int:
         args.max_image_pixels,
         int(args.max_body_mb * (1 << 20)),
         args.image_url_timeout,
+        args.allow_private_image_urls,
     )
     try:
         engine.start()

@@ -49,6 +49,7 @@ class Limits:
     max_image_pixels: int = 20_000_000  # width x height of one image, checked before decoding
     max_body_bytes: int = 20 << 20  # a request body; also the most an image URL may return
     image_url_timeout: float = 10.0  # s, for the whole download of one image URL
+    private_image_urls: bool = False  # fetch image URLs on loopback, private and link-local addresses too
 
 
 @dataclass
@@ -258,7 +259,8 @@ def image_bytes(where: str, url: str, limits: Limits) -> bytes:
 def download(where: str, url: str, limits: Limits) -> bytes:
     """GET an http(s) URL within `image_url_timeout` seconds and `max_body_bytes` bytes in all."""
     try:
-        return fetch(url, "the image URL", limits.image_url_timeout, limits.max_body_bytes)
+        public_only = not limits.private_image_urls
+        return fetch(url, "the image URL", limits.image_url_timeout, limits.max_body_bytes, public_only)
     except LlavaError as e:
         raise ApiError(400, f"{where}: {e}", "messages") from None
 

@@ -453,6 +453,14 @@ def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
         # refused before its body is read: the body is not taken for a next request
         statuses = responses_to(server.port, request_with_body("POST", "/v1/chat/completions"))
         assert statuses == ["401"]
+        # without --allow-private-image-urls, an image URL on this machine is not fetched
+        local = {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{server.port}/"}}],
+        }
+        keyed = {"Content-Type": "application/json", "Authorization": "Bearer s3cret"}
+        refused = json.dumps({"messages": [local], "max_tokens": 4}).encode()
+        assert_openai_error(*raw(server, "POST", "/v1/chat/completions", refused, keyed), 400, "non-public address")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
