@@ -10,8 +10,8 @@ import tomllib
 
 from conftest import ROOT
 
-# Imported only on a path that says it needs them (convert.py's .bin reading: "pip install torch").
-OPTIONAL = {"torch"}
+# Imported only on a path that says it needs them: none (PyTorch .bin files are read without torch).
+OPTIONAL = set()
 
 
 def normalise(name: str) -> str:

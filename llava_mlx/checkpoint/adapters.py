@@ -84,7 +84,7 @@ def base_weights(base: Path) -> Dict[str, mx.array]:
     if not glob.glob(str(base / "*.safetensors")):  # e.g. a hub base that ships PyTorch .bin only
         raise LlavaError(
             f"the base model {base} has no safetensors weights; merge with convert.py, which reads .bin "
-            f"with torch (python convert.py --model CHECKPOINT --model-base BASE --out DIR)"
+            f"(python convert.py --model CHECKPOINT --model-base BASE --out DIR)"
         )
     weights = load_weights(base)
     if any(k.endswith(".scales") for k in weights):

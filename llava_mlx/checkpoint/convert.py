@@ -32,11 +32,12 @@ from ..processor import image_settings
 from ..signals import signals_held
 from . import validate
 from .adapters import checkpoint_kind, read_checkpoint, tokenizer_dir
-from .files import has_safetensors, import_torch, read_json, save_shard, to_mx, torch_load, write_json
+from .files import has_safetensors, read_json, save_shard, write_json
 from .hub import HUB_PATTERNS, resolve
 from .layouts import MLX_FORMAT, detect_layout, ships_tower, tower_location
 from .load import load, load_model
 from .quantize import DEFAULT_GROUP_SIZE, RECIPES, bits_summary, cast, existing_quantization, quantize_model
+from .torch_bin import iter_bin
 
 QUANT_BITS = (4, 8)
 
@@ -72,22 +73,22 @@ INDEX = "model.safetensors.index.json"
 def stage_bin(src: Path, scratch: Path, chunk_bytes: int = 1 << 30) -> Path:
     """A copy of checkpoint `src` whose PyTorch `.bin` weights are re-saved as safetensors
     (the loader reads only those) in files of about `chunk_bytes`; other files are linked.
-    The `.bin` files are memory-mapped, so memory holds about one chunk at a time."""
-    torch = import_torch(f"{src} has only PyTorch .bin weights")
+    The `.bin` files are read without torch and memory-mapped (torch_bin.py), so memory holds
+    about one chunk at a time."""
     scratch.mkdir(parents=True)
     for item in src.iterdir():
         if item.suffix != ".bin" and item.name != "pytorch_model.bin.index.json":
             os.symlink(item.resolve(), scratch / item.name)
     for file in sorted(src.glob("*.bin")):
-        state = torch_load(torch, file)
         chunk, size, part = {}, 0, 0
-        for i, (key, tensor) in enumerate(state.items()):
-            chunk[key] = to_mx(torch, tensor)
-            size += chunk[key].nbytes
-            if size >= chunk_bytes or i == len(state) - 1:
+        for key, tensor in iter_bin(file):
+            chunk[key] = tensor
+            size += tensor.nbytes
+            if size >= chunk_bytes:
                 save_shard(scratch / f"{file.stem}-{part:04d}.safetensors", chunk)
                 chunk, size, part = {}, 0, part + 1
-        del state
+        if chunk:
+            save_shard(scratch / f"{file.stem}-{part:04d}.safetensors", chunk)
     return scratch
 
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import LlavaError
+from .torch_bin import read_bin
 
 
 def read_json(path: Path) -> dict:
@@ -55,7 +56,7 @@ def load_weights(path: Path) -> Dict[str, mx.array]:
         if glob.glob(str(path / "*.bin")):
             raise LlavaError(
                 f"{path} has only PyTorch .bin weights; convert the checkpoint first "
-                f"(python convert.py --model {path} --out DIR, with torch installed)"
+                f"(python convert.py --model {path} --out DIR)"
             )
         raise LlavaError(f"no weights (*.safetensors) in {path}")
     weights = {}
@@ -73,12 +74,11 @@ def tensor_files(path: Path, stem: str) -> list:
 
 
 def read_tensors(path: Path, stem: str) -> Dict[str, mx.array]:
-    """Every tensor of `stem` in `path` (safetensors lazily; .bin through torch, which needs it)."""
+    """Every tensor of `stem` in `path` (safetensors lazily; .bin memory-mapped, torch_bin.py)."""
     weights = {}
     for file in tensor_files(path, stem):
         if file.suffix == ".bin":
-            torch = import_torch(f"{file} is PyTorch .bin weights")
-            weights.update({k: to_mx(torch, v) for k, v in torch_load(torch, file).items()})
+            weights.update(read_bin(file))
         else:
             try:
                 weights.update(mx.load(str(file)))
@@ -89,31 +89,6 @@ def read_tensors(path: Path, stem: str) -> Dict[str, mx.array]:
 
 def has_safetensors(path: Path) -> bool:
     return bool(glob.glob(str(path / "*.safetensors")))
-
-
-def import_torch(reason: str):
-    try:
-        import torch
-    except ImportError:
-        raise LlavaError(f"{reason}: reading them needs torch (pip install torch)") from None
-    return torch
-
-
-def to_mx(torch, tensor) -> mx.array:
-    tensor = tensor.detach().contiguous()
-    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: move the bits
-        return mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)
-    return mx.array(tensor.numpy())
-
-
-def torch_load(torch, file: Path) -> dict:
-    errors = []
-    for mmap in (True, False):  # files from before torch's zip format cannot be memory-mapped
-        try:
-            return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
-        except Exception as e:  # pickle / zip / format errors of every kind
-            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    raise LlavaError(f"cannot read weights {file}: {errors[-1]}")
 
 
 def save_shard(path: Path, shard: dict):

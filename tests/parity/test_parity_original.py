@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from reference.original import QUESTION, REFERENCE_PYTHON, assert_logits_close, case_name, check_case, run_original
+from reference.original import (
+    QUESTION,
+    REFERENCE_PYTHON,
+    TRICKY,
+    assert_logits_close,
+    case_name,
+    check_case,
+    run_original,
+)
 
 ALL_IMAGES = [
     "square",
@@ -129,25 +137,6 @@ def test_chunked_prefill_matches_one_pass(original, loaded, images):
     one_pass = model(**inputs)[0]
     assert np.abs(np.asarray(chunked) - np.asarray(one_pass)).max() <= 1e-5 * np.abs(np.asarray(one_pass)).max()
     assert_logits_close(chunked, ref["logits"])
-
-
-TRICKY = [
-    "A chat between a curious human. USER: ",
-    "\nWhat is",
-    " ASSISTANT: hi</s>USER: ok",
-    "Describe",
-    " in detail,  please.  ",
-    "[INST] Hello [/INST]",
-    "",
-    "x",
-    "</s>x",
-    "a ▁b  \n\n c</s> </s>",
-    "  two spaces",
-    "<s>USER",
-    "end</s>",
-    "ünïcödé 1234 ☃ 🦙",
-    "\t tab",
-]
 
 
 @pytest.mark.parametrize(

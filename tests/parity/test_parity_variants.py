@@ -89,7 +89,8 @@ def test_yi_tokenisation_matches_original(variants, loaded_variant, tmp_path):
     import json
     import subprocess
 
-    from test_parity_original import REFERENCE_PYTHON, ROOT, TRICKY
+    from conftest import ROOT
+    from reference.original import REFERENCE_PYTHON, TRICKY
 
     strings = TRICKY + ["<|im_start|>user\nhi<|im_end|>", "a<|im_end|>\nb", " <|endoftext|>y", "<|im_end|><|im_start|>"]
     (tmp_path / "strings.json").write_text(json.dumps(strings))

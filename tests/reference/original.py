@@ -61,3 +61,22 @@ def check_case(model, processor, ref, images, prompt):
     assert_logits_close(logits[0], ref["logits"])
     result = generate(model, processor, prompt, images, max_tokens=16, template=False, ignore_eos=True)
     assert result.tokens == ref["greedy"].tolist()
+
+
+TRICKY = [
+    "A chat between a curious human. USER: ",
+    "\nWhat is",
+    " ASSISTANT: hi</s>USER: ok",
+    "Describe",
+    " in detail,  please.  ",
+    "[INST] Hello [/INST]",
+    "",
+    "x",
+    "</s>x",
+    "a ▁b  \n\n c</s> </s>",
+    "  two spaces",
+    "<s>USER",
+    "end</s>",
+    "ünïcödé 1234 ☃ 🦙",
+    "\t tab",
+]
