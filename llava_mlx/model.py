@@ -207,16 +207,11 @@ class LlavaModel(nn.Module):
         encoded images and videos. Returns (1, L, text_dim).
         """
         ids = np.asarray(input_ids).reshape(-1)
-        is_image, is_video = ids == IMAGE_PLACEHOLDER, ids == VIDEO_PLACEHOLDER
-        slots = np.flatnonzero(is_image | is_video)
+        slots = np.flatnonzero((ids == IMAGE_PLACEHOLDER) | (ids == VIDEO_PLACEHOLDER))
         if image_features is None:
-            videos = list(pixel_values_videos if pixel_values_videos is not None else [])
-            if len(videos) != int(is_video.sum()):
-                raise ValueError(f"the prompt has {int(is_video.sum())} video placeholders but {len(videos)} videos")
-            several = int(is_image.sum()) > 1
-            images = iter(self.image_features(pixel_values, image_sizes, several) if is_image.any() else [])
-            videos = iter(self.video_features(mx.array(v)) for v in videos)
-            image_features = [next(images) if ids[s] == IMAGE_PLACEHOLDER else next(videos) for s in slots]
+            image_features = (
+                self.media_features(ids, pixel_values, image_sizes, pixel_values_videos) if len(slots) else []
+            )
         if len(image_features) != len(slots):
             raise ValueError(f"the prompt has {len(slots)} image placeholders but {len(image_features)} images")
         embed_tokens = self.language_model.model.embed_tokens
@@ -230,6 +225,20 @@ class LlavaModel(nn.Module):
         if start < len(ids):
             pieces.append(embed_tokens(mx.array(ids[start:])))
         return mx.concatenate(pieces)[None]
+
+    def media_features(self, ids: np.ndarray, pixel_values, image_sizes, pixel_values_videos) -> List[mx.array]:
+        """The features of every image and video placeholder of `ids`, in order. (Sharded over
+        several ranks, distributed/shard.py has rank 0 compute them and share them.)"""
+        is_image, is_video = ids == IMAGE_PLACEHOLDER, ids == VIDEO_PLACEHOLDER
+        videos = list(pixel_values_videos if pixel_values_videos is not None else [])
+        if len(videos) != int(is_video.sum()):
+            raise ValueError(f"the prompt has {int(is_video.sum())} video placeholders but {len(videos)} videos")
+        several = int(is_image.sum()) > 1
+        images = iter(self.image_features(pixel_values, image_sizes, several) if is_image.any() else [])
+        videos = iter(self.video_features(mx.array(v)) for v in videos)
+        return [
+            next(images) if ids[s] == IMAGE_PLACEHOLDER else next(videos) for s in np.flatnonzero(is_image | is_video)
+        ]
 
     def __call__(
         self, input_ids, pixel_values=None, image_sizes=None, cache=None, image_features=None, pixel_values_videos=None

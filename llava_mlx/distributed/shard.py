@@ -14,6 +14,7 @@ from mlx_lm.models.pipeline import PipelineMixin
 
 from ..checkpoint.files import read_slice, tensor_index
 from ..errors import LlavaError
+from .share import shared_features
 
 VISION_PARTS = ("vision_tower", "multi_modal_projector", "image_newline")
 
@@ -97,6 +98,17 @@ def check_shardable(text: dict, size: int, pipeline: bool):
         raise LlavaError(f"cannot split the MLP width {text['intermediate_size']} over {size} ranks")
 
 
+def share_media(model: nn.Module):
+    """`model(**inputs)` with pixel values works on every rank: rank 0 (the only one with the
+    tower) encodes the images and videos, and every rank gets the features (share.py)."""
+    encode = model.media_features
+
+    def media_features(*args):
+        return shared_features(model, lambda: ([], encode(*args)))[1]
+
+    model.media_features = media_features
+
+
 def shard(model: nn.Module, weights: dict, group, pipeline: bool, stored: dict, files: List) -> dict:
     """Shard `model` (built, not yet loaded) for this rank and return the weights it keeps.
 
@@ -113,6 +125,7 @@ def shard(model: nn.Module, weights: dict, group, pipeline: bool, stored: dict, 
         for name in VISION_PARTS:
             model.pop(name, None)
     model.sharding = Sharding(group, mode)
+    share_media(model)
     index, names = tensor_index(files), {id(v): k for k, v in stored.items()}
     kept = {}
     for key, param in tree_flatten(model.parameters()):

@@ -190,3 +190,38 @@ def test_read_slice_reads_the_part_of_a_stored_tensor(tmp_path):
                 got = files.read_slice(index[name], axis, part, 2)
                 assert got.dtype == value.dtype and got.shape == expected.shape
                 assert mx.array_equal(got, expected).item()
+
+
+PUBLIC_API = """
+import sys
+import numpy as np
+from llava_mlx import load
+model, processor = load(sys.argv[1])
+inputs = processor(sys.argv[2], [sys.argv[3]])
+logits = np.array(model(**inputs)[0])
+np.save(sys.argv[4] + ".npy" if model.sharding.group.rank() == 0 else sys.argv[4] + "-rank1.npy", logits)
+"""
+
+
+@pytest.mark.parametrize("name", ["hf-v1.6-mistral", "hub-onevision"])
+def test_the_documented_api_works_on_every_rank(name, models, images, tmp_path):
+    """load(), processor(prompt, images) and model(**inputs) on both ranks: rank 1 holds no tower,
+    so rank 0 encodes the image and shares its features inside model(...); both ranks get the
+    single process's logits."""
+    script = tmp_path / "api.py"
+    script.write_text(PUBLIC_API)
+    prompt = (
+        RAW_PROMPT
+        if "mistral" in name
+        else "<|im_start|>user <image>\\nWhat is it?<|im_end|>\\n<|im_start|>assistant\\n"
+    )
+    result = launch_two(script, models[name], prompt, images["wide"], tmp_path / "logits", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from llava_mlx import load
+
+    model, processor = load(str(models[name]))
+    alone = np.array(model(**processor(prompt, [str(images["wide"])]))[0])
+    for rank_file in ("logits.npy", "logits-rank1.npy"):
+        both = np.load(tmp_path / rank_file)
+        assert both.shape == alone.shape
+        assert np.abs(both - alone).max() <= 1e-4 * np.abs(alone).max(), rank_file
