@@ -72,14 +72,15 @@ def prepare_prompt(
     return processor.apply_template(prompt, num_images, system, history, num_videos)
 
 
-def vocabulary_sampler(sampler, vocabulary: int, rows: int, eos_ids=()):
+def vocabulary_sampler(sampler, vocabulary: int, rows: int, eos_ids=(), renormalise: bool = True):
     """Never pick ids past the tokenizer's base vocabulary, except the end-of-turn ids.
 
     llava-hf pads the embeddings (32000 -> 32064 rows) and adds `<image>` and `<pad>`:
     ids the original model, with its 32000 rows, could not produce. An end of turn that
     is an added token past the base vocabulary (chatml's `<|im_end|>` in some tokenizers)
     must stay reachable, or generation never stops. The kept ids are renormalised, so
-    top-p sees their own distribution.
+    top-p sees their own distribution; a greedy sampler (`renormalise=False`) needs no
+    renormalising, the argmax being the same.
     """
     if rows <= vocabulary:
         return sampler
@@ -91,7 +92,7 @@ def vocabulary_sampler(sampler, vocabulary: int, rows: int, eos_ids=()):
 
     def sample(logprobs):
         kept = logprobs + mask
-        return sampler(kept - mx.logsumexp(kept, axis=-1, keepdims=True))
+        return sampler(kept - mx.logsumexp(kept, axis=-1, keepdims=True) if renormalise else kept)
 
     return sample
 
@@ -171,7 +172,7 @@ def stream_generate(
     max_tokens = min(max_tokens, context - length) if max_tokens >= 0 else context - length
 
     kv, reused = cache.prefix(model, keys, kv_bits, max_kv_size)
-    embeddings = model.embed(ids, image_features=features)[0][reused:]
+    embeddings = model.embed(ids, image_features=features, start=reused)[0]
     steps = lm_generate_step(
         mx.zeros((length - reused,), dtype=mx.int32),
         model.language_model,
@@ -181,6 +182,7 @@ def stream_generate(
             processor.tokenizer.vocab_size,
             model.config.text_config["vocab_size"],
             processor.tokenizer.eos_token_ids,
+            renormalise=temperature > 0,
         ),
         prompt_cache=kv,
         prefill_step_size=prefill_step_size,

@@ -198,13 +198,23 @@ class LlavaModel(nn.Module):
         newline = getattr(self, "image_newline", None)
         return place_newlines(grid, newline, config.video_newline)
 
-    def embed(self, input_ids, pixel_values=None, image_sizes=None, image_features=None, pixel_values_videos=None):
+    def embed(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_sizes=None,
+        image_features=None,
+        pixel_values_videos=None,
+        start: int = 0,
+        stop: Optional[int] = None,
+    ):
         """Text embeddings with each IMAGE_PLACEHOLDER / VIDEO_PLACEHOLDER replaced by that
         image's or video's features.
 
         `pixel_values_videos` is a list with one (frames, H, W, 3) array per video.
         `image_features` (one array per placeholder, in order) may be passed to reuse
-        encoded images and videos. Returns (1, L, text_dim).
+        encoded images and videos. Returns (1, L, text_dim); with `start` / `stop`, only
+        positions [start, stop) of the merged sequence are computed (a cached prefix is not).
         """
         ids = np.asarray(input_ids).reshape(-1)
         slots = np.flatnonzero((ids == IMAGE_PLACEHOLDER) | (ids == VIDEO_PLACEHOLDER))
@@ -216,14 +226,29 @@ class LlavaModel(nn.Module):
             raise ValueError(f"the prompt has {len(slots)} image placeholders but {len(image_features)} images")
         embed_tokens = self.language_model.model.embed_tokens
         dtype = self.language_model.model.norm.weight.dtype
-        pieces, start = [], 0
+        # the merged sequence as runs: (token ids or features, its first position)
+        runs, token, position = [], 0, 0
         for slot, feats in zip(slots, image_features):
-            if slot > start:
-                pieces.append(embed_tokens(mx.array(ids[start:slot])))
-            pieces.append(feats.astype(dtype))
-            start = slot + 1
-        if start < len(ids):
-            pieces.append(embed_tokens(mx.array(ids[start:])))
+            if slot > token:
+                runs.append((ids[token:slot], position))
+                position += slot - token
+            runs.append((feats, position))
+            position, token = position + feats.shape[0], slot + 1
+        if token < len(ids):
+            runs.append((ids[token:], position))
+            position += len(ids) - token
+        stop = position if stop is None else min(stop, position)
+        pieces = []
+        for run, first in runs:
+            lo, hi = max(start - first, 0), min(stop - first, run.shape[0])
+            if lo >= hi:
+                continue
+            if isinstance(run, np.ndarray):
+                pieces.append(embed_tokens(mx.array(run[lo:hi])))
+            else:
+                pieces.append(run[lo:hi].astype(dtype))
+        if not pieces:
+            raise ValueError(f"positions [{start}, {stop}) hold nothing")
         return mx.concatenate(pieces)[None]
 
     def media_features(self, ids: np.ndarray, pixel_values, image_sizes, pixel_values_videos) -> List[mx.array]:

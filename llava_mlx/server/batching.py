@@ -45,6 +45,7 @@ class BatchScheduler:
         self.prefilling: deque = deque()
         self.running: dict = {}  # the generator's uid → job
         self.generator = None
+        self.stream = None  # the engine thread's default stream, once loaded
         self.greedy = None  # one sampler shared by every greedy request (one batched call)
         self.padded_vocab = 0  # the decoder's output rows (llava-hf pads past the tokenizer)
 
@@ -55,7 +56,7 @@ class BatchScheduler:
         tokenizer = engine.processor.tokenizer
         self.padded_vocab = engine.model.config.text_config["vocab_size"]
         self.greedy = vocabulary_sampler(
-            make_sampler(0.0), tokenizer.vocab_size, self.padded_vocab, tokenizer.eos_token_ids
+            make_sampler(0.0), tokenizer.vocab_size, self.padded_vocab, tokenizer.eos_token_ids, renormalise=False
         )
 
     def release(self):
@@ -110,8 +111,10 @@ class BatchScheduler:
             raise RuntimeError("the prompt ends inside an image")
         kv, job.cached = self.engine.prompt_cache.fetch(p.keys)
         job.kv = kv if kv is not None else make_prompt_cache(self.engine.model.language_model)
-        embeddings = self.engine.model.embed(p.ids, image_features=features)[0]
-        job.embeddings = embeddings[job.cached : len(p.keys) - 1]
+        # the positions to prefill: after the cached prefix, before the last (decoding starts there)
+        job.embeddings = self.engine.model.embed(
+            p.ids, image_features=features, start=job.cached, stop=len(p.keys) - 1
+        )[0]
         self.prefilling.append(job)
 
     def _features(self, p: Prompt) -> list:
@@ -138,11 +141,10 @@ class BatchScheduler:
         total = job.embeddings.shape[0]
         if job.prefilled < total:
             end = min(job.prefilled + self.engine.options.prefill_step_size, total)
-            with mx.stream(self.stream):
-                self.engine.model.language_model(
-                    None, cache=job.kv, input_embeddings=job.embeddings[None, job.prefilled : end]
-                )
-                mx.eval([c.state for c in job.kv])
+            self.engine.model.language_model(
+                None, cache=job.kv, input_embeddings=job.embeddings[None, job.prefilled : end]
+            )
+            mx.eval([c.state for c in job.kv])
             job.prefilled = end
         if job.prefilled == total:
             self.prefilling.popleft()
