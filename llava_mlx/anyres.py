@@ -145,12 +145,17 @@ def preprocess_image(
     crop: int = 336,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    squash: bool = False,
 ) -> np.ndarray:
-    """All crops of one RGB image as float32 (n_crops, crop, crop, 3)."""
+    """All crops of one RGB image as float32 (n_crops, crop, crop, 3). `squash`: a lone crop
+    is the image resized to crop x crop, aspect not kept (SigLIP's image processor), instead
+    of its shortest edge resized and the centre cropped (CLIP's)."""
     if aspect == "pad":
         crops = [expand_to_square(image, mean_fill(mean))]
     elif aspect == "anyres":
         crops = anyres_crops(image, pinpoints, crop)
+    elif squash:
+        crops = [image.resize((crop, crop), Image.BICUBIC)]
     else:
         crops = [image]
     return np.stack([clip_preprocess(c, size, crop, mean, std) for c in crops])

@@ -34,7 +34,7 @@ Size = Tuple[int, int]  # (width, height)
 # -- geometry ---------------------------------------------------------------------------
 def oriented_pinpoints(pinpoints, conventions: str):
     """Pinpoints as (width, height) whatever the convention (transformers lists (h, w))."""
-    if conventions == "transformers":
+    if conventions == "transformers" and pinpoints is not None:
         return [[h, w] for w, h in pinpoints]
     return pinpoints
 

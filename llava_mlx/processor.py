@@ -82,6 +82,13 @@ def placed(text: str, token: str, count: int, what: str) -> int:
     return 0
 
 
+def byte_level(tokenizer) -> bool:
+    """Whether the tokenizer is a byte-level BPE (Llama-3's, Qwen's): it never had a
+    tokenizer.model, so there is no SentencePiece rule to follow and nothing to warn about."""
+    backend = getattr(tokenizer._tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+
+
 def template_family(config: LlavaConfig, tokenizer) -> str:
     if config.text_config["model_type"] == "mistral":
         return "mistral_instruct"
@@ -188,7 +195,11 @@ class Processor:
             sentencepiece = None
         else:
             sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
-            if sentencepiece is None and config.text_config["model_type"] in ("llama", "mistral"):
+            if (
+                sentencepiece is None
+                and config.text_config["model_type"] in ("llama", "mistral")
+                and not byte_level(tokenizer)
+            ):
                 warn(
                     f"{path} has no tokenizer.model: tokenising with transformers' rules, which can "
                     "differ from the original LLaVA's after special tokens and <image>"
@@ -285,6 +296,7 @@ class Processor:
                 c["crop"],
                 c["mean"],
                 c["std"],
+                c["squash"],
             )
             for im in images
         ]
@@ -349,12 +361,15 @@ def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -
             return int(value.get(key) or value.get("height") or side)
         return int(value) if value else side
 
+    size = raw.get("size")
     try:
         settings = {
-            "size": edge(raw.get("size"), "shortest_edge"),
+            "size": edge(size, "shortest_edge"),
             "crop": edge(raw.get("crop_size"), "height"),
             "mean": tuple(raw.get("image_mean", CLIP_MEAN)),
             "std": tuple(raw.get("image_std", CLIP_STD)),
+            # {"height", "width"} and no centre crop: the image is resized to that square (SigLIP's)
+            "squash": isinstance(size, dict) and "height" in size and not raw.get("do_center_crop", False),
         }
     except (TypeError, ValueError) as e:
         raise LlavaError(f"{where}: unreadable image sizes ({e})") from None

@@ -82,8 +82,8 @@ def detect_layout(raw: dict) -> str:
 
 
 def family_fields(raw: dict) -> dict:
-    """What LLaVA-OneVision and LLaVA-NeXT-Video add to a llava-hf config (transformers 5
-    defaults for what the config leaves out)."""
+    """What LLaVA-OneVision, LLaVA-NeXT-Video and LLaVA-Interleave add to a llava-hf config
+    (transformers 5 defaults for what the config leaves out)."""
     model_type = raw.get("model_type")
     if model_type == "llava_onevision":
         return dict(
@@ -110,6 +110,10 @@ def family_fields(raw: dict) -> dict:
             video_pool_stride=raw.get("spatial_pool_stride", 2),
             video_newline="no_token",
         )
+    if (raw.get("vision_config") or {}).get("model_type") == "siglip_vision_model":
+        # LLaVA-Interleave (llava-hf/llava-interleave-qwen-*): released through transformers,
+        # whose SigLIP image processor squashes each image to the tower's square, no padding.
+        return dict(vision_model_type="siglip", conventions="transformers", image_aspect_ratio="square")
     return {}
 
 
@@ -124,11 +128,12 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
         for key in ("vocab_size", "tie_word_embeddings"):  # some configs say these at the top only
             if key in raw:
                 text.setdefault(key, raw[key])
-        siglip = model_type == "llava_onevision"
+        vision = raw.get("vision_config")
+        # SigLIP: OneVision's tower, and LLaVA-Interleave's (`llava` with a SigLIP vision_config)
+        siglip = model_type == "llava_onevision" or (vision or {}).get("model_type") == "siglip_vision_model"
         layer = raw.get("vision_feature_layer", -1 if siglip else -2)
         if not isinstance(layer, int):
             raise LlavaError(f"vision_feature_layer {layer} (several layers) is not supported")
-        vision = raw.get("vision_config")
         next_ = model_type in ("llava_next", "llava_next_video")
         strategy = raw.get("vision_feature_select_strategy", "full" if siglip else "default")
         fields = dict(

@@ -14,7 +14,7 @@ from mlx_lm.generate import generate_step
 from llava_mlx.model import IMAGE_PLACEHOLDER
 
 from fixtures.images import num_image_tokens
-from reference.run_transformers import hf_end_to_end, hf_logits_from_inputs
+from reference.run_transformers import hf_end_to_end, hf_logits_from_inputs, ours_from_transformers
 
 RTOL = 1e-4
 PROMPTS = {
@@ -37,21 +37,6 @@ AGREE = [
 ]
 # Sizes where transformers departs from the original (ties and unpad rounding).
 DIFFER = ["tie_wide", "tie_tall", "tiny", "unpad_wide", "unpad_tall"]
-
-
-def ours_from_transformers(reference, image_token):
-    """transformers' inputs in our form: one placeholder per image run, NHWC crops, (w, h)."""
-    ids, collapsed = reference["input_ids"].tolist(), []
-    for i, token in enumerate(ids):
-        if token != image_token:
-            collapsed.append(token)
-        elif i == 0 or ids[i - 1] != image_token:
-            collapsed.append(IMAGE_PLACEHOLDER)
-    pixels = reference["pixel_values"]
-    sizes = reference.get("image_sizes")
-    if pixels.ndim == 5:  # llava_next pads every image to the same number of crops
-        pixels = pixels[0]
-    return collapsed, pixels.transpose(0, 2, 3, 1), sizes
 
 
 @pytest.mark.parametrize("name,image", AGREE)

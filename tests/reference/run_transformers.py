@@ -31,6 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
+from llava_mlx.model import IMAGE_PLACEHOLDER
+
 ORIG_IMAGE_TOKEN_INDEX = -200
 _CACHE: dict[str, tuple] = {}
 
@@ -66,8 +68,11 @@ def _count_tokens(processor, model, image_sizes_hw):
             ).num_image_tokens
         ]
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    if model.config.vision_feature_select_strategy == "full":
-        n += 1
+    if (
+        model.config.vision_feature_select_strategy == "full"
+        and model.config.vision_config.model_type != "siglip_vision_model"
+    ):
+        n += 1  # CLIP's class token (SigLIP has none)
     return [n] * len(image_sizes_hw)
 
 
@@ -155,3 +160,18 @@ def hf_logits_from_inputs(ckpt_dir, input_ids, pixel_values, image_sizes=None) -
         kwargs["image_sizes"] = sizes
     with torch.no_grad():
         return model(**kwargs).logits[0].float().numpy()
+
+
+def ours_from_transformers(reference, image_token):
+    """transformers' inputs in our form: one placeholder per image run, NHWC crops, (w, h)."""
+    ids, collapsed = reference["input_ids"].tolist(), []
+    for i, token in enumerate(ids):
+        if token != image_token:
+            collapsed.append(token)
+        elif i == 0 or ids[i - 1] != image_token:
+            collapsed.append(IMAGE_PLACEHOLDER)
+    pixels = reference["pixel_values"]
+    sizes = reference.get("image_sizes")
+    if pixels.ndim == 5:  # llava_next pads every image to the same number of crops
+        pixels = pixels[0]
+    return collapsed, pixels.transpose(0, 2, 3, 1), sizes
