@@ -43,6 +43,7 @@ def assert_logits_close(ours, ref):
     ours = np.asarray(ours, np.float32)[..., : ref.shape[-1]]  # llava-hf pads the vocabulary
     assert ours.shape == ref.shape
     err = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"max|Δlogit| / max|logit| = {err:.2e}", end=" ")  # shown with pytest -s
     assert err <= RTOL, f"max |diff| = {err:.2e} of max |logit|"
 
 
