@@ -28,52 +28,9 @@ from typing import Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .anyres import downscaled_shape, unpad_padding, unpadded_shape
+
 Size = Tuple[int, int]  # (width, height)
-
-
-# -- geometry ---------------------------------------------------------------------------
-def oriented_pinpoints(pinpoints, conventions: str):
-    """Pinpoints as (width, height) whatever the convention (transformers lists (h, w))."""
-    if conventions == "transformers" and pinpoints is not None:
-        return [[h, w] for w, h in pinpoints]
-    return pinpoints
-
-
-def unpad_padding(size: Size, rows: int, cols: int, rounding: str = "truncate") -> Tuple[int, int]:
-    """(rows, columns) of padding to drop from each side of a rows x cols feature map.
-
-    'truncate' (original) and 'round' (transformers: `int(round(x, 7))`) differ by whole rows.
-    """
-    width, height = size
-    settle = int if rounding == "truncate" else (lambda x: int(round(x, 7)))
-    if width / height > cols / rows:
-        new_h = settle(height * (cols / width))
-        return (rows - new_h) // 2, 0
-    new_w = settle(width * (rows / height))
-    return 0, (cols - new_w) // 2
-
-
-def unpadded_shape(size: Size, rows: int, cols: int, rounding: str = "truncate") -> Tuple[int, int]:
-    """(height, width) of the feature map once the padding is dropped."""
-    pad_y, pad_x = unpad_padding(size, rows, cols, rounding)
-    return rows - 2 * pad_y, cols - 2 * pad_x
-
-
-def downscaled_shape(height: int, width: int, max_tiles: int, side: int) -> Optional[Tuple[int, int]]:
-    """The (height, width) 'anyres_max_N' shrinks a map to, or None when it is kept.
-
-    ratio = sqrt(h·w / (N·side²)); only beyond 1.1 is the map resized, to floor(h / ratio)
-    by floor(w / ratio) (transformers' pack_image_features).
-    """
-    ratio = math.sqrt(height * width / (max_tiles * side**2))
-    if ratio <= 1.1:
-        return None
-    return int(height // ratio), int(width // ratio)
-
-
-def anyres_max_tiles(aspect: str) -> Optional[int]:
-    """N of 'anyres_max_N', None for other aspect settings."""
-    return int(aspect[len("anyres_max_") :]) if aspect.startswith("anyres_max_") else None
 
 
 # -- bilinear resizing, as torch's interpolate(mode='bilinear', align_corners=False) ----

@@ -15,17 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .anyres import grid_shape
+from .anyres import anyres_max_tiles, grid_shape, oriented_pinpoints
 from .language import build_language_model, context_length, normalize_text_config
-from .merge import (
-    IMAGE_MERGES,
-    VIDEO_POOLS,
-    anyres_max_tiles,
-    image_positions,
-    oriented_pinpoints,
-    place_newlines,
-    video_positions,
-)
+from .merge import IMAGE_MERGES, VIDEO_POOLS, image_positions, place_newlines, video_positions
 from .projector import Projector
 from .siglip import SiglipConfig, SiglipTower
 from .vision import VisionConfig, VisionTower

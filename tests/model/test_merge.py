@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from llava_mlx import merge
+from llava_mlx import anyres, merge
 
 
 def test_bilinear_weights_by_hand():
@@ -40,19 +40,23 @@ def test_resize_bilinear_matches_torch(shape, size):
 def test_unpad_rounding_conventions():
     # an 11x55 image on a 31-row, 6-column map keeps 55 · (6 / 11) = 29.999999999999996 rows in
     # floating point: truncated to 29 (original, 1 row dropped each side), rounded to 30 (none)
-    assert merge.unpad_padding((11, 55), 31, 6, "truncate") == (1, 0)
-    assert merge.unpad_padding((11, 55), 31, 6, "round") == (0, 0)
+    assert anyres.unpad_padding((11, 55), 31, 6, "truncate") == (1, 0)
+    assert anyres.unpad_padding((11, 55), 31, 6, "round") == (0, 0)
     # 300x149 on 6x6: 149 · 6 / 300 = 2.98 → 2 rows kept by both (rounding is to 7 decimals only)
-    assert merge.unpad_padding((300, 149), 6, 6, "truncate") == merge.unpad_padding((300, 149), 6, 6, "round") == (2, 0)
+    truncated, rounded = (
+        anyres.unpad_padding((300, 149), 6, 6, "truncate"),
+        anyres.unpad_padding((300, 149), 6, 6, "round"),
+    )
+    assert truncated == rounded == (2, 0)
 
 
 def test_downscale_threshold():
     # 40x14 over a 9 x 7² budget: ratio sqrt(560 / 441) = 1.127 > 1.1 → floor(40 / r) x floor(14 / r)
-    assert merge.downscaled_shape(40, 14, 9, 7) == (35, 12)
+    assert anyres.downscaled_shape(40, 14, 9, 7) == (35, 12)
     # 38x14: ratio 1.098, kept
-    assert merge.downscaled_shape(38, 14, 9, 7) is None
-    assert merge.anyres_max_tiles("anyres_max_9") == 9
-    assert merge.anyres_max_tiles("anyres") is None
+    assert anyres.downscaled_shape(38, 14, 9, 7) is None
+    assert anyres.anyres_max_tiles("anyres_max_9") == 9
+    assert anyres.anyres_max_tiles("anyres") is None
 
 
 def test_spatial_unpad_by_hand():
@@ -105,5 +109,5 @@ def test_frame_indices():
 
 
 def test_oriented_pinpoints():
-    assert merge.oriented_pinpoints([[336, 672]], "transformers") == [[672, 336]]
-    assert merge.oriented_pinpoints([[336, 672]], "original") == [[336, 672]]
+    assert anyres.oriented_pinpoints([[336, 672]], "transformers") == [[672, 336]]
+    assert anyres.oriented_pinpoints([[336, 672]], "original") == [[336, 672]]
