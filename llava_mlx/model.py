@@ -239,8 +239,8 @@ class LlavaModel(nn.Module):
                 pieces.append(embed_tokens(mx.array(run[lo:hi])))
             else:
                 pieces.append(run[lo:hi].astype(dtype))
-        if not pieces:
-            raise ValueError(f"positions [{start}, {stop}) hold nothing")
+        if not pieces:  # the whole range is cached already: nothing to prefill
+            return mx.zeros((1, 0, self.config.text_config["hidden_size"]), dtype=dtype)
         return mx.concatenate(pieces)[None]
 
     def media_features(self, ids: np.ndarray, pixel_values, image_sizes, pixel_values_videos) -> List[mx.array]:

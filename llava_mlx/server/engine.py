@@ -27,7 +27,7 @@ from .request import ApiError, Chat, Prompt
 log = logging.getLogger("llava_mlx.server")
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: `job in queue` compares identities, never fields (arrays among them)
 class Job:
     """One request on its way through the engine; `events` carries its answer back:
     ("text", str), then ("done", finish_reason, usage) or ("error", ApiError)."""
