@@ -17,6 +17,7 @@ from mlx_lm.generate import generate_step
 
 from llava_mlx import load
 
+from conftest import loader
 from fixtures.build_hf_rows import build_hf_rows
 from reference.run_transformers import hf_end_to_end, ours_from_transformers
 
@@ -39,14 +40,7 @@ def rows(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def rows_loaded(rows):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = load(str(rows[name]))
-        return cache[name]
-
-    return get
+    return loader(rows)
 
 
 @pytest.fixture(scope="session")
