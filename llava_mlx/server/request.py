@@ -123,8 +123,16 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    try:  # JSON may spell lone surrogates (\ud800), which no tokenizer can encode
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400, f"the request body holds text that is not valid Unicode (a lone surrogate at {e.start})"
+        ) from None
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise ApiError(400, "'model' must be a string", "model")
     n = _integer(body, "n", 1)
@@ -141,6 +149,8 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
             400, f"'{name}' is {max_tokens}: it must be between 1 and {limits.max_tokens} (--max-tokens)", name
         )
     seed = _integer(body, "seed")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ApiError(400, f"'seed' is {seed}: it must be between 0 and 2**64 - 1", "seed")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):

@@ -220,6 +220,10 @@ def bad_requests(images, image_host):
     text = {"role": "user", "content": "hi"}
     return {
         "invalid JSON": (b'{"messages": [', 400, "not valid JSON"),
+        "JSON nested 100,000 deep": (b"[" * 100_000 + b"]" * 100_000, 400, "nests too deeply"),
+        "a lone surrogate": (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, "not valid Unicode"),
+        "seed past 64 bits": ({"messages": [text], "seed": 2**64, "temperature": 0.5}, 400, "'seed' is"),
+        "negative seed": ({"messages": [text], "seed": -1, "temperature": 0.5}, 400, "'seed' is"),
         "not an object": (b"[1, 2]", 400, "JSON object"),
         "missing messages": ({"model": "x"}, 400, "'messages'"),
         "messages not a list": ({"messages": "hi"}, 400, "'messages'"),
@@ -329,6 +333,10 @@ def bad_requests(images, image_host):
 
 BAD_CASES = [
     "invalid JSON",
+    "JSON nested 100,000 deep",
+    "a lone surrogate",
+    "seed past 64 bits",
+    "negative seed",
     "not an object",
     "missing messages",
     "messages not a list",
