@@ -3,8 +3,8 @@
 HTTP on the standard library (`ThreadingHTTPServer`, as mlx-lm's server): a thread per
 connection checks the request and prepares its images and prompt, then waits on its
 job's queue while the engine thread (engine.py) runs it; the answer goes back as
-JSON or as server-sent events. Endpoints: POST /v1/chat/completions (also without /v1),
-GET /v1/models, GET /health, and GET / (a chat page).
+JSON or as server-sent events. Endpoints: POST /v1/chat/completions and /v1/completions
+(also without /v1), GET /v1/models, GET /health, and GET / (a chat page).
 """
 
 import hmac
@@ -21,10 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .engine import Engine, Job
-from .request import ApiError, Limits, build_prompt, parse_chat
+from .request import ApiError, Limits, build_prompt, parse_chat, parse_completion
 
 log = logging.getLogger("llava_mlx.server")
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+COMPLETION_PATHS = ("/v1/completions", "/completions")  # a raw prompt: no template, no images
 MODEL_PATHS = ("/v1/models", "/models")
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 CHECK_EVERY = 0.1  # s between checks that a waiting client is still connected
@@ -107,7 +108,8 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, method: str):
         self.body_read = False
         path = self.path.split("?", 1)[0]
-        known = {"/": "GET", "/health": "GET", **{p: "GET" for p in MODEL_PATHS}, **{p: "POST" for p in CHAT_PATHS}}
+        known = {"/": "GET", "/health": "GET", **{p: "GET" for p in MODEL_PATHS}}
+        known.update({p: "POST" for p in CHAT_PATHS + COMPLETION_PATHS})
         try:
             self.app.check_origin(self.headers.get("Origin"), self.headers.get("Host"))
             if path not in known:
@@ -125,7 +127,7 @@ class Handler(BaseHTTPRequestHandler):
                 if path in MODEL_PATHS:
                     self._json(200, {"object": "list", "data": [self.app.model_card()]})
                 else:
-                    self._chat()
+                    self._chat(parse_completion if path in COMPLETION_PATHS else parse_chat)
         except ApiError as e:
             self._json(e.status, e.body())
         except ClientGone:
@@ -198,7 +200,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             size -= len(chunk)
 
-    def _chat(self):
+    def _chat(self, parse):
         app = self.app
         if not app.slots.acquire(blocking=False):  # bounds the requests held in memory at once
             self.close_connection = True
@@ -208,13 +210,13 @@ class Handler(BaseHTTPRequestHandler):
                 "are in progress (--max-batch + --max-queue)",
             )
         try:
-            self._run_chat()
+            self._run_chat(parse)
         finally:
             app.slots.release()
 
-    def _run_chat(self):
+    def _run_chat(self, parse):
         app = self.app
-        chat = parse_chat(self._body(), app.limits)
+        chat = parse(self._body(), app.limits)
         job = Job(build_prompt(chat, app.processor, app.limits, app.engine.needs_pixels), chat)
         app.engine.submit(job)
         try:
@@ -265,24 +267,34 @@ class Handler(BaseHTTPRequestHandler):
         if event[0] == "error":
             raise event[1]
         _, finish, usage = event
-        message = {"role": "assistant", "content": "".join(parts)}
+        text = "".join(parts)
+        if job.chat.raw:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            self._json(200, {**self.app.envelope("text_completion"), "choices": [choice], "usage": usage})
+            return
+        message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         self._json(200, {**self.app.envelope("chat.completion"), "choices": [choice], "usage": usage})
 
     def _stream(self, job: Job, event):
-        envelope = self.app.envelope("chat.completion.chunk")
+        raw = job.chat.raw  # /v1/completions: `text` pieces, not chat deltas
+        envelope = self.app.envelope("text_completion" if raw else "chat.completion.chunk")
 
         def send(delta=None, finish=None, usage=None, choices=True):
             chunk = dict(envelope)
-            chunk["choices"] = (
-                [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}] if choices else []
-            )
+            choice = {"index": 0, "logprobs": None, "finish_reason": finish}
+            if raw:
+                choice["text"] = (delta or {}).get("content", "")
+            else:
+                choice["delta"] = delta or {}
+            chunk["choices"] = [choice] if choices else []
             if job.chat.include_usage:
                 chunk["usage"] = usage
             self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
         self._headers(200, "text/event-stream")
-        send({"role": "assistant", "content": ""})
+        if not raw:
+            send({"role": "assistant", "content": ""})
         while True:
             pieces = []
             while event is not None and event[0] == "text":
@@ -346,8 +358,9 @@ class App:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "llava-mlx"}
 
     def envelope(self, kind: str) -> dict:
+        prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
             "object": kind,
             "created": int(time.time()),
             "model": self.model_id,

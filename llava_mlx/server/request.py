@@ -67,6 +67,7 @@ class Chat:
     stop: List[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    raw: bool = False  # /v1/completions: the one turn is the prompt as written, no template
 
 
 @dataclass
@@ -117,8 +118,8 @@ def _boolean(body, name, default=False, param=None):
     return value
 
 
-def parse_chat(raw: bytes, limits: Limits) -> Chat:
-    """The request body → a Chat, or an ApiError saying which field is wrong and why."""
+def read_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or an ApiError."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -133,6 +134,39 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
         raise ApiError(
             400, f"the request body holds text that is not valid Unicode (a lone surrogate at {e.start})"
         ) from None
+    return body
+
+
+def parse_chat(raw: bytes, limits: Limits) -> Chat:
+    """The request body → a Chat, or an ApiError saying which field is wrong and why."""
+    body = read_body(raw)
+    options = generation_options(body, limits, limits.max_tokens)
+    system, turns, counts, urls = parse_messages(body.get("messages"), limits)
+    return Chat(system=system, turns=turns, image_counts=counts, image_urls=urls, **options)
+
+
+def parse_completion(raw: bytes, limits: Limits) -> Chat:
+    """A /v1/completions body → a Chat of one raw turn (no template, no images)."""
+    body = read_body(raw)
+    for name in ("echo", "suffix"):
+        if body.get(name):
+            raise ApiError(400, f"'{name}' is not supported", name)
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(400, "'best_of' other than 1 is not supported", "best_of")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "'prompt' must be a non-empty string (one prompt per request)", "prompt")
+    if IMAGE_TOKEN in prompt:
+        raise ApiError(400, "images are not part of /v1/completions: send them to /v1/chat/completions", "prompt")
+    # OpenAI's default answer length for completions is 16 tokens
+    options = generation_options(body, limits, min(16, limits.max_tokens))
+    return Chat(system=None, turns=[(prompt, None)], image_counts=[0], image_urls=[], raw=True, **options)
+
+
+def generation_options(body: dict, limits: Limits, default_max_tokens: int) -> dict:
+    """The fields chat completions and completions share, checked."""
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise ApiError(400, "'model' must be a string", "model")
     n = _integer(body, "n", 1)
@@ -143,7 +177,7 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     if body.get("tools"):
         raise ApiError(400, "'tools' are not supported by LLaVA", "tools")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, name, limits.max_tokens)
+    max_tokens = _integer(body, name, default_max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
         raise ApiError(
             400, f"'{name}' is {max_tokens}: it must be between 1 and {limits.max_tokens} (--max-tokens)", name
@@ -158,12 +192,7 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    system, turns, counts, urls = parse_messages(body.get("messages"), limits)
-    return Chat(
-        system=system,
-        turns=turns,
-        image_counts=counts,
-        image_urls=urls,
+    return dict(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0, low_open=True),
@@ -307,7 +336,7 @@ def build_prompt(chat: Chat, processor, limits: Limits, needs_pixels: Callable[[
     the context checked, and the pixels of images whose features are not cached."""
     images = [decode_image(where, image_bytes(where, url, limits), limits) for where, url in chat.image_urls]
     history, (question, _) = chat.turns[:-1], chat.turns[-1]
-    text = processor.apply_template(question, chat.image_counts, chat.system, history)
+    text = question if chat.raw else processor.apply_template(question, chat.image_counts, chat.system, history)
     ids = processor.encode_prompt(text, len(images))
     config = processor.config
     keys = [image_key(im) for im in images]

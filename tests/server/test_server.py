@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from llava_mlx.cache import common_prefix, image_key, sequence_keys
+from llava_mlx.generation import stream_generate
 from llava_mlx.processor import load_image
 
 from conftest import ROOT, SERVER_MODEL
@@ -655,3 +656,37 @@ def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, i
         events = list(job.events.queue)
         text, *_ = reference(loaded, "What is in the image?", [images[name]])
         assert "".join(e[1] for e in events if e[0] == "text") == text and events[-1][0] == "done"
+
+
+def test_completions_take_the_raw_prompt(live_server, loaded):
+    """POST /v1/completions with the official client: the prompt as written (no template, no
+    images), plain and streamed, equal to stream_generate(template=False); its own bad input."""
+    model, processor = loaded(SERVER_MODEL)
+    prompt = "USER: Tell me about a red square. ASSISTANT:"
+    steps = list(stream_generate(model, processor, prompt, [], max_tokens=TOKENS, template=False))
+    text, finish = "".join(s.text for s in steps), steps[-1].finish_reason
+    generated = len(steps) - 1  # the last response closes the stream (its EOS, if any, is not counted)
+    api = client(live_server)
+    r = api.completions.create(model="llava", prompt=prompt, max_tokens=TOKENS)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == text and r.choices[0].finish_reason == finish and r.choices[0].index == 0
+    assert r.usage.prompt_tokens == steps[-1].prompt_tokens and r.usage.completion_tokens == generated
+    chunks = list(
+        api.completions.create(
+            model="llava", prompt=[prompt], max_tokens=TOKENS, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == generated
+    assert api.completions.create(model="llava", prompt=prompt).usage.completion_tokens <= 16  # OpenAI's default
+    for body, fragment in (
+        ({"prompt": "USER: <image>\nWhat is it? ASSISTANT:"}, "images are not part of /v1/completions"),
+        ({"prompt": ["one", "two"]}, "'prompt' must be a non-empty string"),
+        ({"prompt": ""}, "'prompt' must be a non-empty string"),
+        ({"prompt": "hi", "echo": True}, "'echo' is not supported"),
+        ({"prompt": "hi", "suffix": "!"}, "'suffix' is not supported"),
+        ({"prompt": "hi", "n": 2}, "'n' is 2"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "'prompt' must be"),
+    ):
+        assert_openai_error(*raw(live_server, "POST", "/v1/completions", json.dumps(body).encode()), 400, fragment)
