@@ -411,7 +411,7 @@ def test_openai_client_reads_the_errors(live_server, images):
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}],
         )
     with pytest.raises(openai.NotFoundError):
-        client(live_server).completions.create(model="llava", prompt="hi")  # /v1/completions: no such route
+        client(live_server).responses.create(model="llava", input="hi")  # /v1/responses: no such route yet
 
 
 def test_body_size_route_and_method_errors(live_server):
