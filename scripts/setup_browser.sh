@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The system Chromium that tests/test_server_page.py drives headless through Playwright
+# The system Chromium that tests/server/test_server_page.py drives headless through Playwright
 # (Playwright is pointed at it and never downloads a browser of its own).
 # Debian/Ubuntu: apt's `chromium`. Elsewhere, install Chromium yourself and set CHROMIUM_PATH.
 set -euo pipefail
