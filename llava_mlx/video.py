@@ -125,10 +125,6 @@ def preprocess_frames(frames: np.ndarray, settings: dict) -> np.ndarray:
     return np.stack(out)
 
 
-def count_videos(prompt: str) -> int:
-    return prompt.count(VIDEO_TOKEN)
-
-
 def as_video_list(videos: Optional[Sequence]) -> list:
     """One video or several → a list of videos (a path, an array and a list of PIL images are one)."""
     if videos is None:
