@@ -17,9 +17,11 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import validate
 from .cache import SessionCache, in_prompt_order, sequence_keys
+from .constrain import schema_of, schema_processor
 from .distributed.group import agree_seed, is_main, settle
 from .distributed.share import shared_features
 from .errors import LlavaError
+from .logprobs import vocabulary_mask
 from .processor import load_image
 from .video import DEFAULT_NUM_FRAMES, as_video_list, load_video
 
@@ -73,21 +75,17 @@ def prepare_prompt(
 
 
 def vocabulary_sampler(sampler, vocabulary: int, rows: int, eos_ids=(), renormalise: bool = True):
-    """Never pick ids past the tokenizer's base vocabulary, except the end-of-turn ids.
+    """Never pick ids past the tokenizer's base vocabulary, except the end-of-turn ids
+    (`logprobs.vocabulary_mask`).
 
     llava-hf pads the embeddings (32000 -> 32064 rows) and adds `<image>` and `<pad>`:
-    ids the original model, with its 32000 rows, could not produce. An end of turn that
-    is an added token past the base vocabulary (chatml's `<|im_end|>` in some tokenizers)
-    must stay reachable, or generation never stops. The kept ids are renormalised, so
-    top-p sees their own distribution; a greedy sampler (`renormalise=False`) needs no
-    renormalising, the argmax being the same.
+    ids the original model, with its 32000 rows, could not produce. The kept ids are
+    renormalised, so top-p sees their own distribution; a greedy sampler
+    (`renormalise=False`) needs no renormalising, the argmax being the same.
     """
-    if rows <= vocabulary:
+    allowed = vocabulary_mask(vocabulary, rows, eos_ids)
+    if allowed is None:
         return sampler
-    allowed = mx.arange(rows) < vocabulary
-    extra = [i for i in eos_ids if vocabulary <= i < rows]
-    if extra:
-        allowed = allowed | (mx.arange(rows)[:, None] == mx.array(extra)[None]).any(axis=1)
     mask = mx.where(allowed, 0.0, -float("inf"))
 
     def sample(logprobs):
@@ -131,6 +129,7 @@ def stream_generate(
     cache: Optional[SessionCache] = None,
     videos: Sequence = (),
     num_frames: int = DEFAULT_NUM_FRAMES,
+    response_format: Optional[dict] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield the answer piece by piece (`.text`), with timing and peak memory.
 
@@ -140,10 +139,15 @@ def stream_generate(
     is a file path, a uint8 array (T, H, W, 3) or a list of PIL images; `num_frames` are
     sampled uniformly from each. Passing the same `cache` (SessionCache) to successive
     calls reuses encoded images and videos and the KV cache of the shared prefix.
+
+    `response_format` holds the answer to a JSON schema: OpenAI's {"type": "json_object"}
+    or {"type": "json_schema", "json_schema": {"schema": ...}}, or a JSON schema itself
+    (constrain.py); the answer is compact JSON that ends with the object.
     """
     start = time.perf_counter()
     images, history = validate.generation_inputs(prompt, images, system, history, cache)
     validate.generation_options(max_tokens, temperature, top_p, seed, prefill_step_size, kv_bits, max_kv_size)
+    schema = schema_of(response_format, bare_schema=True)
     seed = agree_seed(model, seed)
     if seed is not None:
         mx.random.seed(seed)
@@ -171,6 +175,8 @@ def stream_generate(
         raise LlavaError(f"the prompt is {length} positions long (images included) but the context is {context}")
     max_tokens = min(max_tokens, context - length) if max_tokens >= 0 else context - length
 
+    rows = model.config.text_config["vocab_size"]
+    constraint = schema_processor(processor, rows, schema)
     kv, reused = cache.prefix(model, keys, kv_bits, max_kv_size)
     embeddings = model.embed(ids, image_features=features, start=reused)[0]
     steps = lm_generate_step(
@@ -180,10 +186,11 @@ def stream_generate(
         sampler=vocabulary_sampler(
             make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
             processor.tokenizer.vocab_size,
-            model.config.text_config["vocab_size"],
+            rows,
             processor.tokenizer.eos_token_ids,
             renormalise=temperature > 0,
         ),
+        logits_processors=[constraint] if constraint else None,
         prompt_cache=kv,
         prefill_step_size=prefill_step_size,
         kv_bits=kv_bits,

@@ -1,12 +1,15 @@
 """python -m llava_mlx generate --image view.jpg --prompt "What is in this image?" """
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 from .. import validate
 from ..cache import SessionCache
 from ..checkpoint.load import load
+from ..constrain import schema_of
 from ..distributed.group import is_main, label
 from ..errors import LlavaError
 from ..generation import (
@@ -82,7 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-kv-size", type=int, default=None, help="rotating KV cache of this many positions (none: unbounded)"
     )
     p.add_argument("--pipeline", action="store_true", help="under mlx.launch: pipeline- (not tensor-) parallel")
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument("--json", action="store_true", help="answer with one JSON object (compact)")
+    structured.add_argument(
+        "--json-schema", metavar="FILE", default=None, help="answer with JSON that keeps to this JSON schema file"
+    )
     return p
+
+
+def response_format(args) -> Optional[dict]:
+    """--json / --json-schema as a response_format, the schema checked before the model loads."""
+    if args.json:
+        return {"type": "json_object"}
+    if args.json_schema is None:
+        return None
+    path = validate.usable_path(args.json_schema, "--json-schema")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlavaError(f"cannot read the JSON schema {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LlavaError(f"{path} is not JSON: {e}") from None
+    return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
 
 
 def chat_questions(first: Optional[str], interactive: bool):
@@ -120,10 +146,16 @@ def main(argv=None) -> int:
         max_kv_size=args.max_kv_size,
         videos=args.video,
         num_frames=args.num_frames,
+        response_format=response_format(args),
     )
+    schema_of(options["response_format"])
     first = None if (args.chat and args.prompt == DEFAULT_PROMPT) else args.prompt
     validate.generation_options(
-        **{k: v for k, v in options.items() if k not in ("template", "system", "videos", "num_frames")}
+        **{
+            k: v
+            for k, v in options.items()
+            if k not in ("template", "system", "videos", "num_frames", "response_format")
+        }
     )
     if first is not None:
         validate.prompt(first)

@@ -8,6 +8,7 @@ batch (requests join and leave between steps). Prefill chunks and decode steps a
 a long new prompt never stalls the running answers for more than one chunk.
 """
 
+import copy
 import logging
 from collections import deque
 
@@ -18,7 +19,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 
 from ..generation import vocabulary_sampler
-from .request import ApiError, Chat, Prompt, pixel_values
+from .request import ApiError, Prompt, pixel_values
 
 log = logging.getLogger("llava_mlx.server")
 
@@ -102,6 +103,7 @@ class BatchScheduler:
     def start(self, job):
         """Image features (cached by content), the cached prefix, the embeddings to prefill."""
         p = job.prompt
+        self.engine.constrain(job)
         features = self._features(p)
         for feats, n in zip(features, p.image_lengths):
             if feats.shape[0] != n:
@@ -148,22 +150,32 @@ class BatchScheduler:
             job.prefilled = end
         if job.prefilled == total:
             self.prefilling.popleft()
-            (job.uid,) = self.generator.insert(
-                [[job.prompt.keys[-1]]],
-                max_tokens=[job.prompt.max_tokens],
-                caches=[job.kv],
-                samplers=[self._sampler(job.chat)],
-            )
-            job.kv = job.embeddings = None
-            job.detokenizer = self.engine.processor.tokenizer.detokenizer
-            self.running[job.uid] = job
+            self._insert(job)
 
-    def _sampler(self, chat: Chat):
+    def _insert(self, job):
+        """The prefilled prompt's choices join the batch: n choices, n copies of its KV."""
+        choices = job.choices
+        caches = [job.kv] + [copy.deepcopy(job.kv) for _ in choices[1:]]
+        uids = self.generator.insert(
+            [[job.prompt.keys[-1]]] * len(choices),
+            max_tokens=[job.prompt.max_tokens] * len(choices),
+            caches=caches,
+            samplers=[self._sampler(choice) for choice in choices],
+            logits_processors=[[choice.constraint] if choice.constraint else [] for choice in choices],
+        )
+        job.kv = job.embeddings = None
+        for choice, uid in zip(choices, uids):
+            choice.uid, choice.cached = uid, job.cached
+            choice.detokenizer = self.engine.processor.tokenizer.detokenizer
+            self.running[uid] = choice
+
+    def _sampler(self, job):
         """Greedy requests share one sampler (one batched call); others get their own."""
+        chat = job.chat
         if chat.temperature == 0:
             return self.greedy
-        if chat.seed is not None:
-            base = seeded_sampler(chat.temperature, chat.top_p, chat.seed)
+        if job.seed is not None:
+            base = seeded_sampler(chat.temperature, chat.top_p, job.seed)
         else:
             base = make_sampler(chat.temperature, chat.top_p if chat.top_p < 1 else 0.0)
         tokenizer = self.engine.processor.tokenizer
@@ -195,7 +207,8 @@ class BatchScheduler:
                 job.detokenizer.add_token(r.token)
             if r.finish_reason is not None:
                 job.detokenizer.finalize()
-            if engine.emit(job, job.detokenizer.last_segment, r.finish_reason) and r.finish_reason is None:
+            entries = engine.logprob_entries(job, r.logprobs, r.token, r.finish_reason)
+            if engine.emit(job, job.detokenizer.last_segment, r.finish_reason, entries) and r.finish_reason is None:
                 self.generator.remove([r.uid])  # a stop string ended it
             if r.finish_reason is not None:
                 self._remember(job, r.prompt_cache)

@@ -18,8 +18,10 @@ from typing import List, Optional
 
 import mlx.core as mx
 
+from ..constrain import grammars, schema_processor
 from ..errors import LlavaError
 from ..features import FeatureCache
+from ..logprobs import LogprobReporter
 from .batching import BatchScheduler
 from .cache import PromptCache
 from .request import ApiError, Chat, Prompt
@@ -29,14 +31,20 @@ log = logging.getLogger("llava_mlx.server")
 
 @dataclass(eq=False)  # a job is itself: `job in queue` compares identities, never fields (arrays among them)
 class Job:
-    """One request on its way through the engine; `events` carries its answer back:
-    ("text", str), then ("done", finish_reason, usage) or ("error", ApiError)."""
+    """One choice of a request on its way through the engine. A request for n choices is
+    its first choice's job, whose `siblings` are the others: they share the prompt (and
+    its prefill), the events queue and the cancellation. `events` carries the answers back:
+    ("text", index, str, logprob entries), then ("done", index, finish_reason, usage) for
+    each choice, or ("error", ApiError) once."""
 
     prompt: Prompt
     chat: Chat
     events: "queue.Queue" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)  # "done" or "error" is queued
+    index: int = 0  # which choice
+    siblings: list = field(default_factory=list)  # the other choices (first choice only)
+    constraint: object = None  # its schema's logits processor (constrain.py), made in the engine
     kv: Optional[list] = None
     embeddings: Optional[mx.array] = None
     prefilled: int = 0
@@ -47,12 +55,27 @@ class Job:
     tokens: List[int] = field(default_factory=list)  # generated, EOS included
     unsent: str = ""  # text held back while it may be the start of a stop string
 
+    def __post_init__(self):
+        if self.index == 0 and not self.siblings:
+            self.siblings = [
+                Job(self.prompt, self.chat, self.events, self.cancelled, index=i) for i in range(1, self.chat.n)
+            ]
+
+    @property
+    def choices(self) -> list:
+        return [self, *self.siblings]
+
+    @property
+    def seed(self) -> Optional[int]:
+        return self.chat.seed_of(self.index)
+
     def cancel(self):
         self.cancelled.set()
 
     def fail(self, error: ApiError):
         self.events.put(("error", error))
-        self.finished.set()
+        for job in self.choices:
+            job.finished.set()
 
 
 @dataclass
@@ -135,6 +158,7 @@ class Engine:
             generated_tokens=0,
         )
         self.memory = dict(peak_memory_gb=0.0, active_memory_gb=0.0)
+        self.reporter = None  # LogprobReporter, made when a request first asks for logprobs
         self.scheduler = scheduler_type(self)
         self.thread = threading.Thread(target=self._run, name="llava-engine", daemon=True)
 
@@ -288,8 +312,9 @@ class Engine:
         self.counters["failed"] += 1
         job.fail(error)
 
-    def emit(self, job: Job, text: str, finish: Optional[str]) -> bool:
-        """Send new text (up to any stop string); True if the job is over."""
+    def emit(self, job: Job, text: str, finish: Optional[str], entries=()) -> bool:
+        """Send new text (up to any stop string) and its tokens' logprob entries; True if
+        the job is over."""
         stops = job.chat.stop
         if stops:
             text, job.unsent = job.unsent + text, ""
@@ -299,8 +324,8 @@ class Engine:
             elif finish is None:
                 keep = held_back(text, stops)
                 text, job.unsent = text[: len(text) - keep], text[len(text) - keep :]
-        if text:
-            job.events.put(("text", text))
+        if text or entries:
+            job.events.put(("text", job.index, text, list(entries)))
         if finish is None:
             return False
         self.scheduler.forget(job)
@@ -314,6 +339,23 @@ class Engine:
             "total_tokens": length + n,
             "prompt_tokens_details": {"cached_tokens": job.cached},
         }
-        job.events.put(("done", finish, usage))
+        job.events.put(("done", job.index, finish, usage))
         job.finished.set()
         return True
+
+    def logprob_entries(self, job: Job, logprobs, token: int, finish: Optional[str]) -> list:
+        """The logprobs entry of a token just generated, if the request asked for them (none
+        for the end of turn, which is no part of the answer)."""
+        if not job.chat.logprobs or (finish == "stop" and token in self.processor.tokenizer.eos_token_ids):
+            return []
+        if self.reporter is None:
+            rows = self.model.config.text_config["vocab_size"]
+            tokens = grammars(self.processor, rows).token_bytes
+            self.reporter = LogprobReporter(self.processor.tokenizer, tokens, rows)
+        return [self.reporter.entry(logprobs, token, job.chat.top_logprobs, first=len(job.tokens) == 1)]
+
+    def constrain(self, job: Job):
+        """Each choice's schema processor (the schema compiled once, in the HTTP thread)."""
+        rows = self.model.config.text_config["vocab_size"]
+        for choice in job.choices:
+            choice.constraint = schema_processor(self.processor, rows, job.chat.schema)

@@ -3,8 +3,9 @@
 HTTP on the standard library (`ThreadingHTTPServer`, as mlx-lm's server): a thread per
 connection checks the request and prepares its images and prompt, then waits on its
 job's queue while the engine thread (engine.py) runs it; the answer goes back as
-JSON or as server-sent events. Endpoints: POST /v1/chat/completions and /v1/completions
-(also without /v1), GET /v1/models, GET /health, and GET / (a chat page).
+JSON or as server-sent events, shaped per API (shapes.py, responses.py). Endpoints: POST
+/v1/chat/completions, /v1/completions and /v1/responses (also without /v1), GET /v1/models,
+GET /health, and GET / (a chat page).
 """
 
 import hmac
@@ -15,17 +16,28 @@ import select
 import socket
 import threading
 import time
-import uuid
+from collections import defaultdict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from ..constrain import grammars
+from ..errors import LlavaError
 from .engine import Engine, Job
 from .request import ApiError, Limits, build_prompt, parse_chat, parse_completion
+from .responses import ResponseShape, parse_response_request
+from .shapes import ChatShape, CompletionShape
 
 log = logging.getLogger("llava_mlx.server")
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 COMPLETION_PATHS = ("/v1/completions", "/completions")  # a raw prompt: no template, no images
+RESPONSE_PATHS = ("/v1/responses", "/responses")
+PARSERS = {
+    **{p: parse_chat for p in CHAT_PATHS},
+    **{p: parse_completion for p in COMPLETION_PATHS},
+    **{p: parse_response_request for p in RESPONSE_PATHS},
+}
+SHAPES = {"chat": ChatShape, "completions": CompletionShape, "responses": ResponseShape}
 MODEL_PATHS = ("/v1/models", "/models")
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 CHECK_EVERY = 0.1  # s between checks that a waiting client is still connected
@@ -109,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
         self.body_read = False
         path = self.path.split("?", 1)[0]
         known = {"/": "GET", "/health": "GET", **{p: "GET" for p in MODEL_PATHS}}
-        known.update({p: "POST" for p in CHAT_PATHS + COMPLETION_PATHS})
+        known.update({p: "POST" for p in PARSERS})
         try:
             self.app.check_origin(self.headers.get("Origin"), self.headers.get("Host"))
             if path not in known:
@@ -127,7 +139,7 @@ class Handler(BaseHTTPRequestHandler):
                 if path in MODEL_PATHS:
                     self._json(200, {"object": "list", "data": [self.app.model_card()]})
                 else:
-                    self._chat(parse_completion if path in COMPLETION_PATHS else parse_chat)
+                    self._chat(PARSERS[path])
         except ApiError as e:
             self._json(e.status, e.body())
         except ClientGone:
@@ -217,19 +229,21 @@ class Handler(BaseHTTPRequestHandler):
     def _run_chat(self, parse):
         app = self.app
         chat = parse(self._body(), app.limits)
+        shape = SHAPES[chat.api](chat, app.model_id)
         job = Job(build_prompt(chat, app.processor, app.limits, app.engine.needs_pixels), chat)
+        app.compile(chat)
         app.engine.submit(job)
         try:
-            first = self._event(job)
-            if first[0] == "error":
-                raise first[1]
             if chat.stream:
-                self._stream(job, first)
+                self._stream(job, shape)
             else:
-                self._complete(job, first)
+                self._complete(job, shape)
         except (ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError):
             job.cancel()
             raise ClientGone() from None
+        except ApiError:
+            job.cancel()  # one choice failed: the others stop too
+            raise
 
     def _event(self, job: Job):
         """The job's next event, cancelling it if the client goes away meanwhile (checked
@@ -253,68 +267,68 @@ class Handler(BaseHTTPRequestHandler):
         except queue.Empty:
             return None
 
-    def _complete(self, job: Job, event):
+    def _complete(self, job: Job, shape):
         # Wait for the end, not token by token: waking this thread for every token would
         # make the engine thread wait for the GIL as often.
-        while event[0] == "text" and not job.finished.wait(CHECK_EVERY):
+        while not all(choice.finished.wait(CHECK_EVERY) for choice in job.choices):
             if client_gone(self.connection):
                 job.cancel()
                 raise ClientGone()
-        parts = []
-        while event[0] == "text":
-            parts.append(event[1])
+        texts, entries, finishes, usages = defaultdict(list), defaultdict(list), {}, {}
+        while len(finishes) < len(job.choices):
             event = job.events.get()
-        if event[0] == "error":
-            raise event[1]
-        _, finish, usage = event
-        text = "".join(parts)
-        if job.chat.raw:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            self._json(200, {**self.app.envelope("text_completion"), "choices": [choice], "usage": usage})
-            return
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        self._json(200, {**self.app.envelope("chat.completion"), "choices": [choice], "usage": usage})
-
-    def _stream(self, job: Job, event):
-        raw = job.chat.raw  # /v1/completions: `text` pieces, not chat deltas
-        envelope = self.app.envelope("text_completion" if raw else "chat.completion.chunk")
-
-        def send(delta=None, finish=None, usage=None, choices=True):
-            chunk = dict(envelope)
-            choice = {"index": 0, "logprobs": None, "finish_reason": finish}
-            if raw:
-                choice["text"] = (delta or {}).get("content", "")
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "text":
+                texts[event[1]].append(event[2])
+                entries[event[1]] += event[3]
             else:
-                choice["delta"] = delta or {}
-            chunk["choices"] = [choice] if choices else []
-            if job.chat.include_usage:
-                chunk["usage"] = usage
-            self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                finishes[event[1]], usages[event[1]] = event[2], event[3]
+        texts = {i: "".join(parts) for i, parts in texts.items()}
+        self._json(200, shape.whole(texts, entries, finishes, usages))
 
+    def _send(self, shape, payloads):
+        for payload in payloads:
+            name = b"event: %s\n" % payload["type"].encode() if shape.named_events else b""
+            self._chunk(name + b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def _stream(self, job: Job, shape):
+        first = self._event(job)  # the first event, or a failure, before the stream's 200
+        if first[0] == "error":
+            raise first[1]
         self._headers(200, "text/event-stream")
-        if not raw:
-            send({"role": "assistant", "content": ""})
-        while True:
-            pieces = []
-            while event is not None and event[0] == "text":
-                pieces.append(event[1])
+        self._send(shape, shape.start())
+        usages, event = {}, first
+        while len(usages) < len(job.choices):
+            pending = {}  # index -> (texts, entries) gathered since the last send
+            while event is not None and event[0] != "error":
+                if event[0] == "text":
+                    texts, entries = pending.setdefault(event[1], ([], []))
+                    texts.append(event[2])
+                    entries += event[3]
+                else:
+                    self._flush(shape, pending, event[1])
+                    self._send(shape, shape.done(event[1], event[2]))
+                    usages[event[1]] = event[3]
                 event = self._queued(job)
-            if pieces:
-                send({"content": "".join(pieces)})
-            if event is not None:
+            for index in list(pending):
+                self._flush(shape, pending, index)
+            if event is not None:  # an error
+                self._send(shape, shape.error(event[1]))
                 break
-            job.finished.wait(STREAM_EVERY)  # let the next tokens gather: one wake-up, not one per token
-            event = self._event(job)
-        if event[0] == "error":
-            self._chunk(b"data: " + json.dumps(event[1].body()).encode() + b"\n\n")
+            if len(usages) < len(job.choices):
+                job.finished.wait(STREAM_EVERY)  # let the next tokens gather: one wake-up, not one per token
+                event = self._event(job)
         else:
-            _, finish, usage = event
-            send(finish=finish)
-            if job.chat.include_usage:
-                send(usage=usage, choices=False)
-        self._chunk(b"data: [DONE]\n\n")
+            self._send(shape, shape.end(usages))
+        if shape.done_marker:
+            self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
+
+    def _flush(self, shape, pending: dict, index: int):
+        texts, entries = pending.pop(index, ([], []))
+        if texts or entries:
+            self._send(shape, shape.text(index, "".join(texts), entries))
 
 
 class App:
@@ -357,14 +371,15 @@ class App:
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "llava-mlx"}
 
-    def envelope(self, kind: str) -> dict:
-        prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
-        return {
-            "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
-            "object": kind,
-            "created": int(time.time()),
-            "model": self.model_id,
-        }
+    def compile(self, chat):
+        """Compile the request's schema here, in its HTTP thread (llguidance lets go of the GIL
+        meanwhile), so the engine only copies it; a schema it cannot compile is a 400."""
+        if chat.schema is None:
+            return
+        try:
+            grammars(self.processor, self.engine.model.config.text_config["vocab_size"]).matcher(chat.schema)
+        except LlavaError as e:
+            raise ApiError(400, str(e), "response_format") from None
 
 
 class Server(ThreadingHTTPServer):

@@ -77,18 +77,19 @@ class LockstepCoordinator(LocalCoordinator):
         self.halted = bool(change.get("stop"))
         if self.halted:
             return Changes(stop=True)
-        live = {job.serial: job for job in engine.scheduler.jobs()}
-        engine.scheduler.drop([live[serial] for serial in change["cancel"]])
+        cancel = set(change["cancel"])  # a request's serial: all its choices
+        engine.scheduler.drop([job for job in engine.scheduler.jobs() if job.serial in cancel])
         start = []
         for serial, prompt, chat in change["start"]:
             job = self.started.pop(serial) if self.main else Job(prompt, chat)
-            job.serial = serial
+            for choice in job.choices:
+                choice.serial = serial
             start.append(job)
         return Changes(start=start)
 
     def _decide(self, engine) -> dict:
         """Rank 0: the requests to start now (as the engine picks them) and those cancelled."""
-        cancel = [job.serial for job in engine.scheduler.jobs() if job.cancelled.is_set()]
+        cancel = sorted({job.serial for job in engine.scheduler.jobs() if job.cancelled.is_set()})
         self.started, start = {}, []
         for job in engine.admissible():
             if job.chat.temperature > 0 and job.chat.seed is None:

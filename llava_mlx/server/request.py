@@ -20,12 +20,15 @@ from urllib.parse import urlsplit
 from PIL import Image, UnidentifiedImageError
 
 from ..cache import image_key, sequence_keys
+from ..constrain import schema_of
 from ..errors import LlavaError
 from ..fetch import fetch
+from ..logprobs import MAX_TOP_LOGPROBS
 from ..processor import IMAGE_TOKEN, MAX_PIXELS, load_image
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOPS = 4
+MAX_CHOICES = 8  # n
 
 
 class ApiError(Exception):
@@ -68,6 +71,15 @@ class Chat:
     stream: bool = False
     include_usage: bool = False
     raw: bool = False  # /v1/completions: the one turn is the prompt as written, no template
+    n: int = 1  # choices, sharing one prefill
+    logprobs: bool = False
+    top_logprobs: int = 0
+    schema: Optional[dict] = None  # the JSON schema the answer keeps to (response_format)
+    api: str = "chat"  # which API's shape the answer takes: chat, completions, responses
+
+    def seed_of(self, index: int) -> Optional[int]:
+        """Choice `index`'s seed: the request's for the first, the next ones after it."""
+        return None if self.seed is None else (self.seed + index) % 2**64
 
 
 @dataclass
@@ -142,7 +154,30 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     body = read_body(raw)
     options = generation_options(body, limits, limits.max_tokens)
     system, turns, counts, urls = parse_messages(body.get("messages"), limits)
-    return Chat(system=system, turns=turns, image_counts=counts, image_urls=urls, **options)
+    logprobs = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0)
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'top_logprobs' is {top}: it must be between 0 and {MAX_TOP_LOGPROBS}", "top_logprobs")
+    if top and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return Chat(
+        system=system,
+        turns=turns,
+        image_counts=counts,
+        image_urls=urls,
+        logprobs=logprobs,
+        top_logprobs=top,
+        schema=response_schema(body.get("response_format"), "response_format"),
+        **options,
+    )
+
+
+def response_schema(response_format, param: str) -> Optional[dict]:
+    """The JSON schema of a response_format (constrain.py), or a 400 saying what is wrong."""
+    try:
+        return schema_of(response_format)
+    except LlavaError as e:
+        raise ApiError(400, str(e), param) from None
 
 
 def parse_completion(raw: bytes, limits: Limits) -> Chat:
@@ -151,6 +186,12 @@ def parse_completion(raw: bytes, limits: Limits) -> Chat:
     for name in ("echo", "suffix"):
         if body.get(name):
             raise ApiError(400, f"'{name}' is not supported", name)
+    if body.get("logprobs") is not None:
+        raise ApiError(400, "'logprobs' is served by /v1/chat/completions ('logprobs': true), not here", "logprobs")
+    if body.get("response_format") is not None:
+        raise ApiError(
+            400, "'response_format' is not part of /v1/completions: use /v1/chat/completions", "response_format"
+        )
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "'best_of' other than 1 is not supported", "best_of")
     prompt = body.get("prompt")
@@ -162,7 +203,9 @@ def parse_completion(raw: bytes, limits: Limits) -> Chat:
         raise ApiError(400, "images are not part of /v1/completions: send them to /v1/chat/completions", "prompt")
     # OpenAI's default answer length for completions is 16 tokens
     options = generation_options(body, limits, min(16, limits.max_tokens))
-    return Chat(system=None, turns=[(prompt, None)], image_counts=[0], image_urls=[], raw=True, **options)
+    return Chat(
+        system=None, turns=[(prompt, None)], image_counts=[0], image_urls=[], raw=True, api="completions", **options
+    )
 
 
 def generation_options(body: dict, limits: Limits, default_max_tokens: int) -> dict:
@@ -170,12 +213,10 @@ def generation_options(body: dict, limits: Limits, default_max_tokens: int) -> d
     if body.get("model") is not None and not isinstance(body["model"], str):
         raise ApiError(400, "'model' must be a string", "model")
     n = _integer(body, "n", 1)
-    if n != 1:
-        raise ApiError(400, f"'n' is {n}: only one choice per request is supported", "n")
-    if _boolean(body, "logprobs"):
-        raise ApiError(400, "'logprobs' is not supported", "logprobs")
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n' is {n}: it must be between 1 and {MAX_CHOICES}", "n")
     if body.get("tools"):
-        raise ApiError(400, "'tools' are not supported by LLaVA", "tools")
+        raise ApiError(400, "'tools' are not supported: LLaVA was not trained to call tools", "tools")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name, default_max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
@@ -193,6 +234,7 @@ def generation_options(body: dict, limits: Limits, default_max_tokens: int) -> d
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
     return dict(
+        n=n,
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0, 0.0),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0, low_open=True),

@@ -55,7 +55,16 @@ class SerialScheduler:
         pass
 
     def start(self, job):
-        """Run the whole request now: the engine serves one at a time."""
+        """Run the whole request now, its choices one after the other (the second one on
+        reuses the first's prompt KV from the prompt cache): the engine serves one at a time."""
+        for choice in job.choices:
+            if job.cancelled.is_set() or self.engine.stopping.is_set():
+                break
+            self._answer(choice)
+        p = job.prompt
+        p.pixels, p.images = {}, {}
+
+    def _answer(self, job):
         engine, p, chat = self.engine, job.prompt, job.chat
         # A copy of the cached prefix's KV, or None: stream_generate then starts a new one.
         kv, cached = engine.prompt_cache.fetch(p.keys)
@@ -70,12 +79,12 @@ class SerialScheduler:
             max_tokens=p.max_tokens,
             temperature=chat.temperature,
             top_p=chat.top_p,
-            seed=chat.seed,
+            seed=job.seed,
             prefill_step_size=engine.options.prefill_step_size,
             kv_bits=engine.options.kv_bits,
             cache=self.session,
+            response_format=chat.schema,  # a JSON schema itself, compiled once (constrain.Grammars)
         )
-        p.pixels, p.images = {}, {}
         failed, self.current = True, job
         try:
             for r in steps:
@@ -90,7 +99,9 @@ class SerialScheduler:
                     job.tokens.append(r.token)
                 engine.counters["decode_steps"] += r.finish_reason is None
                 engine.counters["max_batch"] = 1
-                if engine.emit(job, r.text, r.finish_reason):
+                # the final piece repeats the last token (or carries the EOS): it has no entry
+                entries = engine.logprob_entries(job, r.logprobs, r.token, None) if r.finish_reason is None else []
+                if engine.emit(job, r.text, r.finish_reason, entries):
                     break
             failed = False
         finally:

@@ -7,7 +7,7 @@ import pytest
 from serving import SMUGGLED, request_with_body, responses_to
 
 CASES = {
-    "unknown route": request_with_body("POST", "/v1/responses"),
+    "unknown route": request_with_body("POST", "/v1/nothing"),
     "wrong method": request_with_body("PUT", "/v1/chat/completions"),
     "GET with a body": request_with_body("GET", "/health"),
     "the page with a body": request_with_body("GET", "/"),

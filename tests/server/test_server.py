@@ -216,6 +216,10 @@ def image_message(url, text="What is it?"):
     }
 
 
+def schema_format(schema) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
 def bad_requests(images, image_host):
     png = images["square"].read_bytes()
     text = {"role": "user", "content": "hi"}
@@ -272,13 +276,51 @@ def bad_requests(images, image_host):
             400,
             "'max_completion_tokens' must be an integer",
         ),
-        "n=2": ({"messages": [text], "n": 2}, 400, "'n' is 2"),
+        "n=9": ({"messages": [text], "n": 9}, 400, "'n' is 9"),
         "seed wrong type": ({"messages": [text], "seed": "x"}, 400, "'seed' must be an integer"),
         "stop wrong type": ({"messages": [text], "stop": [1]}, 400, "'stop'"),
         "stream wrong type": ({"messages": [text], "stream": "yes"}, 400, "'stream'"),
         "stream_options wrong type": ({"messages": [text], "stream_options": 1}, 400, "'stream_options'"),
         "model wrong type": ({"messages": [text], "model": 5}, 400, "'model'"),
-        "logprobs": ({"messages": [text], "logprobs": True}, 400, "'logprobs'"),
+        "logprobs wrong type": ({"messages": [text], "logprobs": 1}, 400, "'logprobs' must be true or false"),
+        "top_logprobs without logprobs": ({"messages": [text], "top_logprobs": 2}, 400, "needs 'logprobs'"),
+        "top_logprobs over 20": (
+            {"messages": [text], "logprobs": True, "top_logprobs": 21},
+            400,
+            "'top_logprobs' is 21",
+        ),
+        "tools": ({"messages": [text], "tools": [{"type": "function"}]}, 400, "not trained to call tools"),
+        "response_format unknown type": (
+            {"messages": [text], "response_format": {"type": "xml"}},
+            400,
+            "type 'xml' is not one of",
+        ),
+        "response_format not an object": ({"messages": [text], "response_format": "json"}, 400, "must be an object"),
+        "json_schema without schema": (
+            {"messages": [text], "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            400,
+            "needs json_schema.schema",
+        ),
+        "json_schema without json_schema": (
+            {"messages": [text], "response_format": {"type": "json_schema"}},
+            400,
+            "needs a 'json_schema' object",
+        ),
+        "not a JSON schema": (
+            {"messages": [text], "response_format": schema_format({"type": "object", "properties": {"a": 5}})},
+            400,
+            "not a valid JSON schema at properties/a",
+        ),
+        "a schema type that does not exist": (
+            {"messages": [text], "response_format": schema_format({"type": "thing"})},
+            400,
+            "not a valid JSON schema",
+        ),
+        "a schema the engine cannot enforce": (
+            {"messages": [text], "response_format": schema_format({"not": {"type": "string"}})},
+            400,
+            "cannot be enforced",
+        ),
         "bad base64": (image_message("data:image/png;base64,!!!notbase64"), 400, "base64"),
         "data URI not an image type": (image_message("data:text/plain;base64,aGVsbG8="), 400, "data:image/"),
         "not an image": (
@@ -360,13 +402,23 @@ BAD_CASES = [
     "max_tokens zero",
     "max_tokens over limit",
     "max_tokens float",
-    "n=2",
+    "n=9",
     "seed wrong type",
     "stop wrong type",
     "stream wrong type",
     "stream_options wrong type",
     "model wrong type",
-    "logprobs",
+    "logprobs wrong type",
+    "top_logprobs without logprobs",
+    "top_logprobs over 20",
+    "tools",
+    "response_format unknown type",
+    "response_format not an object",
+    "json_schema without schema",
+    "json_schema without json_schema",
+    "not a JSON schema",
+    "a schema type that does not exist",
+    "a schema the engine cannot enforce",
     "bad base64",
     "data URI not an image type",
     "not an image",
@@ -410,8 +462,8 @@ def test_openai_client_reads_the_errors(live_server, images):
             live_server,
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}],
         )
-    with pytest.raises(openai.NotFoundError):
-        client(live_server).responses.create(model="llava", input="hi")  # /v1/responses: no such route yet
+    with pytest.raises(openai.BadRequestError, match="not stored"):
+        client(live_server).responses.create(model="llava", input="hi", previous_response_id="resp_1")
 
 
 def test_body_size_route_and_method_errors(live_server):
@@ -655,7 +707,7 @@ def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, i
     for name, job in zip(names, jobs):
         events = list(job.events.queue)
         text, *_ = reference(loaded, "What is in the image?", [images[name]])
-        assert "".join(e[1] for e in events if e[0] == "text") == text and events[-1][0] == "done"
+        assert "".join(e[2] for e in events if e[0] == "text") == text and events[-1][0] == "done"
 
 
 def test_completions_take_the_raw_prompt(live_server, loaded):
@@ -686,7 +738,9 @@ def test_completions_take_the_raw_prompt(live_server, loaded):
         ({"prompt": ""}, "'prompt' must be a non-empty string"),
         ({"prompt": "hi", "echo": True}, "'echo' is not supported"),
         ({"prompt": "hi", "suffix": "!"}, "'suffix' is not supported"),
-        ({"prompt": "hi", "n": 2}, "'n' is 2"),
+        ({"prompt": "hi", "n": 9}, "'n' is 9"),
+        ({"prompt": "hi", "logprobs": 2}, "'logprobs' is served by /v1/chat/completions"),
+        ({"prompt": "hi", "response_format": {"type": "json_object"}}, "not part of /v1/completions"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "'prompt' must be"),
     ):
         assert_openai_error(*raw(live_server, "POST", "/v1/completions", json.dumps(body).encode()), 400, fragment)
