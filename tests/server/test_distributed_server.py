@@ -23,6 +23,7 @@ import pytest
 
 from conftest import ROOT, SERVER_ARGS, SERVER_MODEL
 from helpers import LAUNCH, environment, free_port_pair
+from schemas import SCHEMAS, as_format
 from serving import ask, client, disconnect_twice, reference, start_server, user
 
 STOP_TIMEOUT = 60
@@ -104,6 +105,19 @@ def test_cancelled_and_sampled_requests_keep_the_ranks_in_step(two_ranks, loaded
     assert sampled.usage.completion_tokens > 0
     text = reference(loaded, "What is in the image?", [images["wide"]])[0]
     assert ask(two_ranks, [user("What is in the image?", images["wide"])]).choices[0].message.content == text
+
+
+def test_choices_schemas_and_logprobs_answer_as_one_process(two_ranks, live_server, images):
+    """n seeded choices, a schema's mask and logprobs on two ranks: the one-process server's answers."""
+    messages = [user("As JSON.", images["odd1"])]
+    for options in (
+        dict(n=2, temperature=1.0, seed=3, max_tokens=12),
+        dict(response_format=as_format(SCHEMAS["enum"]), max_tokens=40, logprobs=True, top_logprobs=2),
+    ):
+        two, one = ask(two_ranks, messages, **options), ask(live_server, messages, **options)
+        assert [c.message.content for c in two.choices] == [c.message.content for c in one.choices]
+        assert two.usage.completion_tokens == one.usage.completion_tokens
+    assert [e.token for e in two.choices[0].logprobs.content] == [e.token for e in one.choices[0].logprobs.content]
 
 
 def test_sigterm_to_the_group_stops_every_rank(two_ranks):

@@ -130,3 +130,41 @@ def test_kv_bits_with_head_size_16_fails_at_start(checkpoints):
         "error: cannot quantize the KV cache: head size 16 is not a multiple of 32"
     ]
     assert proc.stdout == ""
+
+
+def test_schema_logprobs_and_n_one_at_a_time(kv_server, kv_model, images):
+    """The serial path serves the same fields: a schema's answer equals generate(kv_bits=8,
+    response_format=...)'s; logprobs spell the answer; n seeded choices are each the answer
+    that seed gives alone (the second on reuses the first's prompt KV)."""
+    import json
+
+    import jsonschema
+
+    from schemas import SCHEMAS, as_format
+
+    schema = SCHEMAS["nested objects"]
+    messages = [user("As JSON.", images["tall"])]
+    r = ask(kv_server, messages, max_tokens=120, response_format=as_format(schema))
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    model, processor = kv_model
+    steps = stream_generate(
+        model, processor, "As JSON.", [images["tall"]], max_tokens=120, kv_bits=8, response_format=schema
+    )
+    assert "".join(s.text for s in steps) == r.choices[0].message.content
+    r = ask(kv_server, messages, logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    # Each token's bytes are its SentencePiece piece's (this answer holds stray bytes, which
+    # mlx-lm's detokenizer shows as U+FFFD, so the text cannot be compared byte for byte).
+    ids = [
+        s.token for s in stream_generate(model, processor, "As JSON.", [images["tall"]], max_tokens=TOKENS, kv_bits=8)
+    ]
+    pieces = processor.tokenizer._tokenizer.convert_ids_to_tokens(ids[: len(entries)])
+    expected = [bytes([int(p[3:5], 16)]) if p.startswith("<0x") else p.replace("\u2581", " ").encode() for p in pieces]
+    expected[0] = expected[0].removeprefix(b" ")  # the answer's text starts without the word-start space
+    assert [bytes(e.bytes) for e in entries] == expected and len(entries) == r.usage.completion_tokens
+    options = dict(max_tokens=10, temperature=1.0, seed=4)
+    choices = [c.message.content for c in ask(kv_server, messages, n=3, **options).choices]
+    assert choices == [
+        ask(kv_server, messages, **{**options, "seed": 4 + i}).choices[0].message.content for i in range(3)
+    ]
+    assert len(set(choices)) == 3
