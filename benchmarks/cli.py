@@ -3,6 +3,7 @@
     python bench.py                                   # both suites: offline, then serving
     python bench.py --suite offline                   # llava-mlx, mlx-vlm, transformers; one request at a time
     python bench.py --suite serving --clients 1,4,8   # this project's server vs mlx-vlm's, concurrent clients
+    python bench.py --suite constrained               # a JSON schema's cost per token (1 and 8 clients), compile time
     python bench.py --shape 7b --dtype float16        # real LLaVA-1.5-7B / 1.6-Mistral-7B shapes (Apple silicon)
 
 Nothing is downloaded: random-weight checkpoints in the llava-hf layout are written to a
@@ -29,12 +30,12 @@ for _k, _v in (
 ):
     os.environ.setdefault(_k, _v)
 
-from . import offline, report, serving  # noqa: E402  (after the environment above)
+from . import constrained, offline, report, serving  # noqa: E402  (after the environment above)
 from .checkpoints import DTYPE_BYTES, SHAPES, checkpoint_dir  # noqa: E402
 from .servers import SERVERS  # noqa: E402
 from .worker import DEFAULT_REPEATS, DEFAULT_TOKENS  # noqa: E402
 
-SUITES = ("offline", "serving")
+SUITES = ("offline", "serving", "constrained")
 
 
 def csv(kind):
@@ -125,6 +126,9 @@ def main(argv=None):
 
             print("\n".join(evaluate_targets(record)[1]))
             print(f"wrote {page} and {out / 'benchmark-serving.png'}", flush=True)
+        if "constrained" in suites:
+            record = report.stamp(constrained.run(a, root), command)
+            print(f"wrote {report.write(out, 'constrained', record)}", flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -52,8 +52,8 @@ def client(base_url: str, timeout: float):
     return OpenAI(base_url=base_url, api_key="benchmark", max_retries=0, timeout=timeout)
 
 
-def ask(api, model: str, messages: list, max_tokens: int) -> Reply:
-    """One streamed, greedy request; never raises."""
+def ask(api, model: str, messages: list, max_tokens: int, extra: dict | None = None) -> Reply:
+    """One streamed, greedy request (`extra`: more body fields, e.g. response_format); never raises."""
     t0 = time.perf_counter()
     r = Reply(ok=False, started=t0, ended=t0)
     chunks, text = 0, []
@@ -65,6 +65,7 @@ def ask(api, model: str, messages: list, max_tokens: int) -> Reply:
             temperature=0.0,
             stream=True,
             stream_options={"include_usage": True},
+            **(extra or {}),
         )
         for ch in stream:
             if ch.usage is not None:
@@ -100,6 +101,9 @@ def summarize(replies: list, not_sent: int, wall: float) -> dict:
     ok = [r for r in replies if r.ok]
     ttfts = [r.ttft for r in ok]
     tokens = sum(r.tokens for r in ok)
+    # after the first token: (tokens - 1) in the time from the first token to the end
+    decoding = [(r.tokens - 1, r.ended - r.started - r.ttft) for r in ok]
+    decode = [n / t for n, t in decoding if n > 0 and t > 0]
     errors = sorted({r.error for r in replies if not r.ok})
     return dict(
         requests=len(replies) + not_sent,
@@ -110,6 +114,7 @@ def summarize(replies: list, not_sent: int, wall: float) -> dict:
         generated_tokens=tokens,
         aggregate_tps=tokens / wall if wall > 0 else None,
         ttft_p50=percentile(ttfts, 50),
+        decode_tps_p50=percentile(decode, 50),
         ttft_p95=percentile(ttfts, 95),
         tokens_per_request=tokens / len(ok) if ok else None,
         # share of a request spent before its first token: what batching decode cannot overlap
@@ -123,7 +128,14 @@ def summarize(replies: list, not_sent: int, wall: float) -> dict:
 
 
 def run_level(
-    base_url: str, model: str, requests: list, clients: int, max_tokens: int, time_limit: float, request_timeout: float
+    base_url: str,
+    model: str,
+    requests: list,
+    clients: int,
+    max_tokens: int,
+    time_limit: float,
+    request_timeout: float,
+    extra: dict | None = None,
 ) -> dict:
     """`clients` closed-loop clients share `requests` (message lists); none starts one after `time_limit` s."""
     api = client(base_url, request_timeout)
@@ -138,7 +150,7 @@ def run_level(
                 if not queue or time.perf_counter() - start > time_limit:
                     return
                 i, messages = queue.pop(0)
-            replies[i] = ask(api, model, messages, max_tokens)
+            replies[i] = ask(api, model, messages, max_tokens, extra)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
     for t in threads:

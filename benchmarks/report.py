@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("offline", "serving")
+SUITES = ("offline", "serving", "constrained")
 
 
 def fmt(x, spec=".2f", unit=""):
@@ -138,23 +138,25 @@ def load(out: Path) -> dict:
 
 def write(out: Path, suite: str, record: dict) -> Path:
     """Store `record` as the suite's latest figures and render the page and charts from every record."""
-    from . import report_offline, report_serving
+    from . import constrained, report_offline, report_serving
 
-    renderers = {"offline": report_offline, "serving": report_serving}
+    renderers = {"offline": report_offline, "serving": report_serving, "constrained": constrained}
     out.mkdir(parents=True, exist_ok=True)
     data = load(out)
     data[suite] = record
     L = [
         "# Benchmarks\n",
-        "Two suites, one command (`python bench.py`, see [benchmarking.md](benchmarking.md)): "
+        "Three suites, one command (`python bench.py`, see [benchmarking.md](benchmarking.md)): "
         "[offline](#offline-one-request-at-a-time), each implementation answering one request in its own "
-        "process, and [serving](#serving-concurrent-clients-over-http), this project's server against "
-        "mlx-vlm's under concurrent OpenAI clients.\n",
+        "process; [serving](#serving-concurrent-clients-over-http), this project's server against "
+        "mlx-vlm's under concurrent OpenAI clients; and [constrained](#structured-outputs-the-cost-of-a-json-schema), "
+        "what a JSON schema costs this project's server.\n",
     ]
     for name in SUITES:
         if name in data:
             L += renderers[name].section(data[name])
-            renderers[name].chart(data[name], out)
+            if hasattr(renderers[name], "chart"):
+                renderers[name].chart(data[name], out)
     page = out / "benchmarks.md"
     page.write_text("\n".join(L))
     (out / "benchmarks.json").write_text(json.dumps(data, indent=1, default=str))  # after: sections add derived figures
