@@ -30,16 +30,29 @@ class FeatureCache:
         """The features of `keys` in order. Those not cached are encoded by one call of
         `encode(missing keys)` (each key once) and evaluated before they are kept."""
         missing = list(OrderedDict.fromkeys(k for k in keys if k not in self.entries))
-        if missing:
-            encoded = encode(missing)
-            mx.eval(encoded)
-            for key, features in zip(missing, encoded):
-                self.entries[key] = features
-                self.nbytes += features.nbytes
+        encoded = dict(zip(missing, encode(missing))) if missing else {}
+        mx.eval(list(encoded.values()))
+        for key, features in encoded.items():
+            self._add(key, features)
         for key in keys:
             self.entries.move_to_end(key)
-        result = [self.entries[k] for k in keys]
+        result = [self.entries[k] if k in self.entries else encoded[k] for k in keys]
+        self._evict()
+        return result
+
+    def put(self, key: str, features: mx.array):
+        """Keep the (evaluated) features of `key`, encoded elsewhere (the server encodes a
+        picture a few crops at a time)."""
+        if key not in self.entries:
+            self._add(key, features)
+        self.entries.move_to_end(key)
+        self._evict()
+
+    def _add(self, key: str, features: mx.array):
+        self.entries[key] = features
+        self.nbytes += features.nbytes
+
+    def _evict(self):
         while self.nbytes > self.max_bytes and len(self.entries) > 1:
             _, old = self.entries.popitem(last=False)
             self.nbytes -= old.nbytes
-        return result

@@ -176,10 +176,13 @@ class LlavaModel(nn.Module):
     def video_features(self, frames: mx.array) -> mx.array:
         """(positions, text_dim) of one video from its preprocessed frames (T, H, W, 3):
         tower → pooling (before or after the projector) → newlines (merge.py)."""
+        if self.config.video_pool is None:
+            raise ValueError(f"{self.config.llava_type} checkpoints take no video")
+        return self.merge_video(self.tower_features(frames))
+
+    def merge_video(self, features: mx.array) -> mx.array:
+        """The sequence of one video from its frames' tower features (T, patches, vision_dim)."""
         config = self.config
-        if config.video_pool is None:
-            raise ValueError(f"{config.llava_type} checkpoints take no video")
-        features = self.tower_features(frames)
         side = config.vision.patches_per_side
         pool = VIDEO_POOLS[config.video_pool]
         if config.video_pool_after_projector:

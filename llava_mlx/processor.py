@@ -222,7 +222,8 @@ class Processor:
         """The conversation so far plus `question`, images (then videos) in the first user
         turn: in the checkpoint's own chat template when it has one, else the family's
         template from the original code. `history` holds earlier (question, answer) turns.
-        `num_images` may also be a list: the images of each turn (the server's messages).
+        `num_images` and `num_videos` may also be lists: the images (videos) of each turn (the
+        server's messages).
 
         Placement: the images of a turn go before its text, unless the text holds `<image>`
         placeholders, one per image of that turn: then each image goes where its placeholder
@@ -231,7 +232,9 @@ class Processor:
         counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images] + [0] * len(history)
         if len(counts) != len(turns):
             raise ValueError(f"{len(counts)} image counts for {len(turns)} turns")
-        videos = [num_videos] + [0] * (len(turns) - 1)
+        videos = list(num_videos) if isinstance(num_videos, (list, tuple)) else [num_videos] + [0] * len(history)
+        if len(videos) != len(turns):
+            raise ValueError(f"{len(videos)} video counts for {len(turns)} turns")
         # (images, videos) the template places before each turn's text; the others are in the text
         before = [
             (placed(q, IMAGE_TOKEN, n, "image"), placed(q, VIDEO_TOKEN, v, "video"))

@@ -22,40 +22,51 @@ DEFAULT_NUM_FRAMES = 8
 VIDEO_TOKEN = "<video>"
 
 
-def count_frames(path: str) -> int:
-    """Frames in the first video stream: from the header when it says, else by counting
-    packets (demuxing only, no decoding; raw streams such as .h264 have no count)."""
+def _open(source):
+    """A PyAV container of a file path or of a video's bytes (the server's uploads)."""
+    import io
+
     import av
 
-    with av.open(path) as container:
+    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def count_frames(source) -> int:
+    """Frames in the first video stream (a path or bytes): from the header when it says, else by
+    counting packets (demuxing only, no decoding; raw streams such as .h264 have no count)."""
+    with _open(source) as container:
         if not container.streams.video:
-            raise LlavaError(f"cannot read video {path}: it has no video stream")
+            raise LlavaError("it has no video stream")
         stream = container.streams.video[0]
         if stream.frames:
             return int(stream.frames)
         return sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def decode_frames(path: str, num_frames: int) -> List[np.ndarray]:
-    """`num_frames` RGB frames of the video file at `path`, uniformly spread."""
+def decode_frames(source, num_frames: int, name: Optional[str] = None) -> List[np.ndarray]:
+    """`num_frames` RGB frames, uniformly spread, of the video file at path `source` or of the
+    video in bytes `source` (`name` says which video in errors)."""
     import av
 
-    if not validate.usable_path(path, "video").is_file():
-        raise LlavaError(f"video not found: {path}")
+    name = name or f"video {source}"
+    if not isinstance(source, bytes) and not validate.usable_path(source, "video").is_file():
+        raise LlavaError(f"video not found: {source}")
     try:
-        wanted = set(frame_indices(count_frames(path), num_frames))
+        wanted = set(frame_indices(count_frames(source), num_frames))
         last = max(wanted) if wanted else -1
         frames = []
-        with av.open(path) as container:
+        with _open(source) as container:
             for index, frame in enumerate(container.decode(container.streams.video[0])):
                 if index in wanted:
                     frames.append(frame.to_ndarray(format="rgb24"))
                 if index >= last:
                     break
     except av.FFmpegError as e:
-        raise LlavaError(f"cannot read video {path}: not a video or corrupt ({type(e).__name__})") from None
+        raise LlavaError(f"cannot read {name}: not a video or corrupt ({type(e).__name__})") from None
+    except LlavaError as e:
+        raise LlavaError(f"cannot read {name}: {e}") from None
     if not frames:
-        raise LlavaError(f"video {path} has no frames")
+        raise LlavaError(f"{name} has no frames")
     return frames
 
 

@@ -87,6 +87,20 @@ def user(question, *images):
     return {"role": "user", "content": parts + [{"type": "text", "text": question}]}
 
 
+def video_uri(path) -> str:
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def video_part(path) -> dict:
+    return {"type": "video_url", "video_url": {"url": video_uri(path)}}
+
+
+def video_message(question, video, image=None):
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(image)}}] if image else []
+    parts.append(video_part(video))
+    return {"role": "user", "content": parts + [{"type": "text", "text": question}]}
+
+
 def client(server, **kwargs):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
 

@@ -52,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-step-size",
         type=int,
         default=o.prefill_step_size,
-        help="positions prefilled per step (a running answer waits at most one step)",
+        help="positions prefilled per chunk at most (while answers run, chunks are sized to --admission-budget)",
+    )
+    p.add_argument(
+        "--admission-budget",
+        type=float,
+        default=o.admission_budget,
+        help="seconds: while answers are running, a newcomer's picture and prompt are worked on in units of "
+        "about this long (or 8 decode steps' time, if longer), with a decode step between two",
     )
     p.add_argument(
         "--kv-bits",
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-images", type=int, default=d.max_images, help="images per request")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height of one image")
+    p.add_argument(
+        "--max-videos", type=int, default=d.max_videos, help="videos per request (video_url parts; video models)"
+    )
+    p.add_argument("--num-frames", type=int, default=d.num_frames, help="frames sampled uniformly from each video")
     p.add_argument(
         "--max-body-mb",
         type=float,
@@ -96,15 +107,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("max_tokens", "max_batch", "max_queue", "prefill_step_size", "max_images", "max_image_pixels"):
+    if args.max_videos < 0:
+        parser.error("--max-videos must not be negative")
+    for name in (
+        "max_tokens",
+        "max_batch",
+        "max_queue",
+        "prefill_step_size",
+        "max_images",
+        "max_image_pixels",
+        "num_frames",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_body_mb <= 0 or args.image_url_timeout <= 0 or args.prompt_cache_bytes < 0:
         parser.error("--max-body-mb and --image-url-timeout must be positive, --prompt-cache-bytes not negative")
+    if not args.admission_budget > 0:
+        parser.error("--admission-budget must be positive (seconds)")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     options = EngineOptions(
-        args.max_batch, args.max_queue, args.prefill_step_size, args.prompt_cache_bytes, kv_bits=args.kv_bits
+        args.max_batch,
+        args.max_queue,
+        args.prefill_step_size,
+        args.prompt_cache_bytes,
+        kv_bits=args.kv_bits,
+        admission_budget=args.admission_budget,
     )
     # mlx-lm's BatchGenerator cannot batch quantized KV caches: one request at a time, as mlx-lm's server does.
     scheduler = SerialScheduler if args.kv_bits else BatchScheduler
@@ -125,6 +153,8 @@ def main(argv=None) -> int:
         int(args.max_body_mb * (1 << 20)),
         args.image_url_timeout,
         args.allow_private_image_urls,
+        args.max_videos,
+        args.num_frames,
     )
     try:
         engine.start()

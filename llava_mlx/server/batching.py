@@ -4,12 +4,14 @@ A request's merged image+text sequence is prefilled by this project's own path (
 features from the feature cache or the vision tower, `model.embed`, the decoder over the
 embeddings in chunks, starting from the KV of the longest cached prefix); its KV cache and
 last token then join mlx-lm's `BatchGenerator`, which decodes every running request in one
-batch (requests join and leave between steps). Prefill chunks and decode steps alternate, so
-a long new prompt never stalls the running answers for more than one chunk.
+batch (requests join and leave between steps). Admission work (a few crops through the
+tower, or a prefill chunk, sized to a time budget: admission.py) and decode steps alternate,
+so a newcomer's picture never stalls the running answers for more than one such unit.
 """
 
 import copy
 import logging
+import time
 from collections import deque
 
 import mlx.core as mx
@@ -19,7 +21,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 
 from ..generation import vocabulary_sampler
-from .request import ApiError, Prompt, pixel_values
+from .admission import Admission, Pace
+from .request import ApiError, Prompt, media_values
 
 log = logging.getLogger("llava_mlx.server")
 
@@ -49,6 +52,8 @@ class BatchScheduler:
         self.stream = None  # the engine thread's default stream, once loaded
         self.greedy = None  # one sampler shared by every greedy request (one batched call)
         self.padded_vocab = 0  # the decoder's output rows (llava-hf pads past the tokenizer)
+        self.pace = Pace(engine.options.admission_budget, engine.options.prefill_step_size)
+        self.decode_seconds = None  # the last decode step's time, which the admission budget follows
 
     def loaded(self):
         engine = self.engine
@@ -101,22 +106,17 @@ class BatchScheduler:
 
     # -- starting a request --------------------------------------------------------------------
     def start(self, job):
-        """Image features (cached by content), the cached prefix, the embeddings to prefill."""
+        """The cached prefix's KV; the admission that encodes the images and prefills the rest
+        unit by unit (admission.py)."""
         p = job.prompt
         self.engine.constrain(job)
-        features = self._features(p)
-        for feats, n in zip(features, p.image_lengths):
-            if feats.shape[0] != n:
-                raise RuntimeError(f"an image gave {feats.shape[0]} positions where {n} were expected")
-        p.pixels, p.images = {}, {}
         if not isinstance(p.keys[-1], int):
             raise RuntimeError("the prompt ends inside an image")
         kv, job.cached = self.engine.prompt_cache.fetch(p.keys)
         job.kv = kv if kv is not None else make_prompt_cache(self.engine.model.language_model)
-        # the positions to prefill: after the cached prefix, before the last (decoding starts there)
-        job.embeddings = self.engine.model.embed(
-            p.ids, image_features=features, start=job.cached, stop=len(p.keys) - 1
-        )[0]
+        # Lockstep: rank 0 encodes the images whole and shares them, on every rank at once.
+        features = None if self.engine.coordinator.budgets_admission else self._features(p)
+        job.admission = Admission(self.engine, job, features)
         self.prefilling.append(job)
 
     def _features(self, p: Prompt) -> list:
@@ -125,31 +125,32 @@ class BatchScheduler:
         return engine.coordinator.encode(engine, p, local)
 
     def _encode(self, p: Prompt, missing: list) -> list:
-        """Features of the images `missing` from the cache, in one batch. The pixels prepared
-        with the request are used; an image evicted since is preprocessed again."""
-        inputs = [p.pixels[k] if k in p.pixels else pixel_values(self.engine.processor, p.images[k]) for k in missing]
-        values = mx.array(np.concatenate([pixels for pixels, _ in inputs]))
-        return self.engine.model.image_features(values, [size for _, size in inputs])
+        """Features of the images and videos `missing` from the cache, the images in one batch."""
+        model = self.engine.model
+        inputs = {k: media_values(self.engine.processor, p, k) for k in missing}
+        images = [k for k in missing if inputs[k][1] is not None]
+        features = {}
+        if images:
+            values = mx.array(np.concatenate([inputs[k][0] for k in images]))
+            features = dict(zip(images, model.image_features(values, [inputs[k][1] for k in images])))
+        return [features[k] if k in features else model.video_features(mx.array(inputs[k][0])) for k in missing]
 
-    # -- one step: a prefill chunk, then a decode step ------------------------------------------
+    # -- one step: a unit of admission, then a decode step ----------------------------------------
     def step(self):
         if self.prefilling:
             job = self.prefilling[0]
-            self.engine.guard(job, self._prefill_chunk, job)
+            self.engine.guard(job, self._admit, job)
         if self.running:
             self._decode_step()
 
-    def _prefill_chunk(self, job):
-        total = job.embeddings.shape[0]
-        if job.prefilled < total:
-            end = min(job.prefilled + self.engine.options.prefill_step_size, total)
-            self.engine.model.language_model(
-                None, cache=job.kv, input_embeddings=job.embeddings[None, job.prefilled : end]
-            )
-            mx.eval([c.state for c in job.kv])
-            job.prefilled = end
-        if job.prefilled == total:
+    def _admit(self, job):
+        """One unit of the first waiting request's admission, sized to the pace's budget while
+        answers are running (they decode between units), as large as it can be otherwise."""
+        self.pace.follow(self.decode_seconds, self.engine.options.admission_budget)
+        alone = not self.running or not self.engine.coordinator.budgets_admission
+        if job.admission.step(self.pace, alone):
             self.prefilling.popleft()
+            job.admission = None
             self._insert(job)
 
     def _insert(self, job):
@@ -184,7 +185,9 @@ class BatchScheduler:
     def _decode_step(self):
         engine, counters = self.engine, self.engine.counters
         try:
+            tic = time.perf_counter()
             responses = self.generator.next()[1]
+            self.decode_seconds = time.perf_counter() - tic
             engine.coordinator.after_decode()
         except engine.coordinator.fatal:
             raise

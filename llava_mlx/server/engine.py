@@ -3,7 +3,7 @@
 Each iteration the coordinator says which waiting requests start now and which running ones
 were cancelled (`LocalCoordinator` here; `LockstepCoordinator` in lockstep.py shares rank 0's
 choice with every rank under mlx.launch), then the scheduler does one step of work: the
-batching scheduler (batching.py) a prefill chunk and a decode step of every running answer,
+batching scheduler (batching.py) a unit of admission work and a decode step of every running answer,
 the serial one (serial.py, `--kv-bits`) a whole request at a time. HTTP threads talk to the
 engine only through queues: `submit` a `Job`, read its `events`.
 """
@@ -45,6 +45,7 @@ class Job:
     index: int = 0  # which choice
     siblings: list = field(default_factory=list)  # the other choices (first choice only)
     constraint: object = None  # its schema's logits processor (constrain.py), made in the engine
+    admission: object = None  # its admission.Admission while its images are encoded and its prompt prefilled
     kv: Optional[list] = None
     embeddings: Optional[mx.array] = None
     prefilled: int = 0
@@ -86,6 +87,7 @@ class EngineOptions:
     prompt_cache_bytes: int = 2 << 30
     feature_cache_bytes: int = 1 << 30
     kv_bits: Optional[int] = None  # quantized KV: requests are served one at a time (serial.py)
+    admission_budget: float = 0.1  # s: the least admission work between two decode steps (admission.py)
 
 
 def held_back(text: str, stops: List[str]) -> int:
@@ -106,6 +108,7 @@ class LocalCoordinator:
     """One process: the engine decides alone."""
 
     main = True  # this process serves HTTP
+    budgets_admission = True  # a newcomer is admitted in units sized to a time budget (admission.py)
     idle_wait = 0.1  # s an idle engine waits for a request before its next iteration
     fatal: tuple = ()  # errors in a decode step that end the engine instead of failing the batch
 
@@ -156,6 +159,7 @@ class Engine:
             batched_steps=0,
             max_batch=0,
             generated_tokens=0,
+            admission_units=0,
         )
         self.memory = dict(peak_memory_gb=0.0, active_memory_gb=0.0)
         self.reporter = None  # LogprobReporter, made when a request first asks for logprobs

@@ -28,6 +28,10 @@ class LockstepCoordinator(LocalCoordinator):
     # The ring lost a rank (it died or was killed; RankLost is one): no way on. Any other
     # error in a step would leave the ranks out of step, so it ends the engine too.
     fatal = (Exception,)
+    # Admission in whole units, as every rank must cut the prompt into the same chunks (the
+    # sharded decoder's collectives pair up) and time differs from rank to rank; rank 0
+    # encodes a newcomer's images whole and shares them, every rank waiting in that exchange.
+    budgets_admission = False
 
     def __init__(self):
         self.group = None
@@ -96,8 +100,8 @@ class LockstepCoordinator(LocalCoordinator):
                 job.chat.seed = random.randrange(2**31)  # every rank samples the same tokens
             self.serial += 1
             self.started[self.serial] = job
-            # What the followers need: no pixels or images (rank 0 encodes them).
-            start.append((self.serial, dataclasses.replace(job.prompt, pixels={}, images={}), job.chat))
+            # What the followers need: no pixels, images or videos (rank 0 encodes them).
+            start.append((self.serial, dataclasses.replace(job.prompt, pixels={}, images={}, videos={}), job.chat))
         return {"cancel": cancel, "start": start}
 
     def encode(self, engine, prompt: Prompt, encode) -> list:

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 from urllib.parse import urlsplit
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..cache import image_key, sequence_keys
+from ..cache import image_key, in_prompt_order, sequence_keys, video_key
 from ..constrain import schema_of
 from ..errors import LlavaError
 from ..fetch import fetch
 from ..logprobs import MAX_TOP_LOGPROBS
 from ..processor import IMAGE_TOKEN, MAX_PIXELS, load_image
+from ..video import DEFAULT_NUM_FRAMES, VIDEO_TOKEN, decode_frames
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOPS = 4
@@ -53,6 +55,8 @@ class Limits:
     max_body_bytes: int = 20 << 20  # a request body; also the most an image URL may return
     image_url_timeout: float = 10.0  # s, for the whole download of one image URL
     private_image_urls: bool = False  # fetch image URLs on loopback, private and link-local addresses too
+    max_videos: int = 1  # per request (video_url parts; models that take video)
+    num_frames: int = DEFAULT_NUM_FRAMES  # sampled uniformly from each video
 
 
 @dataclass
@@ -76,6 +80,8 @@ class Chat:
     top_logprobs: int = 0
     schema: Optional[dict] = None  # the JSON schema the answer keeps to (response_format)
     api: str = "chat"  # which API's shape the answer takes: chat, completions, responses
+    video_counts: List[int] = field(default_factory=list)  # videos of each turn (none: no videos)
+    video_urls: List[tuple] = field(default_factory=list)
 
     def seed_of(self, index: int) -> Optional[int]:
         """Choice `index`'s seed: the request's for the first, the next ones after it."""
@@ -84,16 +90,18 @@ class Chat:
 
 @dataclass
 class Prompt:
-    """What the engine needs: token ids, the images' keys, pixels of those not cached."""
+    """What the engine needs: token ids, the images' and videos' keys (in prompt order), the
+    pixels of those not cached."""
 
     ids: List[int]
-    image_keys: List[str]
+    image_keys: List[str]  # images and videos, in the order of their placeholders
     image_lengths: List[int]
-    pixels: Dict[str, tuple]  # key -> (pixel_values, (width, height)), images not cached
+    pixels: Dict[str, tuple]  # key -> (pixel_values, (width, height) or None for a video), not cached
     images: Dict[str, Image.Image]  # key -> image, all of them
     keys: list  # the merged sequence, position by position
     max_tokens: int
-    text: str  # the prompt in the chat template, one <image> per image
+    text: str  # the prompt in the chat template, one <image> per image, one <video> per video
+    videos: Dict[str, np.ndarray] = field(default_factory=dict)  # key -> sampled uint8 frames (T, H, W, 3)
 
     @property
     def image_positions(self) -> int:
@@ -153,7 +161,7 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     """The request body → a Chat, or an ApiError saying which field is wrong and why."""
     body = read_body(raw)
     options = generation_options(body, limits, limits.max_tokens)
-    system, turns, counts, urls = parse_messages(body.get("messages"), limits)
+    system, turns, counts, urls, video_counts, video_urls = parse_messages(body.get("messages"), limits)
     logprobs = _boolean(body, "logprobs")
     top = _integer(body, "top_logprobs", 0)
     if not 0 <= top <= MAX_TOP_LOGPROBS:
@@ -165,6 +173,8 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
         turns=turns,
         image_counts=counts,
         image_urls=urls,
+        video_counts=video_counts if video_urls else [],
+        video_urls=video_urls,
         logprobs=logprobs,
         top_logprobs=top,
         schema=response_schema(body.get("response_format"), "response_format"),
@@ -245,46 +255,55 @@ def generation_options(body: dict, limits: Limits, default_max_tokens: int) -> d
     )
 
 
-def _parts(content, where: str, images_allowed: bool):
-    """(text, [(where, url)]) of a message's content: a string or a list of parts."""
+def _parts(content, where: str, media_allowed: bool):
+    """(text, [(where, image url)], [(where, video url)]) of a message's content: a string or a
+    list of parts."""
     if isinstance(content, str):
         parts = [{"type": "text", "text": content}]
     elif isinstance(content, list) and content:
         parts = content
     else:
         raise ApiError(400, f"{where} must be a string or a non-empty list of content parts", "messages")
-    texts, urls = [], []
+    texts, media = [], {"image_url": [], "video_url": []}
     for j, part in enumerate(parts):
         at = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise ApiError(400, f"{at}.text must be a string", "messages")
-            if IMAGE_TOKEN in part["text"]:
-                raise ApiError(400, f"{at}.text contains '{IMAGE_TOKEN}': send images as image_url parts", "messages")
+            for token in (IMAGE_TOKEN, VIDEO_TOKEN):
+                if token in part["text"]:
+                    raise ApiError(
+                        400, f"{at}.text contains '{token}': send media as image_url / video_url parts", "messages"
+                    )
             texts.append(part["text"])
-        elif kind == "image_url" and images_allowed:
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
+        elif kind in media and media_allowed:
+            value = part.get(kind)
+            url = value.get("url") if isinstance(value, dict) else value
             if not isinstance(url, str) or not url:
-                raise ApiError(400, f"{at}.image_url.url must be a non-empty string", "messages")
-            urls.append((at, url))
-        elif kind == "image_url":
-            raise ApiError(400, f"{at}: only user messages may hold images", "messages")
+                raise ApiError(400, f"{at}.{kind}.url must be a non-empty string", "messages")
+            media[kind].append((at, url))
+        elif kind in media:
+            raise ApiError(400, f"{at}: only user messages may hold images and videos", "messages")
         else:
-            raise ApiError(400, f"{at}: unsupported content part type {kind!r} (use 'text' or 'image_url')", "messages")
-    return "\n".join(texts), urls
+            raise ApiError(
+                400,
+                f"{at}: unsupported content part type {kind!r} (use 'text', 'image_url' or 'video_url')",
+                "messages",
+            )
+    return "\n".join(texts), media["image_url"], media["video_url"]
 
 
 def parse_messages(messages, limits: Limits):
-    """(system, turns, image counts per turn, image urls) from OpenAI messages.
+    """(system, turns, image counts per turn, image urls, video counts per turn, video urls)
+    from OpenAI messages.
 
     The order LLaVA's templates know: an optional system message, then user and
     assistant alternating, ending with the user's question.
     """
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    system, turns, counts, urls = None, [], [], []
+    system, turns, counts, urls, video_counts, video_urls = None, [], [], [], [], []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -292,7 +311,7 @@ def parse_messages(messages, limits: Limits):
         role = message.get("role")
         if role not in ROLES:
             raise ApiError(400, f"{where}.role is {role!r}: it must be one of {', '.join(ROLES)}", "messages")
-        text, images = _parts(message.get("content"), f"{where}.content", role == "user")
+        text, images, videos = _parts(message.get("content"), f"{where}.content", role == "user")
         if role in ("system", "developer"):
             if i != 0:
                 raise ApiError(400, f"{where}: a {role} message may only come first", "messages")
@@ -305,6 +324,8 @@ def parse_messages(messages, limits: Limits):
             turns.append((text, None))
             counts.append(len(images))
             urls.extend(images)
+            video_counts.append(len(videos))
+            video_urls.extend(videos)
         else:
             if not turns or turns[-1][1] is not None:
                 raise ApiError(400, f"{where}: an assistant message must answer a user message", "messages")
@@ -313,37 +334,52 @@ def parse_messages(messages, limits: Limits):
         raise ApiError(400, "the last message must be the user's", "messages")
     if len(urls) > limits.max_images:
         raise ApiError(400, f"{len(urls)} images: at most {limits.max_images} per request (--max-images)", "messages")
-    return system, turns, counts, urls
+    if len(video_urls) > limits.max_videos:
+        raise ApiError(
+            400, f"{len(video_urls)} videos: at most {limits.max_videos} per request (--max-videos)", "messages"
+        )
+    return system, turns, counts, urls, video_counts, video_urls
 
 
 # -- images ---------------------------------------------------------------------------
-def image_bytes(where: str, url: str, limits: Limits) -> bytes:
-    """The bytes of a data: URI or an http(s) URL; any other scheme is refused."""
+def media_bytes(where: str, url: str, limits: Limits, kind: str = "image") -> bytes:
+    """The bytes of a data: URI or an http(s) URL of an image (or a video); any other scheme is
+    refused."""
     if url.startswith("data:"):
         header, sep, data = url.partition(",")
-        if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
-            raise ApiError(400, f"{where}: a data URI must be data:image/...;base64,...", "messages")
+        if not sep or not header.endswith(";base64") or not header[5:].startswith(f"{kind}/"):
+            raise ApiError(400, f"{where}: a data URI must be data:{kind}/...;base64,...", "messages")
         try:
             return base64.b64decode("".join(data.split()), validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, f"{where}: the image's base64 data is invalid", "messages") from None
+            raise ApiError(400, f"{where}: the {kind}'s base64 data is invalid", "messages") from None
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise ApiError(
             400,
-            f"{where}: image URL scheme {scheme or 'none'!r} is not allowed (use https:// or a data: URI)",
+            f"{where}: {kind} URL scheme {scheme or 'none'!r} is not allowed (use https:// or a data: URI)",
             "messages",
         )
-    return download(where, url, limits)
-
-
-def download(where: str, url: str, limits: Limits) -> bytes:
-    """GET an http(s) URL within `image_url_timeout` seconds and `max_body_bytes` bytes in all."""
     try:
         public_only = not limits.private_image_urls
-        return fetch(url, "the image URL", limits.image_url_timeout, limits.max_body_bytes, public_only)
+        return fetch(url, f"the {kind} URL", limits.image_url_timeout, limits.max_body_bytes, public_only)
     except LlavaError as e:
         raise ApiError(400, f"{where}: {e}", "messages") from None
+
+
+def decode_video(where: str, data: bytes, limits: Limits) -> np.ndarray:
+    """`limits.num_frames` uint8 RGB frames (T, H, W, 3) of a video's bytes, each frame within
+    the pixel limit."""
+    try:
+        frames = decode_frames(data, limits.num_frames, name=f"the video of {where}")
+    except LlavaError as e:
+        raise ApiError(400, str(e), "messages") from None
+    height, width = frames[0].shape[:2]
+    if width * height > min(limits.max_image_pixels, MAX_PIXELS):
+        raise ApiError(400, f"{where}: the video's frames are {width}x{height}, over the pixel limit", "messages")
+    if len({f.shape for f in frames}) != 1:
+        raise ApiError(400, f"{where}: the video's frames change size", "messages")
+    return np.stack(frames)
 
 
 def decode_image(where: str, data: bytes, limits: Limits) -> Image.Image:
@@ -374,28 +410,51 @@ def decode_image(where: str, data: bytes, limits: Limits) -> Image.Image:
 
 # -- the prompt -----------------------------------------------------------------------
 def build_prompt(chat: Chat, processor, limits: Limits, needs_pixels: Callable[[str], bool]) -> Prompt:
-    """Token ids in the checkpoint's chat template, images fetched and keyed by content,
-    the context checked, and the pixels of images whose features are not cached."""
-    images = [decode_image(where, image_bytes(where, url, limits), limits) for where, url in chat.image_urls]
+    """Token ids in the checkpoint's chat template, images and videos fetched and keyed by
+    content, the context checked, and the pixels of those whose features are not cached."""
+    images = [decode_image(where, media_bytes(where, url, limits), limits) for where, url in chat.image_urls]
+    videos = [decode_video(where, media_bytes(where, url, limits, "video"), limits) for where, url in chat.video_urls]
     history, (question, _) = chat.turns[:-1], chat.turns[-1]
-    text = question if chat.raw else processor.apply_template(question, chat.image_counts, chat.system, history)
-    ids = processor.encode_prompt(text, len(images))
+    if chat.raw:
+        text = question
+    else:
+        text = processor.apply_template(question, chat.image_counts, chat.system, history, chat.video_counts or 0)
+    try:
+        ids = processor.encode_prompt(text, len(images), len(videos))
+    except LlavaError as e:
+        raise ApiError(400, str(e), "messages") from None
     config = processor.config
-    keys = [image_key(im) for im in images]
-    lengths = [config.image_token_count(im.size) for im in images]
+    image_keys, video_keys = [image_key(im) for im in images], [video_key(v) for v in videos]
+    keys, lengths = in_prompt_order(
+        ids,
+        (image_keys, [config.image_token_count(im.size) for im in images]),
+        (video_keys, [config.video_token_count(v.shape[0]) for v in videos]),
+    )
     merged = sequence_keys(ids, keys, lengths)
     context = config.context_length
     if len(merged) >= context:
         raise ApiError(
             400,
-            f"the prompt is {len(merged)} positions long ({sum(lengths)} of them for {len(images)} image(s)) "
-            f"and the context is {context}: no room for an answer",
+            f"the prompt is {len(merged)} positions long ({sum(lengths)} of them for {len(keys)} image(s) and "
+            f"video(s)) and the context is {context}: no room for an answer",
             "messages",
             "context_length_exceeded",
         )
-    by_key = dict(zip(keys, images))
+    by_key, by_video = dict(zip(image_keys, images)), dict(zip(video_keys, videos))
     pixels = {key: pixel_values(processor, im) for key, im in by_key.items() if needs_pixels(key)}
-    return Prompt(ids, keys, lengths, pixels, by_key, merged, min(chat.max_tokens, context - len(merged)), text)
+    pixels.update({key: (processor.preprocess_video(v), None) for key, v in by_video.items() if needs_pixels(key)})
+    max_tokens = min(chat.max_tokens, context - len(merged))
+    return Prompt(ids, keys, lengths, pixels, by_key, merged, max_tokens, text, by_video)
+
+
+def media_values(processor, p: Prompt, key: str) -> tuple:
+    """(pixel values, (width, height)) of an image of `p`, (frames, None) of a video: those
+    prepared with the request, or (evicted from the feature cache since) made again."""
+    if key in p.pixels:
+        return p.pixels[key]
+    if key in p.videos:
+        return processor.preprocess_video(p.videos[key]), None
+    return pixel_values(processor, p.images[key])
 
 
 def pixel_values(processor, image: Image.Image) -> tuple:

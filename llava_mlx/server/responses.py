@@ -90,9 +90,11 @@ def parse_response_request(raw: bytes, limits: Limits) -> Chat:
         _message(item, i) for i, item in enumerate(items)
     ]
     try:
-        system, turns, counts, urls = parse_messages(messages, limits)
+        system, turns, counts, urls, _, videos = parse_messages(messages, limits)
     except ApiError as e:
         raise ApiError(e.status, e.message.replace("messages[", "input["), "input") from None
+    if videos:  # Responses has no video part; a chat-style video_url part is not one of its types
+        raise ApiError(400, "videos are sent to /v1/chat/completions (video_url parts)", "input")
     return Chat(
         system=system, turns=turns, image_counts=counts, image_urls=urls, schema=schema, api="responses", **options
     )

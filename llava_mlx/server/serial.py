@@ -62,7 +62,7 @@ class SerialScheduler:
                 break
             self._answer(choice)
         p = job.prompt
-        p.pixels, p.images = {}, {}
+        p.pixels, p.images, p.videos = {}, {}, {}
 
     def _answer(self, job):
         engine, p, chat = self.engine, job.prompt, job.chat
@@ -74,7 +74,9 @@ class SerialScheduler:
             engine.model,
             engine.processor,
             p.text,
-            [p.images[k] for k in p.image_keys],
+            [p.images[k] for k in p.image_keys if k in p.images],
+            videos=[p.videos[k] for k in p.image_keys if k in p.videos],
+            num_frames=max((v.shape[0] for v in p.videos.values()), default=1),  # sampled already: keep them all
             template=False,
             max_tokens=p.max_tokens,
             temperature=chat.temperature,

@@ -669,9 +669,9 @@ def test_images_in_later_turns_are_templated_where_they_appear(loaded):
 
 
 def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, images):
-    """Three requests waiting together: the engine encodes the second one's image only once
-    the first is prefilled (starting all at once held the first answer until every image had
-    gone through the tower), and the answers still equal generate()'s."""
+    """Three requests waiting together: the engine starts the second one (and so encodes its
+    image) only once the first is prefilled (starting all at once held the first answer until
+    every image had gone through the tower), and the answers still equal generate()'s."""
     from llava_mlx.server.engine import Engine, EngineOptions, Job
     from llava_mlx.server.request import Limits, build_prompt, parse_chat
 
@@ -685,25 +685,24 @@ def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, i
         engine.inbox.put(jobs[-1])  # before the engine runs: all three wait together
     which = {id(job.prompt): names[i] for i, job in enumerate(jobs)}
     scheduler = engine.scheduler
-    features, insert = scheduler._features, scheduler._prefill_chunk
+    start, insert = scheduler.start, scheduler._insert
 
-    def encoding(prompt):
-        order.append(f"encode {which[id(prompt)]}")
-        return features(prompt)
+    def starting(job):
+        order.append(f"start {which[id(job.prompt)]}")
+        start(job)
 
-    def prefilling(job):
+    def inserting(job):
+        order.append(f"prefilled {which[id(job.prompt)]}")
         insert(job)
-        if job.uid is not None and f"prefilled {which[id(job.prompt)]}" not in order:
-            order.append(f"prefilled {which[id(job.prompt)]}")
 
-    scheduler._features, scheduler._prefill_chunk = encoding, prefilling
+    scheduler.start, scheduler._insert = starting, inserting
     engine.start()
     try:
         for job in jobs:
             assert job.finished.wait(120)
     finally:
         engine.stop()
-    assert order == [f"{step} {name}" for name in names for step in ("encode", "prefilled")]
+    assert order == [f"{step} {name}" for name in names for step in ("start", "prefilled")]
     for name, job in zip(names, jobs):
         events = list(job.events.queue)
         text, *_ = reference(loaded, "What is in the image?", [images[name]])
