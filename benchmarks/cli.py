@@ -4,6 +4,7 @@
     python bench.py --suite offline                   # llava-mlx, mlx-vlm, transformers; one request at a time
     python bench.py --suite serving --clients 1,4,8   # this project's server vs mlx-vlm's, concurrent clients
     python bench.py --suite constrained               # a JSON schema's cost per token (1 and 8 clients), compile time
+    python bench.py --suite admission --baseline-script OLD/server.py  # pauses while a newcomer is admitted
     python bench.py --shape 7b --dtype float16        # real LLaVA-1.5-7B / 1.6-Mistral-7B shapes (Apple silicon)
 
 Nothing is downloaded: random-weight checkpoints in the llava-hf layout are written to a
@@ -30,12 +31,12 @@ for _k, _v in (
 ):
     os.environ.setdefault(_k, _v)
 
-from . import constrained, offline, report, serving  # noqa: E402  (after the environment above)
+from . import admission, constrained, offline, report, serving  # noqa: E402  (after the environment above)
 from .checkpoints import DTYPE_BYTES, SHAPES, checkpoint_dir  # noqa: E402
 from .servers import SERVERS  # noqa: E402
 from .worker import DEFAULT_REPEATS, DEFAULT_TOKENS  # noqa: E402
 
-SUITES = ("offline", "serving", "constrained")
+SUITES = ("offline", "serving", "constrained", "admission")
 
 
 def csv(kind):
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     g.add_argument("--chats", type=int, default=3, help="two-turn chats for the cached second turn")
     g.add_argument("--level-time", type=float, default=600, help="no request starts later than this into a level, s")
     g.add_argument("--request-timeout", type=float, default=120, help="client timeout per request, s")
+    g = p.add_argument_group("admission suite")
+    g.add_argument("--baseline-script", default=None, help="an earlier server.py to measure in the same run (before)")
     a = p.parse_args(argv)
     unknown = sorted(set(a.servers) - set(SERVERS))
     if unknown:
@@ -126,6 +129,9 @@ def main(argv=None):
 
             print("\n".join(evaluate_targets(record)[1]))
             print(f"wrote {page} and {out / 'benchmark-serving.png'}", flush=True)
+        if "admission" in suites:
+            record = report.stamp(admission.run(a, root), command)
+            print(f"wrote {report.write(out, 'admission', record)}", flush=True)
         if "constrained" in suites:
             record = report.stamp(constrained.run(a, root), command)
             print(f"wrote {report.write(out, 'constrained', record)}", flush=True)

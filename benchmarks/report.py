@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("offline", "serving", "constrained")
+SUITES = ("offline", "serving", "constrained", "admission")
 
 
 def fmt(x, spec=".2f", unit=""):
@@ -138,19 +138,26 @@ def load(out: Path) -> dict:
 
 def write(out: Path, suite: str, record: dict) -> Path:
     """Store `record` as the suite's latest figures and render the page and charts from every record."""
-    from . import constrained, report_offline, report_serving
+    from . import admission, constrained, report_offline, report_serving
 
-    renderers = {"offline": report_offline, "serving": report_serving, "constrained": constrained}
+    renderers = {
+        "offline": report_offline,
+        "serving": report_serving,
+        "constrained": constrained,
+        "admission": admission,
+    }
     out.mkdir(parents=True, exist_ok=True)
     data = load(out)
     data[suite] = record
     L = [
         "# Benchmarks\n",
-        "Three suites, one command (`python bench.py`, see [benchmarking.md](benchmarking.md)): "
+        "Four suites, one command (`python bench.py`, see [benchmarking.md](benchmarking.md)): "
         "[offline](#offline-one-request-at-a-time), each implementation answering one request in its own "
         "process; [serving](#serving-concurrent-clients-over-http), this project's server against "
         "mlx-vlm's under concurrent OpenAI clients; and [constrained](#structured-outputs-the-cost-of-a-json-schema), "
-        "what a JSON schema costs this project's server.\n",
+        "what a JSON schema costs this project's server; and "
+        "[admission](#admission-a-running-answer-while-a-newcomers-picture-is-admitted), "
+        "whether a running answer pauses while a newcomer's picture is admitted.\n",
     ]
     for name in SUITES:
         if name in data:
