@@ -11,21 +11,25 @@ repeated with fresh media (no feature or prompt cache can help).
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoints import ROOT, checkpoint_dir, make_image
+from .constrained import LONG_ANSWER
 from .load import client, data_uri, user_turn
 from .report import machine_rows
 from .servers import Server, command, free_port
 
 REPEATS = 3
-STORY = "Tell me a long story about a lighthouse keeper."
-STORY_TOKENS = 400
+STORY = "Give me four hundred readings."
+STORY_TOKENS = 1500
+# A's answer is held to a schema that needs more tokens than that: a random-weight model stops
+# at its end-of-turn token whenever it happens to draw it, and A must outlast B's admission.
+LONG = {"response_format": {"type": "json_schema", "json_schema": {"name": "readings", "schema": LONG_ANSWER}}}
 NEWCOMER_TOKENS = 16
 CASES = {
     # name: (checkpoint, media kind, size (width, height))
@@ -68,9 +72,10 @@ def media_message(kind: str, path: Path) -> dict:
     return {"role": "user", "content": parts}
 
 
-def stream(api, model: str, messages: list, max_tokens: int, out: dict):
-    """Stream one greedy answer; `out` gets its start, the arrival time of every content chunk, and its tokens."""
-    out["start"], out["arrivals"] = time.perf_counter(), []
+def stream(api, model: str, messages: list, max_tokens: int, out: dict, extra=None):
+    """Stream one greedy answer; `out` gets its start, the arrival time of every content chunk
+    (time.monotonic: the same clock in every process), and its tokens."""
+    out["start"], out["arrivals"] = time.monotonic(), []
     for chunk in api.chat.completions.create(
         model=model,
         messages=messages,
@@ -78,12 +83,30 @@ def stream(api, model: str, messages: list, max_tokens: int, out: dict):
         temperature=0.0,
         stream=True,
         stream_options={"include_usage": True},
+        **(extra or {}),
     ):
         if chunk.choices and chunk.choices[0].delta.content:
-            out["arrivals"].append(time.perf_counter())
+            out["arrivals"].append(time.monotonic())
         if chunk.usage is not None:
             out["tokens"] = chunk.usage.completion_tokens
-    out["end"] = time.perf_counter()
+    out["end"] = time.monotonic()
+
+
+def stream_elsewhere(base_url: str, model: str, messages: list, max_tokens: int, results):
+    """`stream` in a process of its own, whose result is put on `results` (a multiprocessing
+    queue): the newcomer's request, built and sent in this process, cannot delay reading it."""
+    out = {}
+    stream(client(base_url, 300), model, messages, max_tokens, out, LONG)
+    results.put(out)
+
+
+def running(base_url: str) -> bool:
+    """Whether the server is answering a request (its /health)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=10) as r:
+        return json.loads(r.read())["running"] > 0
 
 
 def gaps(arrivals: list, since: float = 0.0, until: float = float("inf")) -> list:
@@ -102,7 +125,7 @@ def measure(base_url: str, model: str, kind: str, media: list) -> dict:
     api = client(base_url, 300)
     story = [user_turn(None, STORY)]
     alone_story = {}
-    stream(api, model, story, STORY_TOKENS, alone_story)  # also warms the text path
+    stream(api, model, story, STORY_TOKENS, alone_story, LONG)  # also warms the text path
     alone_gaps = gaps(alone_story["arrivals"])
     alone_ttft, together, pauses, ttfts = [], [], [], []
     for i, path in enumerate(media):
@@ -111,13 +134,18 @@ def measure(base_url: str, model: str, kind: str, media: list) -> dict:
             stream(api, model, [media_message(kind, path)], NEWCOMER_TOKENS, b)
             alone_ttft.append(b["arrivals"][0] - b["start"])
             continue
-        a, b = {}, {}
-        runner = threading.Thread(target=stream, args=(api, model, story, STORY_TOKENS, a))
+        b, message = {}, [media_message(kind, path)]
+        results = multiprocessing.get_context("spawn").Queue()
+        runner = multiprocessing.get_context("spawn").Process(
+            target=stream_elsewhere, args=(base_url, model, story, STORY_TOKENS, results)
+        )
         runner.start()
-        while len(a.get("arrivals", ())) < 20:  # A is streaming
-            time.sleep(0.005)
-        stream(api, model, [media_message(kind, path)], NEWCOMER_TOKENS, b)
-        runner.join()
+        while not running(base_url):  # A has started
+            time.sleep(0.01)
+        time.sleep(0.3)
+        stream(api, model, message, NEWCOMER_TOKENS, b)
+        a = results.get(timeout=300)
+        runner.join(timeout=30)
         admitted = b["arrivals"][0]
         pauses += gaps(a["arrivals"], b["start"], admitted + 0.05)
         ttfts.append(admitted - b["start"])
@@ -180,7 +208,8 @@ def section(record: dict) -> list:
     L += machine_rows(record)
     L += [
         "",
-        f"Answer A streams {st['story_tokens']} tokens (greedy, text); request B arrives with a fresh picture or "
+        f"Answer A streams {st['story_tokens']} tokens (greedy, text, held to a JSON schema that outlasts them, "
+        "so that a random-weight model cannot end it early); request B arrives with a fresh picture or "
         "clip once A is under way. A's pauses are the waits between its streamed chunks while B is admitted; "
         "its gaps alone, with no newcomer. B's TTFT alone and with A running; the tokens per second of A and B "
         f"together, from A's request to the last answer's end. Medians over {st['repeats']} newcomers per case, the "

@@ -10,6 +10,7 @@ admission. The budget follows the decode step (`DECODE_SHARE` steps' worth, at l
 time alone. With no answer running nobody waits: each unit is as large as it can be.
 """
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ class Pace:
     max_positions: int  # --prefill-step-size: a chunk is never larger
     crop_seconds: Optional[float] = None  # one crop through the tower and projector, last measured
     position_seconds: Optional[float] = None  # one prefilled position, last measured
+    last_chunk: int = 0  # positions of the chunk last measured, and its time
+    last_seconds: float = 0.0
 
     def crops(self, left: int, alone: bool) -> int:
         """Crops to encode in the next unit (of `left` still to encode)."""
@@ -42,10 +45,16 @@ class Pace:
         return max(1, min(left, int(self.budget / self.crop_seconds)))
 
     def positions(self, left: int, alone: bool) -> int:
-        """Positions to prefill in the next chunk (of `left` still to prefill)."""
+        """Positions to prefill in the next chunk (of `left` still to prefill): the fewer of
+        two predictions from the last chunk, one linear in the chunk's size and one quadratic
+        (its attention's cost grows with the chunk and with what it attends to)."""
         if alone:
             return min(left, self.max_positions)
-        wanted = FIRST_CHUNK if self.position_seconds is None else int(self.budget / self.position_seconds)
+        if self.position_seconds is None:
+            wanted = FIRST_CHUNK
+        else:
+            linear = self.budget / self.position_seconds
+            wanted = int(min(linear, self.last_chunk * math.sqrt(self.budget / self.last_seconds)))
         return max(1, min(left, self.max_positions, max(MIN_CHUNK, wanted)))
 
     def follow(self, decode_seconds: Optional[float], floor: float):
@@ -89,7 +98,8 @@ class Admission:
                 None, cache=job.kv, input_embeddings=job.embeddings[None, job.prefilled : job.prefilled + n]
             )
             mx.eval([c.state for c in job.kv])
-            pace.position_seconds = (time.perf_counter() - tic) / n
+            pace.last_chunk, pace.last_seconds = n, max(time.perf_counter() - tic, 1e-6)
+            pace.position_seconds = pace.last_seconds / n
             job.prefilled += n
         return job.prefilled == total
 

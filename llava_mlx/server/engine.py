@@ -87,7 +87,7 @@ class EngineOptions:
     prompt_cache_bytes: int = 2 << 30
     feature_cache_bytes: int = 1 << 30
     kv_bits: Optional[int] = None  # quantized KV: requests are served one at a time (serial.py)
-    admission_budget: float = 0.1  # s: the least admission work between two decode steps (admission.py)
+    admission_budget: float = 0.05  # s: the least admission work between two decode steps (admission.py)
 
 
 def held_back(text: str, stops: List[str]) -> int:

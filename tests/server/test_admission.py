@@ -17,13 +17,17 @@ def test_pace_sizes_units_to_the_budget():
     assert pace.crops(5, alone=True) == 5 and pace.positions(3000, alone=True) == 2048  # nobody waits
     assert pace.crops(5, alone=False) == 1  # not yet timed: one crop
     assert pace.positions(3000, alone=False) == FIRST_CHUNK
-    pace.crop_seconds, pace.position_seconds = 0.07, 0.001
+    pace.crop_seconds = 0.07
     assert pace.crops(5, alone=False) == 2  # 0.2 / 0.07 = 2.9 crops
     assert pace.crops(1, alone=False) == 1
+    pace.last_chunk, pace.last_seconds, pace.position_seconds = 256, 0.256, 0.001  # over budget: linear
     assert pace.positions(3000, alone=False) == 200 and pace.positions(150, alone=False) == 150
-    pace.position_seconds = 0.05  # slow: never below MIN_CHUNK, unless less is left
+    pace.last_chunk, pace.last_seconds, pace.position_seconds = 256, 0.0256, 0.0001  # under: quadratic
+    assert pace.positions(3000, alone=False) == 715  # 256 * sqrt(0.2 / 0.0256), not 0.2 / 0.0001 = 2000
+
+    pace.last_chunk, pace.last_seconds, pace.position_seconds = 64, 3.2, 0.05  # slow: never below MIN_CHUNK
     assert pace.positions(3000, alone=False) == MIN_CHUNK and pace.positions(5, alone=False) == 5
-    pace.position_seconds = 1e-6  # fast: never above --prefill-step-size
+    pace.last_chunk, pace.last_seconds, pace.position_seconds = 1500, 0.0015, 1e-6  # never above --prefill-step-size
     assert pace.positions(30000, alone=False) == 2048
     pace.follow(decode_seconds=0.04, floor=0.1)
     assert pace.budget == pytest.approx(0.32)  # 8 decode steps
