@@ -223,7 +223,7 @@ def section(record: dict) -> list:
     for case, servers in record["results"].items():
         for which, r in servers.items():
             if "error" in r:
-                L.append(f"| {case} | {which} | {r['error']} | | | | | | |")
+                L.append(f"| {case} | {which} | could not run: {r['error'][:110]} | | | | | | |")
                 continue
             g, p = r["gaps_alone"], r["pauses"]
             ratio = p["max"] / r["ttft_alone"] if p["max"] is not None else None
