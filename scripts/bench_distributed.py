@@ -6,10 +6,17 @@ where the vision tower should run. Random weights (bench.py's checkpoint builder
     python scripts/bench_distributed.py run /tmp/bench-dist              # one process
     mlx.launch -n 2 --backend ring -- python scripts/bench_distributed.py run /tmp/bench-dist [--pipeline]
 
+    python scripts/bench_distributed.py serve /tmp/bench-dist [--server-script OLD/server.py]
+
 `run` prints one JSON line per rank: load time, prompt and generation tokens/s, MLX's peak
 memory, the decoder-layer and vision bytes held, and the two vision placements timed on
 the same image: rank 0 encodes and shares the features (what llava-mlx does) against every
 rank encoding the image itself (each rank with the whole tower).
+
+`serve` starts `mlx.launch -n 2 --backend ring -- python server.py` on the checkpoint itself
+(tensor, then pipeline) and streams text answers of `--tokens` tokens through the official
+client: the decode tokens/s of the served answer (first token to last), to set against `run`'s
+generate() under the same launch.
 """
 
 import argparse
@@ -31,11 +38,11 @@ QUESTION = "Describe this image in detail."
 
 
 def build(out: Path):
-    import bench
+    from benchmarks.checkpoints import SHAPES, build_checkpoint, make_image
 
-    bench.SHAPES["medium"] = {"llava-1.5": (MEDIUM_TEXT, MEDIUM_VISION)}
-    bench.build_checkpoint("llava-1.5", "medium", "float32", out)
-    bench.make_image((640, 480), 1, out / "image.png")
+    SHAPES["medium"] = {"llava-1.5": (MEDIUM_TEXT, MEDIUM_VISION)}
+    build_checkpoint("llava-1.5", "medium", "float32", out)
+    make_image((640, 480), 1, out / "image.png")
     print(out)
 
 
@@ -157,15 +164,70 @@ def run(path: Path, pipeline: bool, tokens: int):
     print(json.dumps(result), flush=True)
 
 
+def serve(path: Path, server_script: Path, tokens: int, answers: int = 3):
+    """Decode tokens/s of answers served by two ranks (tensor, then pipeline)."""
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+
+    from openai import OpenAI
+
+    launch = Path(sys.executable).parent / "mlx.launch"
+    for mode in ("tensor", "pipeline"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ring = s.getsockname()[1]
+        log = Path(tempfile.mkstemp(suffix=".log")[1])
+        command = [launch, "-n", "2", "--backend", "ring", "-p", str(ring + 10), "--", sys.executable]
+        command += [str(server_script), "--model", str(path), "--port", "0", "--max-tokens", str(tokens)]
+        command += ["--pipeline"] if mode == "pipeline" else []
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not (found := re.search(r"on http://127\.0\.0\.1:(\d+)", log.read_text())):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(log.read_text()[-2000:])
+                time.sleep(0.5)
+            api = OpenAI(base_url=f"http://127.0.0.1:{found.group(1)}/v1", api_key="x", timeout=600, max_retries=0)
+            rates = []
+            for i in range(answers + 1):  # the first one warms up
+                arrivals = []
+                for chunk in api.chat.completions.create(
+                    model="m",
+                    messages=[{"role": "user", "content": f"Tell me story number {i}."}],
+                    max_tokens=tokens,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                ):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        arrivals.append(time.monotonic())
+                    if chunk.usage is not None:
+                        generated = chunk.usage.completion_tokens
+                if i and generated > 1:
+                    rates.append((generated - 1) / (arrivals[-1] - arrivals[0]))
+            rates.sort()
+            print(json.dumps(dict(mode=mode, served_decode_tps=round(rates[len(rates) // 2], 2), answers=rates)))
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("action", choices=("build", "run", "fits"))
+    p.add_argument("action", choices=("build", "run", "fits", "serve"))
     p.add_argument("path", type=Path, nargs="?")
     p.add_argument("--pipeline", action="store_true")
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--server-script", type=Path, default=ROOT / "server.py", help="serve: the server to measure")
     a = p.parse_args()
     if a.action == "fits":
         return fits()
+    if a.action == "serve":
+        return serve(a.path, a.server_script, a.tokens)
     build(a.path) if a.action == "build" else run(a.path, a.pipeline, a.tokens)
 
 

@@ -188,7 +188,6 @@ class BatchScheduler:
             tic = time.perf_counter()
             responses = self.generator.next()[1]
             self.decode_seconds = time.perf_counter() - tic
-            engine.coordinator.after_decode()
         except engine.coordinator.fatal:
             raise
         except Exception as e:

@@ -102,6 +102,7 @@ class Changes:
     start: list = field(default_factory=list)
     cancel: list = field(default_factory=list)
     stop: bool = False  # rank 0 told every rank to stop (lockstep only)
+    steps: int = 1  # scheduler steps before the next iteration's changes (lockstep: a batch of them)
 
 
 class LocalCoordinator:
@@ -124,8 +125,14 @@ class LocalCoordinator:
         """The features of `prompt`'s images from `encode()` (here: run here)."""
         return encode()
 
-    def after_decode(self):
-        """Called after every decode step, before its tokens are sent."""
+    def stats(self) -> dict:
+        return {}
+
+    def batch_started(self, engine: "Engine"):
+        """Called before an iteration's steps."""
+
+    def batch_ended(self, engine: "Engine", worked: int):
+        """Called after an iteration's steps, `worked` of which did work."""
 
     def failed(self, e: Exception) -> str:
         log.exception("the engine failed")
@@ -163,6 +170,7 @@ class Engine:
         )
         self.memory = dict(peak_memory_gb=0.0, active_memory_gb=0.0)
         self.reporter = None  # LogprobReporter, made when a request first asks for logprobs
+        self.held: Optional[list] = None  # (job, event) sent at the batch's end, not at once (lockstep.py)
         self.scheduler = scheduler_type(self)
         self.thread = threading.Thread(target=self._run, name="llava-engine", daemon=True)
 
@@ -200,6 +208,7 @@ class Engine:
             "prompt_cache_hits": self.prompt_cache.hits,
             "feature_cache_images": len(self.features),
             **self.scheduler.stats(),
+            **self.coordinator.stats(),
             **self.memory,
         }
 
@@ -238,7 +247,14 @@ class Engine:
                 for job in changes.start:
                     self.worked_since_idle = True
                     self.guard(job, self.scheduler.start, job)
-                self._work()
+                self.coordinator.batch_started(self)
+                worked = 0  # steps that did work (not an idle wait)
+                for _ in range(changes.steps):
+                    worked += self.scheduler.has_work()
+                    self._work()
+                    if not self.scheduler.has_work():
+                        break
+                self.coordinator.batch_ended(self, worked)
         except Exception as e:
             self.failure = self.coordinator.failed(e)
         finally:
@@ -329,7 +345,7 @@ class Engine:
                 keep = held_back(text, stops)
                 text, job.unsent = text[: len(text) - keep], text[len(text) - keep :]
         if text or entries:
-            job.events.put(("text", job.index, text, list(entries)))
+            self._send(job, ("text", job.index, text, list(entries)))
         if finish is None:
             return False
         self.scheduler.forget(job)
@@ -343,9 +359,23 @@ class Engine:
             "total_tokens": length + n,
             "prompt_tokens_details": {"cached_tokens": job.cached},
         }
-        job.events.put(("done", job.index, finish, usage))
-        job.finished.set()
+        self._send(job, ("done", job.index, finish, usage))
         return True
+
+    def _send(self, job: Job, event: tuple):
+        """Put an event on its job's queue, or hold it there until the batch ends."""
+        if self.held is not None:
+            self.held.append((job, event))
+            return
+        job.events.put(event)
+        if event[0] == "done":
+            job.finished.set()
+
+    def send_held(self):
+        """Send what the batch held, in order."""
+        held, self.held = self.held or [], None
+        for job, event in held:
+            self._send(job, event)
 
     def logprob_entries(self, job: Job, logprobs, token: int, finish: Optional[str]) -> list:
         """The logprobs entry of a token just generated, if the request asked for them (none

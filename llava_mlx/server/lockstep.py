@@ -4,16 +4,20 @@
 
 Rank 0 alone listens for HTTP. Every rank runs this engine, and every iteration begins with
 rank 0 sharing what changed (`share_object`): the requests that start now (their prompt's
-ids and keys, their options) and the ones cancelled since; rank 0 encodes the images and
-shares their features (`shared_features`). All ranks then start, prefill, insert, step and
-drop the same requests in the same order, so the sharded decoder's collectives pair up.
-Everything else is decided the same way on every rank from the same tokens (EOS, stop
-strings, max_tokens, the prompt cache's inserts and hits), so it need not be shared.
+ids and keys, their options), the ones cancelled since, and how many steps to run before the
+next exchange (as mlx-lm's server does its decode steps in a time budget, then shares once);
+rank 0 encodes the images and shares their features (`shared_features`). The batch's tokens
+are sent once every rank is known to have taken part (`check_ranks`, once per batch). All
+ranks then start, prefill, insert, step and drop the same requests in the same order, so the
+sharded decoder's collectives pair up. Everything else is decided the same way on every rank
+from the same tokens (EOS, stop strings, max_tokens, the prompt cache's inserts and hits), so
+it need not be shared.
 """
 
 import dataclasses
 import logging
 import random
+import time
 
 from ..distributed.group import group_of, settle
 from ..distributed.share import check_ranks, share_object, shared_features
@@ -22,6 +26,8 @@ from .engine import Changes, Job, LocalCoordinator
 from .request import Prompt
 
 log = logging.getLogger("llava_mlx.server")
+BATCH_SECONDS = 0.1  # decode steps between two exchanges (and their tokens held), while nothing waits to start
+MAX_BATCH_STEPS = 64
 
 
 class LockstepCoordinator(LocalCoordinator):
@@ -39,6 +45,9 @@ class LockstepCoordinator(LocalCoordinator):
         self.halted = False  # rank 0 told this rank to stop
         self.serial = 0  # rank 0 numbers the requests it starts; followers know them by it
         self.started: dict = {}  # rank 0: serial → its job, between deciding and starting
+        self.step_seconds = BATCH_SECONDS  # rank 0: a decode step's time, last measured
+        self.batch_start = 0.0
+        self.exchanges = 0
 
     def joined(self, engine):
         model = engine.model
@@ -70,14 +79,25 @@ class LockstepCoordinator(LocalCoordinator):
         log.error("%s: the engine stops; restart the whole launch", lost)
         return f"lost a rank: {lost}"
 
-    def after_decode(self):
-        # A rank lost mid-step may leave zeros in the all-reduces without an error: make
-        # sure every rank took part before any of the step's tokens is sent.
+    def batch_started(self, engine):
+        engine.held = []  # sent once check_ranks says every rank took part
+        self.batch_start = time.perf_counter()
+
+    def batch_ended(self, engine, worked: int):
+        # A rank lost mid-step may leave zeros in the all-reduces without an error: make sure
+        # every rank took part in the batch before any of its tokens is sent.
         check_ranks(self.group)
+        engine.send_held()
+        if self.main and worked:
+            self.step_seconds = (time.perf_counter() - self.batch_start) / worked
 
     # -- each iteration: rank 0's changes, applied on every rank in the same order --------
+    def stats(self) -> dict:
+        return {"exchanges": self.exchanges}
+
     def changes(self, engine) -> Changes:
         change = share_object(self.group, self._decide(engine) if self.main else None)
+        self.exchanges += 1
         self.halted = bool(change.get("stop"))
         if self.halted:
             return Changes(stop=True)
@@ -89,10 +109,12 @@ class LockstepCoordinator(LocalCoordinator):
             for choice in job.choices:
                 choice.serial = serial
             start.append(job)
-        return Changes(start=start)
+        return Changes(start=start, steps=change["steps"])
 
     def _decide(self, engine) -> dict:
-        """Rank 0: the requests to start now (as the engine picks them) and those cancelled."""
+        """Rank 0: the requests to start now (as the engine picks them), those cancelled, and
+        how many steps every rank runs before the next exchange: as many as fit
+        `BATCH_SECONDS` while answers only decode, one while anything waits to start."""
         cancel = sorted({job.serial for job in engine.scheduler.jobs() if job.cancelled.is_set()})
         self.started, start = {}, []
         for job in engine.admissible():
@@ -102,7 +124,9 @@ class LockstepCoordinator(LocalCoordinator):
             self.started[self.serial] = job
             # What the followers need: no pixels, images or videos (rank 0 encodes them).
             start.append((self.serial, dataclasses.replace(job.prompt, pixels={}, images={}, videos={}), job.chat))
-        return {"cancel": cancel, "start": start}
+        quiet = not start and not engine.waiting and engine.inbox.empty()
+        steps = max(1, min(MAX_BATCH_STEPS, int(BATCH_SECONDS / self.step_seconds))) if quiet else 1
+        return {"cancel": cancel, "start": start, "steps": steps}
 
     def encode(self, engine, prompt: Prompt, encode) -> list:
         """Rank 0 encodes (from its feature cache) and shares; a failure fails the request on

@@ -78,6 +78,19 @@ def test_plain_and_streamed_answers_equal_one_process(two_ranks, loaded, images)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
 
 
+def test_the_ranks_exchange_once_per_batch_of_steps(two_ranks):
+    """While answers only decode, rank 0 shares its changes once per batch of decode steps
+    (and the head count of the ranks comes once per batch), not once per token."""
+    before = two_ranks.health()
+    r = ask(two_ranks, [user("Tell me a long story.")], max_tokens=120)
+    after = two_ranks.health()
+    steps = after["decode_steps"] - before["decode_steps"]
+    exchanges = after["exchanges"] - before["exchanges"]
+    assert steps == r.usage.completion_tokens + (r.choices[0].finish_reason == "stop")
+    assert exchanges < steps / 2, (exchanges, steps)
+    print(f"{steps} decode steps, {exchanges} exchanges")
+
+
 def test_two_requests_at_once_answer_correctly(two_ranks, loaded, images):
     asked = [("Question A: what is this?", "square"), ("Question B, a longer one: what do you see here?", "odd1")]
     expected = [reference(loaded, q, [images[name]], max_tokens=24)[0] for q, name in asked]
