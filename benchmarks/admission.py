@@ -20,7 +20,7 @@ import numpy as np
 
 from .checkpoints import ROOT, checkpoint_dir, make_image
 from .constrained import LONG_ANSWER
-from .load import client, data_uri, user_turn
+from .load import client, data_uri, open_stream, user_turn
 from .report import machine_rows
 from .servers import Server, command, free_port
 
@@ -76,15 +76,7 @@ def stream(api, model: str, messages: list, max_tokens: int, out: dict, extra=No
     """Stream one greedy answer; `out` gets its start, the arrival time of every content chunk
     (time.monotonic: the same clock in every process), and its tokens."""
     out["start"], out["arrivals"] = time.monotonic(), []
-    for chunk in api.chat.completions.create(
-        model=model,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=0.0,
-        stream=True,
-        stream_options={"include_usage": True},
-        **(extra or {}),
-    ):
+    for chunk in open_stream(api, model, messages, max_tokens, extra):
         if chunk.choices and chunk.choices[0].delta.content:
             out["arrivals"].append(time.monotonic())
         if chunk.usage is not None:

@@ -52,22 +52,26 @@ def client(base_url: str, timeout: float):
     return OpenAI(base_url=base_url, api_key="benchmark", max_retries=0, timeout=timeout)
 
 
+def open_stream(api, model: str, messages: list, max_tokens: int, extra: dict | None = None):
+    """A streamed, greedy chat completion with usage at its end (`extra`: more body fields)."""
+    return api.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        **(extra or {}),
+    )
+
+
 def ask(api, model: str, messages: list, max_tokens: int, extra: dict | None = None) -> Reply:
     """One streamed, greedy request (`extra`: more body fields, e.g. response_format); never raises."""
     t0 = time.perf_counter()
     r = Reply(ok=False, started=t0, ended=t0)
     chunks, text = 0, []
     try:
-        stream = api.chat.completions.create(
-            model=model,
-            messages=messages,
-            max_tokens=max_tokens,
-            temperature=0.0,
-            stream=True,
-            stream_options={"include_usage": True},
-            **(extra or {}),
-        )
-        for ch in stream:
+        for ch in open_stream(api, model, messages, max_tokens, extra):
             if ch.usage is not None:
                 r.tokens, r.tokens_from_usage = ch.usage.completion_tokens, True
                 r.prompt_tokens = ch.usage.prompt_tokens

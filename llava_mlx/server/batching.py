@@ -96,7 +96,7 @@ class BatchScheduler:
         dropped = {id(job) for job in jobs}
         self.prefilling = deque(job for job in self.prefilling if id(job) not in dropped)
         for job in jobs:
-            job.kv = job.embeddings = None
+            job.kv = job.embeddings = job.admission = None
         gone = [uid for uid, job in self.running.items() if id(job) in dropped]
         if gone:
             self.generator.remove(gone)
