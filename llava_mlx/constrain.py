@@ -29,30 +29,30 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separa
 FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
-def schema_of(response_format, bare_schema: bool = False) -> Optional[dict]:
+def schema_of(response_format, bare_schema: bool = False, name: str = "response_format") -> Optional[dict]:
     """The JSON schema a response_format asks for; None for free text. With `bare_schema`
     (the Python API), a JSON schema itself is taken too. Raises LlavaValueError naming what
-    is wrong."""
+    is wrong (`name`: what the caller calls the field)."""
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
-        raise LlavaValueError("response_format must be an object")
+        raise LlavaValueError(f"{name} must be an object")
     kind = response_format.get("type")
     if kind not in FORMAT_TYPES:
         if bare_schema:
             return checked_schema(response_format)
-        raise LlavaValueError(f"response_format type {kind!r} is not one of {', '.join(FORMAT_TYPES)}")
+        raise LlavaValueError(f"{name} type {kind!r} is not one of {', '.join(FORMAT_TYPES)}")
     if kind == "text":
         return None
     if kind == "json_object":
         return {"type": "object"}
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
-        raise LlavaValueError("response_format of type json_schema needs a 'json_schema' object")
+        raise LlavaValueError(f"{name} of type json_schema needs a 'json_schema' object")
     if "schema" not in spec:
-        raise LlavaValueError("response_format json_schema needs json_schema.schema (the JSON schema)")
+        raise LlavaValueError(f"{name} json_schema needs json_schema.schema (the JSON schema)")
     if spec.get("strict") not in (None, True, False):
-        raise LlavaValueError("response_format json_schema.strict must be true or false")
+        raise LlavaValueError(f"{name} json_schema.strict must be true or false")
     return checked_schema(spec["schema"])
 
 
@@ -65,10 +65,12 @@ def checked_schema(schema) -> dict:
         raise LlavaValueError("the JSON schema must be an object")
     try:
         validator_for(schema).check_schema(schema)
+        grammar_of(schema)
     except SchemaError as e:
         where = "/".join(str(p) for p in e.path) or "the top level"
         raise LlavaValueError(f"not a valid JSON schema at {where}: {e.message}") from None
-    grammar_of(schema)
+    except RecursionError:
+        raise LlavaValueError("the JSON schema nests too deeply") from None
     return schema
 
 

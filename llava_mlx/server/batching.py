@@ -75,8 +75,9 @@ class BatchScheduler:
     def has_work(self) -> bool:
         return bool(self.prefilling or self.running)
 
-    def ready_for_more(self) -> bool:
-        return not self.prefilling and len(self.running) < self.engine.options.max_batch
+    def ready_for_more(self, job) -> bool:
+        """Whether `job` (its n choices) can start now: nothing else prefilling, room in the batch."""
+        return not self.prefilling and len(self.running) + len(job.choices) <= self.engine.options.max_batch
 
     def stats(self) -> dict:
         return {"running": len(self.prefilling) + len(self.running)}

@@ -300,7 +300,7 @@ class Engine:
         images, so starting all that arrive together would hold the first one's first token
         until every image had gone through the tower."""
         self._take_inbox()
-        while self.waiting and self.scheduler.ready_for_more():
+        while self.waiting and self.scheduler.ready_for_more(self.waiting[0]):
             job = self.waiting.popleft()
             if job.cancelled.is_set():
                 self.counters["cancelled"] += 1

@@ -229,6 +229,8 @@ class Handler(BaseHTTPRequestHandler):
     def _run_chat(self, parse):
         app = self.app
         chat = parse(self._body(), app.limits)
+        if chat.n > app.engine.options.max_batch:
+            raise ApiError(400, f"'n' is {chat.n}: at most --max-batch ({app.engine.options.max_batch}) choices", "n")
         shape = SHAPES[chat.api](chat, app.model_id)
         job = Job(build_prompt(chat, app.processor, app.limits, app.engine.needs_pixels), chat)
         app.compile(chat)

@@ -185,7 +185,7 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
 def response_schema(response_format, param: str) -> Optional[dict]:
     """The JSON schema of a response_format (constrain.py), or a 400 saying what is wrong."""
     try:
-        return schema_of(response_format)
+        return schema_of(response_format, name=param)
     except LlavaError as e:
         raise ApiError(400, str(e), param) from None
 

@@ -36,7 +36,7 @@ class SerialScheduler:
     def has_work(self) -> bool:
         return False  # a request runs whole inside start()
 
-    def ready_for_more(self) -> bool:
+    def ready_for_more(self, job) -> bool:
         return True
 
     def stats(self) -> dict:

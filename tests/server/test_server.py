@@ -17,6 +17,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import mlx.core as mx
 import openai
 import pytest
 from PIL import Image
@@ -216,6 +217,13 @@ def image_message(url, text="What is it?"):
     }
 
 
+def nested_arrays(depth: int) -> dict:
+    schema = {"type": "array"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 def schema_format(schema) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
@@ -277,6 +285,11 @@ def bad_requests(images, image_host):
             "'max_completion_tokens' must be an integer",
         ),
         "n=9": ({"messages": [text], "n": 9}, 400, "'n' is 9"),
+        "a schema nested 900 deep": (
+            {"messages": [text], "response_format": schema_format(nested_arrays(900))},
+            400,
+            "nests too deeply",
+        ),
         "seed wrong type": ({"messages": [text], "seed": "x"}, 400, "'seed' must be an integer"),
         "stop wrong type": ({"messages": [text], "stop": [1]}, 400, "'stop'"),
         "stream wrong type": ({"messages": [text], "stream": "yes"}, 400, "'stream'"),
@@ -403,6 +416,7 @@ BAD_CASES = [
     "max_tokens over limit",
     "max_tokens float",
     "n=9",
+    "a schema nested 900 deep",
     "seed wrong type",
     "stop wrong type",
     "stream wrong type",
@@ -522,6 +536,8 @@ def test_api_key_busy_server_and_cors(checkpoints, tmp_path):
         keyed = {"Content-Type": "application/json", "Authorization": "Bearer s3cret"}
         refused = json.dumps({"messages": [local], "max_tokens": 4}).encode()
         assert_openai_error(*raw(server, "POST", "/v1/chat/completions", refused, keyed), 400, "non-public address")
+        two = json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}).encode()
+        assert_openai_error(*raw(server, "POST", "/v1/chat/completions", two, keyed), 400, "at most --max-batch (1)")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
         good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0, timeout=120)
@@ -676,6 +692,7 @@ def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, i
     from llava_mlx.server.request import Limits, build_prompt, parse_chat
 
     model, processor = loaded(SERVER_MODEL)
+    mx.eval(model.parameters())  # lazily loaded: read here, in the thread that loaded them, not the engine's
     engine = Engine(lambda: (model, processor), EngineOptions(max_batch=8, prompt_cache_bytes=0))
     names, jobs, order = ["wide", "tall", "odd1"], [], []
     for name in names:
