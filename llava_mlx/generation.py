@@ -185,7 +185,7 @@ def stream_generate(
         max_tokens=max_tokens,
         sampler=vocabulary_sampler(
             make_sampler(temperature, top_p if top_p < 1.0 else 0.0),
-            processor.tokenizer.vocab_size,
+            processor.vocabulary,
             rows,
             processor.tokenizer.eos_token_ids,
             renormalise=temperature > 0,

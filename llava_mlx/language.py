@@ -53,6 +53,7 @@ DECODERS = {"llama": llama, "mistral": llama, "qwen2": qwen2}
 TEXT_MODEL_TYPES = {
     "llava_llama": "llama",
     "llava_mistral": "mistral",
+    "llava_qwen": "qwen2",  # the LLaVA-NeXT code's (lmms-lab's releases)
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",

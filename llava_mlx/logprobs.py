@@ -30,10 +30,10 @@ def vocabulary_mask(vocabulary: int, rows: int, eos_ids=()) -> Optional[mx.array
 class LogprobReporter:
     """Turns a step's log-probabilities (over every row) into OpenAI's logprobs entry."""
 
-    def __init__(self, tokenizer, token_bytes, rows: int):
+    def __init__(self, tokenizer, vocabulary: int, token_bytes, rows: int):
         self.tokenizer = tokenizer  # mlx-lm's TokenizerWrapper
         self.token_bytes = token_bytes  # id -> bytes (constrain.Grammars.token_bytes)
-        self.allowed = vocabulary_mask(tokenizer.vocab_size, rows, tokenizer.eos_token_ids)
+        self.allowed = vocabulary_mask(vocabulary, rows, tokenizer.eos_token_ids)
 
     def entry(self, logprobs: mx.array, token: int, top: int, first: bool = False) -> dict:
         """The entry of `token`, sampled from `logprobs` (this step's, as the generator gives

@@ -52,6 +52,7 @@ class LlavaConfig:
     video_pool_stride: int = 2
     video_pool_after_projector: bool = False  # OneVision pools projected features, NeXT-Video tower features
     video_newline: str = "no_token"  # 'one_token' (OneVision), 'no_token' (NeXT-Video), 'frame', 'grid'
+    image_processor: str = "checkpoint"  # settings from preprocessor_config.json, or 'siglip': the NeXT code's own
 
     def __post_init__(self):
         self.text_config = normalize_text_config(self.text_config)

@@ -39,6 +39,9 @@ LLAVA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 CHATML_SYSTEM = "Answer the questions."
+QWEN_SYSTEM = "You are a helpful assistant."  # conversation.py's qwen_1_5 (the LLaVA-NeXT code)
+# The LLaVA-NeXT code's model types (lmms-lab's releases in that code's layout)
+NEXT_CODE_TYPES = ("llava_qwen",)
 
 
 def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) -> str:
@@ -53,6 +56,13 @@ def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) ->
             for i, (q, a) in enumerate(turns)
         ]
         return "".join(parts)
+    if family == "qwen_1_5":  # the LLaVA-NeXT code's CHATML style: newlines after each part
+        system = QWEN_SYSTEM if system is None else system
+        text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        for q, a in turns:
+            text += f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+            text += f"{a}<|im_end|>\n" if a is not None else ""
+        return text
     if family == "chatml_direct":
         system = CHATML_SYSTEM if system is None else system
         text = f"<|im_start|>system\n{system}<|im_end|>"
@@ -90,6 +100,8 @@ def byte_level(tokenizer) -> bool:
 
 
 def template_family(config: LlavaConfig, tokenizer) -> str:
+    if config.llava_type == "llava_qwen":
+        return "qwen_1_5"  # the LLaVA-NeXT code's demos, for its Qwen2 checkpoints
     if config.text_config["model_type"] == "mistral":
         return "mistral_instruct"
     if "<|im_start|>" in tokenizer.get_vocab():
@@ -210,6 +222,16 @@ class Processor:
         processor.apply_template("hi")  # a broken chat template fails here, not mid-conversation
         return processor
 
+    @property
+    def vocabulary(self) -> int:
+        """The ids the model may produce: the tokenizer's base vocabulary (the original LLaVA's
+        embeddings had those rows; llava-hf's padding and added `<image>` come after), or every
+        id of the tokenizer for the LLaVA-NeXT code's checkpoints, whose loader cuts the
+        embeddings to `len(tokenizer)`."""
+        if self.config.llava_type in NEXT_CODE_TYPES:
+            return len(self.tokenizer._tokenizer)
+        return self.tokenizer.vocab_size
+
     # -- prompts ----------------------------------------------------------------------
     def apply_template(
         self,
@@ -241,7 +263,9 @@ class Processor:
             for (q, _), n, v in zip(turns, counts, videos)
         ]
         hf = self.tokenizer._tokenizer
-        if not hf.chat_template:
+        # The LLaVA-NeXT code's demos use its conversation.py templates, whatever chat template
+        # the (text-only) Qwen tokenizer carries.
+        if not hf.chat_template or self.config.llava_type in NEXT_CODE_TYPES:
             turns = [(f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for (n, v), (q, a) in zip(before, turns)]
             return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
@@ -347,10 +371,16 @@ class Processor:
         return inputs
 
 
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
 def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -> dict:
     """Resize / crop / normalisation settings: the checkpoint's preprocessor_config.json,
     else the vision tower's (original layout), else CLIP's defaults at the tower's size."""
 
+    if config.image_processor == "siglip":  # the LLaVA-NeXT code's SigLIP processor reads no file
+        side = config.vision.image_size
+        return {"size": side, "crop": side, "mean": SIGLIP_MEAN, "std": SIGLIP_STD, "squash": True}
     raw, where = {}, "CLIP's defaults"
     for directory in (path, tower_dir):
         if directory is not None and (directory / "preprocessor_config.json").exists():

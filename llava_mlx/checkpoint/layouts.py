@@ -8,6 +8,7 @@ output. Config differences are settled in `read_config`, weight-name differences
 `RENAMES` table and `sanitize`: nowhere else.
 """
 
+import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -49,6 +50,15 @@ SIGLIP_VISION_DEFAULTS = dict(
     hidden_act="gelu_pytorch_tanh",
 )
 
+# google/siglip-so400m-patch14-384, the tower the LLaVA-NeXT code's releases name, when it cannot be read
+RELEASED_SIGLIP = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_attention_heads=16,
+    num_hidden_layers=27,
+    image_size=384,
+    patch_size=14,
+)
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 # LlavaOnevisionConfig's default: 384 … 2304 in both directions, (height, width).
@@ -155,32 +165,83 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
         )
         return "llava-hf", LlavaConfig(**{**fields, **family_fields(raw)})
     if layout == "original":
-        text = dict(raw, model_type=original_text_type(raw))
+        text_type = original_text_type(raw)
+        text = dict(raw, model_type=text_type)
         tower = read_json(tower_dir / "config.json") if tower_dir else None
         if tower:
             validate.raw_config(tower, str(tower_dir / "config.json"))
-        return "original", LlavaConfig(
+        fields = dict(
             text_config=text,
             vision_config=clip_vision_config(tower) if tower else {},
             projector_type=raw.get("mm_projector_type", "linear"),
             vision_feature_layer=raw.get("mm_vision_select_layer", -2),
             vision_feature_select=raw.get("mm_vision_select_feature", "patch"),
             image_aspect_ratio=raw.get("image_aspect_ratio") or "square",
-            image_grid_pinpoints=validate.pinpoints(raw.get("image_grid_pinpoints"), "config.json"),
             patch_merge_type=raw.get("mm_patch_merge_type", "flat"),
             max_length=raw.get("tokenizer_model_max_length"),
             quantization=read_quantization(raw),
         )
+        fields.update(next_siglip_fields(raw, tower) if next_siglip(raw) else {})
+        if "image_grid_pinpoints" not in fields:
+            tile = LlavaConfig(**fields).vision.image_size
+            fields["image_grid_pinpoints"] = pinpoints_of(raw.get("image_grid_pinpoints"), tile)
+        return "original", LlavaConfig(**fields)
+
+
+def next_siglip(raw: dict) -> bool:
+    """Whether the LLaVA-NeXT code builds this checkpoint's tower as SigLIP: a name with
+    'siglip' in it that is not a local path (any existing path is built as CLIP there)."""
+    name = str(raw.get("mm_vision_tower") or raw.get("vision_tower") or "")
+    return "siglip" in name.lower() and not Path(name).expanduser().exists()
+
+
+def next_siglip_fields(raw: dict, tower: Optional[dict]) -> dict:
+    """The LLaVA-NeXT code's SigLIP tower: the encoder's last layer deleted and the hidden state
+    of the one before used (no post-layernorm, no head, mm_vision_select_* unread), images
+    preprocessed by its own SigLIP processor (squashed to 384², mean = std = 0.5)."""
+    vision = siglip_vision_config((tower or {}).get("vision_config", tower) if tower else RELEASED_SIGLIP)
+    vision["num_hidden_layers"] -= 1
+    return dict(
+        vision_config=vision,
+        vision_model_type="siglip",
+        vision_feature_layer=-1,
+        vision_feature_select="cls_patch",
+        image_grid_pinpoints=pinpoints_of(raw.get("image_grid_pinpoints"), vision["image_size"]),
+        image_processor="siglip",
+        llava_type=original_text_type(raw),
+    )
+
+
+def pinpoints_of(value, tile: int):
+    """image_grid_pinpoints as a list of [width, height]: a list, its string, or the LLaVA-NeXT
+    code's range string."""
+    if isinstance(value, str) and "x" in value:
+        return grid_range(value, tile)
+    return validate.pinpoints(value, "config.json")
+
+
+def grid_range(text: str, tile: int) -> list:
+    """The LLaVA-NeXT code's pinpoints string "(1x1),...,(6x6)": every (i, j) from the first
+    pair to the last, times the tile size, as (width, height)."""
+    pairs = re.findall(r"\((\d+)x(\d+)\)", text)
+    if not pairs:
+        raise LlavaError(f"image_grid_pinpoints {text[:60]!r} in config.json is not '(1x1),...,(NxM)'")
+    (i0, j0), (i1, j1) = [tuple(map(int, p)) for p in (pairs[0], pairs[-1])]
+    return [[i * tile, j * tile] for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
 
 
 # The original code's LLaVA classes with a llama-architecture decoder (Vicuna, Mistral, Yi).
-ORIGINAL_TYPES = ("llava_llama", "llava_mistral")
+ORIGINAL_TYPES = ("llava_llama", "llava_mistral", "llava_qwen")
 
-ORIGINAL_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llava_llama", "LlavaMistralForCausalLM": "llava_mistral"}
+ORIGINAL_ARCHITECTURES = {
+    "LlavaLlamaForCausalLM": "llava_llama",
+    "LlavaMistralForCausalLM": "llava_mistral",
+    "LlavaQwenForCausalLM": "llava_qwen",  # the LLaVA-NeXT code's (lmms-lab's releases)
+}
 
 
 def original_text_type(raw: dict) -> str:
-    """llava_llama or llava_mistral; any other decoder (MPT, Qwen, Gemma ...) is refused by name.
+    """llava_llama, llava_mistral or llava_qwen; any other decoder (MPT, Gemma ...) is refused by name.
 
     liuhaotian's LLaVA-1.5 configs say model_type 'llava': their `architectures` tell.
     """
@@ -193,7 +254,8 @@ def original_text_type(raw: dict) -> str:
     name = "/".join(architectures) or model_type
     raise LlavaError(
         f"original LLaVA checkpoint of type '{model_type}' ({name}) is not supported: "
-        "only the llama and mistral decoders (LlavaLlamaForCausalLM, LlavaMistralForCausalLM) are"
+        "only the llama, mistral and qwen2 decoders (LlavaLlamaForCausalLM, LlavaMistralForCausalLM, "
+        "LlavaQwenForCausalLM) are"
     )
 
 

@@ -22,7 +22,7 @@ from . import validate
 from .adapters import check_base_fits, read_checkpoint, tokenizer_dir
 from .files import load_weights, weight_files
 from .hub import cached_tower, resolve
-from .layouts import detect_layout, read_config, sanitize, ships_tower, tower_location
+from .layouts import detect_layout, next_siglip, read_config, sanitize, ships_tower, tower_location
 from .quantize import module_params
 
 
@@ -74,9 +74,14 @@ def load_model(
                 if location
                 else (f"{config_file} names no vision tower")
             )
+            guess = (
+                "google/siglip-so400m-patch14-384's geometry (hidden 1152, 27 layers, 384 px / 14)"
+                if next_siglip(raw)
+                else "CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image mean and std)"
+            )
             warn(
-                f"{unread}: guessing CLIP ViT-L/14-336 (hidden 1024, 24 layers, 336 px, CLIP's image "
-                "mean and std); pass --vision-tower PATH_OR_REPO (vision_tower= in Python) to use the right one"
+                f"{unread}: guessing {guess}; pass --vision-tower PATH_OR_REPO (vision_tower= in Python) "
+                "to use the right one"
             )
     try:
         layout, config = read_config(raw, tower_dir)

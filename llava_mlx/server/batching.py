@@ -62,7 +62,11 @@ class BatchScheduler:
         tokenizer = engine.processor.tokenizer
         self.padded_vocab = engine.model.config.text_config["vocab_size"]
         self.greedy = vocabulary_sampler(
-            make_sampler(0.0), tokenizer.vocab_size, self.padded_vocab, tokenizer.eos_token_ids, renormalise=False
+            make_sampler(0.0),
+            engine.processor.vocabulary,
+            self.padded_vocab,
+            tokenizer.eos_token_ids,
+            renormalise=False,
         )
 
     def release(self):
@@ -181,7 +185,8 @@ class BatchScheduler:
         else:
             base = make_sampler(chat.temperature, chat.top_p if chat.top_p < 1 else 0.0)
         tokenizer = self.engine.processor.tokenizer
-        return vocabulary_sampler(base, tokenizer.vocab_size, self.padded_vocab, tokenizer.eos_token_ids)
+        vocabulary = self.engine.processor.vocabulary
+        return vocabulary_sampler(base, vocabulary, self.padded_vocab, tokenizer.eos_token_ids)
 
     def _decode_step(self):
         engine, counters = self.engine, self.engine.counters

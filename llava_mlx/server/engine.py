@@ -385,7 +385,7 @@ class Engine:
         if self.reporter is None:
             rows = self.model.config.text_config["vocab_size"]
             tokens = grammars(self.processor, rows).token_bytes
-            self.reporter = LogprobReporter(self.processor.tokenizer, tokens, rows)
+            self.reporter = LogprobReporter(self.processor.tokenizer, self.processor.vocabulary, tokens, rows)
         return [self.reporter.entry(logprobs, token, job.chat.top_logprobs, first=len(job.tokens) == 1)]
 
     def constrain(self, job: Job):
