@@ -217,7 +217,12 @@ class Processor:
                     "differ from the original LLaVA's after special tokens and <image>"
                 )
         images = image_settings(path, tower_dir, config)
-        videos = video_settings(path, images) if config.video_pool else None
+        if not config.video_pool:
+            videos = None
+        elif config.image_processor == "siglip":  # the LLaVA-NeXT code runs frames through its image processor
+            videos = {**images, "square": True}
+        else:
+            videos = video_settings(path, images)
         processor = cls(tokenizer, config, images, sentencepiece, videos)
         processor.apply_template("hi")  # a broken chat template fails here, not mid-conversation
         return processor
@@ -292,13 +297,14 @@ class Processor:
             marks.pop(None, None)
             return [marks.get(t, t) for t in hf(prompt).input_ids]
         encode = self.sentencepiece.encode if self.sentencepiece else (lambda text: hf(text).input_ids)
-        chunks = [encode(chunk) for chunk in prompt.split(IMAGE_TOKEN)]
+        parts = re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})", prompt)
+        chunks, marks = [encode(chunk) for chunk in parts[::2]], parts[1::2]
         bos = hf.bos_token_id
         offset = 1 if chunks and chunks[0] and bos is not None and chunks[0][0] == bos else 0
         ids = [bos] if offset else []
         for i, chunk in enumerate(chunks):
             if i > 0:
-                ids.append(IMAGE_PLACEHOLDER)
+                ids.append(IMAGE_PLACEHOLDER if marks[i - 1] == IMAGE_TOKEN else VIDEO_PLACEHOLDER)
             ids.extend(chunk[offset:])
         return ids
 

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 
 from ..errors import LlavaError
+from ..merge import NEWLINES, VIDEO_POOLS
 from ..model import LlavaConfig
 from ..vision import layers_to_run
 from . import validate
@@ -201,7 +202,19 @@ def next_siglip_fields(raw: dict, tower: Optional[dict]) -> dict:
     preprocessed by its own SigLIP processor (squashed to 384², mean = std = 0.5)."""
     vision = siglip_vision_config((tower or {}).get("vision_config", tower) if tower else RELEASED_SIGLIP)
     vision["num_hidden_layers"] -= 1
+    if raw.get("add_faster_video"):
+        raise LlavaError("add_faster_video (slow-fast frames) is not supported: no release sets it")
+    pool = raw.get("mm_spatial_pool_mode", "bilinear")
+    newline = raw.get("mm_newline_position", "one_token")  # the code's default
+    if pool not in VIDEO_POOLS or newline not in NEWLINES:
+        raise LlavaError(f"mm_spatial_pool_mode {pool!r} or mm_newline_position {newline!r} in config.json is unknown")
     return dict(
+        # videos: the projected features of each frame pooled 2 x 2 (the code's get_2dPool is
+        # called with its default stride, whatever mm_spatial_pool_stride says), then newlines
+        video_pool=pool,
+        video_pool_stride=2,
+        video_pool_after_projector=True,
+        video_newline=newline,
         vision_config=vision,
         vision_model_type="siglip",
         vision_feature_layer=-1,

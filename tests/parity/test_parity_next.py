@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_mlx import LlavaError, load
+from llava_mlx import LlavaError, generate, load
+from llava_mlx.model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from llava_mlx.video import load_video
 
 from conftest import ROOT
 from reference.original import assert_logits_close, check_case
@@ -38,6 +40,17 @@ CASES = {
     "two": ["wide", "tall"],
 }
 TURNS = [["What is in the image?", "A red car."], ["And behind it?", None]]
+FRAMES = 8
+# Videos: each newline position and each pooling mode (tests/reference/run_next.py's variants),
+# and a picture and a clip in one prompt. The code marks a video with <image> (its modality
+# says video); ours with <video>.
+VIDEO_CASES = {
+    "video-grid-bilinear": ("next-qwen", False),
+    "video-frame-average": ("next-qwen-frame-average", False),
+    "video-onetoken-max": ("next-qwen-onetoken-max", False),
+    "video-notoken-bilinear": ("next-qwen-notoken-bilinear", False),
+    "picture-and-clip": ("next-qwen", True),
+}
 
 
 def next_env(fixtures) -> dict:
@@ -65,7 +78,9 @@ def next_images(family, tmp_path_factory):
     x = np.linspace(0, 255, 2048, dtype=np.float32)[None, :, None]
     y = np.linspace(0, 255, 311, dtype=np.float32)[:, None, None]
     Image.fromarray(np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], -1).astype(np.uint8)).save(strip)
-    return {**images, "strip": strip}
+    frames = tmp_path_factory.mktemp("next-frames") / "frames.npy"
+    np.save(frames, load_video(str(family["clip.mp4"]), FRAMES))
+    return {**images, "strip": strip, "frames": frames}
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +100,17 @@ def next_reference(next_fixtures, next_images, tmp_path_factory):
         }
         for name, images in CASES.items()
     ]
+    for name, (checkpoint_name, picture) in VIDEO_CASES.items():
+        media = "<image>\n" * (2 if picture else 1)
+        jobs.append(
+            {
+                "name": name,
+                "checkpoint": str(next_fixtures / checkpoint_name),
+                "images": [str(next_images["wide"])] if picture else [],
+                "video_frames": str(next_images["frames"]),
+                "prompt": QWEN_PROMPT.format(media + "What happens?") + "<|im_start|>assistant\n",
+            }
+        )
     jobs.append(
         {"name": "template", "checkpoint": checkpoint, "images": [str(next_images["wide"])], "turns": TURNS}
         | {"conv_mode": "qwen_1_5"}
@@ -116,6 +142,39 @@ def test_parity_with_the_next_code(name, next_loaded, next_reference, next_image
     model, processor = next_loaded
     ref = next_reference[name]
     check_case(model, processor, ref, [str(next_images[i]) for i in CASES[name]], str(ref["prompt"]))
+
+
+@pytest.fixture(scope="session")
+def next_variants(next_fixtures):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(next_fixtures / "hf-home" / "hub"))
+        return {name: load(str(next_fixtures / name)) for name in {c for c, _ in VIDEO_CASES.values()} - {"next-qwen"}}
+
+
+@pytest.mark.parametrize("name", list(VIDEO_CASES))
+def test_video_parity_with_the_next_code(name, next_loaded, next_variants, next_reference, next_images):
+    checkpoint, picture = VIDEO_CASES[name]
+    model, processor = next_loaded if checkpoint == "next-qwen" else next_variants[checkpoint]
+    ref = next_reference[name]
+    frames = np.load(next_images["frames"])
+    images = [str(next_images["wide"])] if picture else []
+    prompt = str(ref["prompt"]).replace("<image>\n", "<video>\n", 2 if picture else 1)
+    if picture:  # the picture's <image> stays first
+        prompt = prompt.replace("<video>\n", "<image>\n", 1)
+    inputs = processor(prompt, images, videos=[frames], num_frames=FRAMES)
+    ids = [IMAGE_PLACEHOLDER if t == VIDEO_PLACEHOLDER else t for t in np.asarray(inputs["input_ids"])[0].tolist()]
+    assert ids == ref["input_ids"].tolist()
+    video = processor.preprocess_video(frames).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(video, ref[f"pixel_values_{len(images)}"], atol=1e-5)
+    assert model.config.video_token_count(len(frames)) == ref["image_token_counts"][-1]
+    logits = model(**inputs)
+    assert logits.shape[1] == ref["logits"].shape[0]
+    assert_logits_close(logits[0], ref["logits"])
+    result = generate(
+        model, processor, prompt, images, videos=[frames], num_frames=FRAMES, max_tokens=16, template=False,
+        ignore_eos=True,
+    )  # fmt: skip
+    assert result.tokens == ref["greedy"].tolist()
 
 
 def test_the_qwen_template_is_the_codes(next_loaded, next_reference, next_images):

@@ -12,7 +12,8 @@ google/siglip-so400m-patch14-384 (the code takes a SigLIP tower only by a name t
 local path: any existing path is built as CLIP), and OUT_DIR/next-qwen (LlavaQwenForCausalLM,
 save_pretrained: Qwen2 decoder, anyres_max_9 over the 36 released pinpoints written in their
 string form, spatial_unpad; the tower named by mm_vision_tower, its weights inside). Run the
-code, and load ours, with HF_HOME=OUT_DIR/hf-home and HF_HUB_OFFLINE=1.
+code, and load ours, with HF_HOME=OUT_DIR/hf-home and HF_HUB_OFFLINE=1. Beside it, the
+VIDEO_VARIANTS: the same weights, other video settings.
 
 `run` takes jobs {"name", "checkpoint", "images": [paths], "prompt": "raw text with <image>",
 "new_tokens"} (or, instead of "prompt", "turns": [[question, answer or null], ...] and
@@ -45,6 +46,13 @@ torch.set_grad_enabled(False)
 
 OV_PINPOINTS = ",".join(f"({i}x{j})" for i in range(1, 7) for j in range(1, 7))
 SIGLIP = "google/siglip-so400m-patch14-384"
+# Each newline position and each pooling mode once (LLaVA-Video-7B-Qwen2: grid + bilinear; the
+# OneVision originals: one_token + bilinear).
+VIDEO_VARIANTS = {
+    "next-qwen-frame-average": {"mm_newline_position": "frame", "mm_spatial_pool_mode": "average"},
+    "next-qwen-onetoken-max": {"mm_newline_position": "one_token", "mm_spatial_pool_mode": "max"},
+    "next-qwen-notoken-bilinear": {"mm_newline_position": "no_token", "mm_spatial_pool_mode": "bilinear"},
+}
 SNAPSHOT = "0" * 40
 
 
@@ -119,6 +127,14 @@ def build(out: pathlib.Path, tokenizer_dir: pathlib.Path):
         elif name.endswith("image_newline"):
             p.normal_(0.0, 1.0)
     model.save_pretrained(str(checkpoint), safe_serialization=True)
+    for name, fields in VIDEO_VARIANTS.items():  # the same weights, other video settings
+        variant = out / name
+        variant.mkdir(exist_ok=True)
+        for item in checkpoint.iterdir():
+            if item.name != "config.json":
+                os.link(item, variant / item.name)
+        config_json = json.loads((checkpoint / "config.json").read_text())
+        (variant / "config.json").write_text(json.dumps({**config_json, **fields}, indent=2))
     print(checkpoint)
 
 
@@ -147,9 +163,41 @@ def conversation(job: dict, images: int) -> str:
     return conv.get_prompt()
 
 
-def run(jobs_file: pathlib.Path, out: pathlib.Path):
+def answer(tokenizer, model, prompt: str, pixels: list, modalities: list, sizes: list, new_tokens: int) -> dict:
+    """The code's merged sequence for `prompt` and its media: token ids, the logits of the whole
+    sequence, the greedy continuation, and the positions each medium takes (merged alone)."""
     from llava.constants import IMAGE_TOKEN_INDEX
-    from llava.mm_utils import process_images, tokenizer_image_token
+    from llava.mm_utils import tokenizer_image_token
+
+    input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+
+    def merged(ids, media, kinds, media_sizes):
+        embeds = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, media, kinds, media_sizes)[4]
+        return model.get_model().embed_tokens(ids) if embeds is None else embeds
+
+    result = model(inputs_embeds=merged(input_ids, pixels or None, modalities, sizes), use_cache=True)
+    logits, cache = result.logits[0], result.past_key_values
+    greedy, token = [], int(logits[-1].argmax())
+    for _ in range(new_tokens):
+        greedy.append(token)
+        step = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+        cache, token = step.past_key_values, int(step.logits[0, -1].argmax())
+    after = torch.tensor([[IMAGE_TOKEN_INDEX, int(input_ids[0, -1])]])  # a medium alone, then one token
+    counts = [merged(after, [p], [kind], [size]).shape[1] - 1 for p, kind, size in zip(pixels, modalities, sizes)]
+    return {
+        "prompt": np.array(prompt),
+        "input_ids": input_ids[0].numpy().astype(np.int64),
+        "image_sizes": np.array(sizes, dtype=np.int64).reshape(-1, 2),
+        "image_token_counts": np.array(counts, dtype=np.int64),
+        "logits": logits.float().numpy(),
+        "greedy": np.array(greedy, dtype=np.int64),
+        "vocabulary": np.array(len(tokenizer)),
+        **{f"pixel_values_{i}": p.float().numpy() for i, p in enumerate(pixels)},
+    }
+
+
+def run(jobs_file: pathlib.Path, out: pathlib.Path):
+    from llava.mm_utils import process_images
     from PIL import Image
 
     jobs = json.loads(jobs_file.read_text())
@@ -158,44 +206,21 @@ def run(jobs_file: pathlib.Path, out: pathlib.Path):
         if job["checkpoint"] not in models:
             models[job["checkpoint"]] = load(job["checkpoint"])
         tokenizer, model, image_processor = models[job["checkpoint"]]
-        images = [Image.open(p).convert("RGB") for p in job["images"]]
-        sizes = [im.size for im in images]
+        new_tokens = int(job.get("new_tokens", 16))
+        images = [Image.open(p).convert("RGB") for p in job.get("images", [])]
         prompt = job["prompt"] if "prompt" in job else conversation(job, len(images))
-        input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
-        pixels = process_images(images, image_processor, model.config) if images else None
-        if isinstance(pixels, torch.Tensor):
-            pixels = [pixels[i] for i in range(len(images))]
-        modalities = ["image"] * len(images)
-        _, position_ids, attention_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
-            input_ids, None, None, None, None, pixels, modalities, image_sizes=sizes
+        pixels = process_images(images, image_processor, model.config) if images else []
+        pixels, kinds, sizes = (
+            [pixels[i] for i in range(len(images))],
+            ["image"] * len(images),
+            [im.size for im in images],
         )
-        if embeds is None:
-            embeds = model.get_model().embed_tokens(input_ids)
-        result = model(inputs_embeds=embeds, use_cache=True, return_dict=True)
-        logits, cache = result.logits[0], result.past_key_values
-        greedy, token = [], int(logits[-1].argmax())
-        for step in range(int(job.get("new_tokens", 16))):
-            greedy.append(token)
-            step_out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache, token = step_out.past_key_values, int(step_out.logits[0, -1].argmax())
-        counts = []  # positions each image takes: merged alone, before one text token
-        for i in range(len(images)):
-            ids = torch.tensor([[IMAGE_TOKEN_INDEX, int(input_ids[0, -1])]])
-            merged = model.prepare_inputs_labels_for_multimodal(
-                ids, None, None, None, None, [pixels[i]], ["image"], image_sizes=[sizes[i]]
-            )[4]
-            counts.append(merged.shape[1] - 1)
-        record = {
-            "prompt": np.array(prompt),
-            "input_ids": input_ids[0].numpy().astype(np.int64),
-            "image_sizes": np.array(sizes, dtype=np.int64).reshape(-1, 2),
-            "image_token_counts": np.array(counts, dtype=np.int64),
-            "logits": logits.float().numpy(),
-            "greedy": np.array(greedy, dtype=np.int64),
-            "vocabulary": np.array(len(tokenizer)),
-        }
-        for i, p in enumerate(pixels or []):
-            record[f"pixel_values_{i}"] = p.float().numpy()
+        if job.get("video_frames"):  # uint8 (T, H, W, 3), sampled by the test; as the code's demos do,
+            frames = np.load(job["video_frames"])  # after the images, through the image processor
+            pixels.append(image_processor.preprocess(list(frames), return_tensors="pt")["pixel_values"])
+            kinds.append("video")
+            sizes.append((frames.shape[2], frames.shape[1]))
+        record = answer(tokenizer, model, prompt, pixels, kinds, sizes, new_tokens)
         np.savez(out / f"{job['name']}.npz", **record)
 
 
