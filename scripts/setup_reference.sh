@@ -27,22 +27,9 @@ from peft import PeftModel
 EOF
 }
 
-if [ -x "$VENV/bin/python" ] && check; then
-    exit 0
-fi
-
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
-run() {
-    if ! "$@" >"$log" 2>&1; then
-        echo "setup_reference.sh: FAILED: $*" >&2
-        cat "$log" >&2
-        exit 1
-    fi
-}
-
-run "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+NAME=setup_reference.sh
+# shellcheck source=scripts/reference_env.sh
+source "$ROOT/scripts/reference_env.sh"
 run "${PIP[@]}" install "pip==26.3"
 # torch first and alone: a local CPU wheel of 2.13.0 is picked up by pip on this machine
 run "${PIP[@]}" install "torch==2.13.0"

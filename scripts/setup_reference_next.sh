@@ -30,22 +30,9 @@ from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 PYEOF
 }
 
-if [ -x "$VENV/bin/python" ] && check; then
-    exit 0
-fi
-
-log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
-run() {
-    if ! "$@" >"$log" 2>&1; then
-        echo "setup_reference_next.sh: FAILED: $*" >&2
-        cat "$log" >&2
-        exit 1
-    fi
-}
-
-run "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+NAME=setup_reference_next.sh
+# shellcheck source=scripts/reference_env.sh
+source "$ROOT/scripts/reference_env.sh"
 run "${PIP[@]}" install "torch==2.13.0"
 run "${PIP[@]}" install -c "$ROOT/scripts/reference-next-constraints.txt" "transformers==4.45.2" tokenizers \
     accelerate huggingface-hub sentencepiece protobuf numpy pillow safetensors einops

@@ -6,6 +6,7 @@ import re
 import sys
 from importlib.metadata import packages_distributions
 
+import pytest
 import tomllib
 
 from conftest import ROOT
@@ -42,15 +43,22 @@ def test_pyproject_declares_every_import():
     assert imported_modules() >= {"sentencepiece", "transformers", "tqdm", "mlx", "mlx_lm"}  # the scan works
 
 
-def test_reference_environment_is_pinned():
-    """Every package setup_reference.sh installs has one exact version."""
-    script = (ROOT / "scripts" / "setup_reference.sh").read_text()
+@pytest.mark.parametrize(
+    "script, constraints",
+    [
+        ("setup_reference.sh", "reference-constraints.txt"),
+        ("setup_reference_next.sh", "reference-next-constraints.txt"),
+    ],
+)
+def test_reference_environment_is_pinned(script, constraints):
+    """Every package a reference environment's script installs has one exact version."""
+    text = (ROOT / "scripts" / script).read_text()
     pins = {}
-    for line in (ROOT / "scripts" / "reference-constraints.txt").read_text().splitlines():
+    for line in (ROOT / "scripts" / constraints).read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, version = line.split("==")
             pins[normalise(name)] = version.strip()
-    installs = re.findall(r'install (?:-c "[^"]+" )?((?:[^\n\\]|\\\n)+)', script)
+    installs = re.findall(r'install (?:-c "[^"]+" )?((?:[^\n\\]|\\\n)+)', text)
     requested = set()
     for line in installs:
         for word in line.replace("\\\n", " ").split():
@@ -62,7 +70,7 @@ def test_reference_environment_is_pinned():
             if not version:
                 assert normalise(name) in pins, f"{name} is installed without a pinned version"
     assert {"sentencepiece", "protobuf", "numpy", "pillow", "safetensors"} <= requested
-    assert '-c "$ROOT/scripts/reference-constraints.txt"' in script
+    assert f'-c "$ROOT/scripts/{constraints}"' in text
 
 
 def test_ci_starts_from_an_empty_venv():
