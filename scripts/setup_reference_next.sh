@@ -7,17 +7,23 @@
 #
 #   scripts/setup_reference_next.sh [VENV_DIR]      (default: .venv-next in the repo root)
 #
-# The code comes from ../shared/reference/llava-next when it exists (this workspace), else from
-# git at the pinned commit. Idempotent; quiet on success; non-zero with pip's output on failure.
+# The code comes from $LLAVA_NEXT_SOURCE, else ../shared/reference/llava-next beside this
+# checkout or beside the checkout it was cloned from (this workspace), else git at the pinned
+# commit. Idempotent; quiet on success; non-zero with pip's output on failure.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-$ROOT/.venv-next}"
 PY="${PYTHON:-python3}"
 COMMIT="df179663ae8b83207df100a1f7af24caec633ff9"
-LOCAL="$ROOT/../shared/reference/llava-next"
 SOURCE="git+https://github.com/LLaVA-VL/LLaVA-NeXT@$COMMIT"
-[ -f "$LOCAL/pyproject.toml" ] && SOURCE="$LOCAL"
+ORIGIN="$(git -C "$ROOT" remote get-url origin 2>/dev/null || true)"
+for candidate in "${LLAVA_NEXT_SOURCE:-}" "$ROOT/../shared/reference/llava-next" "$ORIGIN/../shared/reference/llava-next"; do
+    if [ -n "$candidate" ] && [ -f "$candidate/pyproject.toml" ]; then
+        SOURCE="$candidate"
+        break
+    fi
+done
 
 check() {
     HF_HUB_OFFLINE=1 "$VENV/bin/python" - <<'PYEOF' >/dev/null 2>&1
