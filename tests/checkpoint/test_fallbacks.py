@@ -50,7 +50,7 @@ def test_cli_shows_the_guess_then_the_error(checkpoints, tmp_path, capsys):
     "model_type,architecture",
     [
         ("llava_mpt", "LlavaMptForCausalLM"),
-        ("llava_qwen", "LlavaQwenForCausalLM"),
+        ("llava_mixtral", "LlavaMixtralForCausalLM"),  # the LLaVA-NeXT code's, not supported yet
         ("llava", "LlavaMptForCausalLM"),  # liuhaotian's 'llava' with another decoder
         ("llava_gemma", None),
     ],
@@ -71,9 +71,11 @@ def test_original_decoders_other_than_llama_are_refused(model_type, architecture
         ("llava_llama", "LlavaLlamaForCausalLM", "llama"),
         ("llava_mistral", "LlavaMistralForCausalLM", "mistral"),
         ("llava", None, "llama"),
+        ("llava_qwen", "LlavaQwenForCausalLM", "qwen2"),  # the LLaVA-NeXT code's (lmms-lab)
+        ("llava", "LlavaQwenForCausalLM", "qwen2"),
     ],
 )
-def test_original_llama_and_mistral_decoders(model_type, architecture, decoder):
+def test_original_layout_decoders(model_type, architecture, decoder):
     raw = {"model_type": model_type, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
     if architecture:
         raw["architectures"] = [architecture]
