@@ -27,6 +27,7 @@ from .request import Prompt
 
 log = logging.getLogger("llava_mlx.server")
 BATCH_SECONDS = 0.1  # decode steps between two exchanges (and their tokens held), while nothing waits to start
+MIN_BATCH_STEPS = 4  # even when steps are slow: an exchange per token costs what batching saves
 MAX_BATCH_STEPS = 64
 
 
@@ -114,7 +115,8 @@ class LockstepCoordinator(LocalCoordinator):
     def _decide(self, engine) -> dict:
         """Rank 0: the requests to start now (as the engine picks them), those cancelled, and
         how many steps every rank runs before the next exchange: as many as fit
-        `BATCH_SECONDS` while answers only decode, one while anything waits to start."""
+        `BATCH_SECONDS` (at least MIN_BATCH_STEPS) while answers only decode, one while
+        anything waits to start."""
         cancel = sorted({job.serial for job in engine.scheduler.jobs() if job.cancelled.is_set()})
         self.started, start = {}, []
         for job in engine.admissible():
@@ -125,7 +127,8 @@ class LockstepCoordinator(LocalCoordinator):
             # What the followers need: no pixels, images or videos (rank 0 encodes them).
             start.append((self.serial, dataclasses.replace(job.prompt, pixels={}, images={}, videos={}), job.chat))
         quiet = not start and not engine.waiting and engine.inbox.empty()
-        steps = max(1, min(MAX_BATCH_STEPS, int(BATCH_SECONDS / self.step_seconds))) if quiet else 1
+        fit = int(BATCH_SECONDS / self.step_seconds)
+        steps = max(MIN_BATCH_STEPS, min(MAX_BATCH_STEPS, fit)) if quiet else 1
         return {"cancel": cancel, "start": start, "steps": steps}
 
     def encode(self, engine, prompt: Prompt, encode) -> list:
