@@ -11,6 +11,7 @@ whitespace between tokens), so an object whose size is bounded ends with its las
 the end-of-turn token: finish_reason "stop".
 """
 
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -57,27 +58,31 @@ def schema_of(response_format, bare_schema: bool = False, name: str = "response_
 
 
 def checked_schema(schema) -> dict:
-    """`schema` if it is a valid JSON Schema that the engine can enforce."""
-    from jsonschema import SchemaError
-    from jsonschema.validators import validator_for
-
+    """`schema` if it is a valid JSON Schema that the engine can enforce (checked once per
+    schema: a request that repeats one finds its verdict cached)."""
     if not isinstance(schema, dict):
         raise LlavaValueError("the JSON schema must be an object")
     try:
-        validator_for(schema).check_schema(schema)
-        grammar_of(schema)
-    except SchemaError as e:
-        where = "/".join(str(p) for p in e.path) or "the top level"
-        raise LlavaValueError(f"not a valid JSON schema at {where}: {e.message}") from None
+        grammar_for(schema_key(schema))
     except RecursionError:
         raise LlavaValueError("the JSON schema nests too deeply") from None
     return schema
 
 
-def grammar_of(schema: dict) -> str:
-    """llguidance's grammar for `schema`, or LlavaValueError for what it cannot enforce."""
+@functools.lru_cache(maxsize=COMPILED_SCHEMAS)
+def grammar_for(key: str) -> str:
+    """llguidance's grammar for the schema `key` (schema_key), checked against the JSON Schema
+    meta-schema first; LlavaValueError (not cached) for what is invalid or cannot be enforced."""
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
     from llguidance import LLMatcher
 
+    schema = json.loads(key)
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as e:
+        where = "/".join(str(p) for p in e.path) or "the top level"
+        raise LlavaValueError(f"not a valid JSON schema at {where}: {e.message}") from None
     grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     if failed:
@@ -116,7 +121,7 @@ class Grammars:
             if compiled is not None:
                 self.compiled.move_to_end(key)
                 return compiled.deep_copy()
-        compiled = LLMatcher(self.tokenizer, grammar_of(schema), log_level=0)
+        compiled = LLMatcher(self.tokenizer, grammar_for(key), log_level=0)
         if compiled.is_error():
             raise LlavaValueError(f"the JSON schema cannot be enforced: {compiled.get_error().splitlines()[0]}")
         with self.lock:
