@@ -22,6 +22,16 @@ def image_key(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+SEVERAL = ":several"  # the key suffix of an image encoded as one of several (several_images_flat)
+
+
+def image_keys(images: List[Image.Image], config) -> Tuple[List[str], bool]:
+    """(keys, several) of a prompt's images: `several` when the checkpoint encodes an image
+    that shares its prompt with others differently (one padded crop each), which its key says."""
+    several = len(images) > 1 and config.several_images_flat
+    return [image_key(im) + (SEVERAL if several else "") for im in images], several
+
+
 def video_key(frames) -> str:
     """Identity of a video's sampled uint8 frames by content."""
     digest = hashlib.sha1(frames.tobytes())
@@ -82,15 +92,10 @@ class SessionCache:
         self.keys: list = []  # what `kv` holds, position by position
         self.kv_options = None
 
-    def image_features(
-        self, model, processor, images: List[Image.Image], several: bool = False
-    ) -> Tuple[List[str], List[mx.array]]:
-        """(keys, features) of RGB images, encoding only those not seen before (one batch).
-
-        `several`: the prompt holds several images (OneVision encodes those differently).
-        """
-        mode = ":several" if several and model.config.several_images_flat else ""
-        keys = [image_key(im) + mode for im in images]
+    def image_features(self, model, processor, images: List[Image.Image]) -> Tuple[List[str], List[mx.array]]:
+        """(keys, features) of the RGB images of one prompt, encoding only those not seen before
+        (one batch; several in one prompt are encoded as the checkpoint encodes those)."""
+        keys, several = image_keys(images, model.config)
         by_key = dict(zip(keys, images))
 
         def encode(missing):

@@ -164,7 +164,7 @@ def stream_generate(
         model,
         lambda: in_prompt_order(
             ids,
-            cache.image_features(model, processor, images, several=len(images) > 1),
+            cache.image_features(model, processor, images),
             cache.video_features(model, processor, videos),
         ),
     )

@@ -20,6 +20,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 
+from ..cache import SEVERAL
 from ..generation import vocabulary_sampler
 from .admission import Admission, Pace
 from .request import ApiError, Prompt, media_values
@@ -137,7 +138,8 @@ class BatchScheduler:
         features = {}
         if images:
             values = mx.array(np.concatenate([inputs[k][0] for k in images]))
-            features = dict(zip(images, model.image_features(values, [inputs[k][1] for k in images])))
+            several = any(k.endswith(SEVERAL) for k in images)  # the images of one prompt: all or none
+            features = dict(zip(images, model.image_features(values, [inputs[k][1] for k in images], several)))
         return [features[k] if k in features else model.video_features(mx.array(inputs[k][0])) for k in missing]
 
     # -- one step: a unit of admission, then a decode step ----------------------------------------

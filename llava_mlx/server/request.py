@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..cache import image_key, in_prompt_order, sequence_keys, video_key
+from ..cache import SEVERAL, image_keys, in_prompt_order, sequence_keys, video_key
 from ..constrain import schema_of
 from ..errors import LlavaError
 from ..fetch import fetch
@@ -424,10 +424,10 @@ def build_prompt(chat: Chat, processor, limits: Limits, needs_pixels: Callable[[
     except LlavaError as e:
         raise ApiError(400, str(e), "messages") from None
     config = processor.config
-    image_keys, video_keys = [image_key(im) for im in images], [video_key(v) for v in videos]
+    (picture_keys, several), video_keys = image_keys(images, config), [video_key(v) for v in videos]
     keys, lengths = in_prompt_order(
         ids,
-        (image_keys, [config.image_token_count(im.size) for im in images]),
+        (picture_keys, [config.image_token_count(im.size, several) for im in images]),
         (video_keys, [config.video_token_count(v.shape[0]) for v in videos]),
     )
     merged = sequence_keys(ids, keys, lengths)
@@ -440,8 +440,8 @@ def build_prompt(chat: Chat, processor, limits: Limits, needs_pixels: Callable[[
             "messages",
             "context_length_exceeded",
         )
-    by_key, by_video = dict(zip(image_keys, images)), dict(zip(video_keys, videos))
-    pixels = {key: pixel_values(processor, im) for key, im in by_key.items() if needs_pixels(key)}
+    by_key, by_video = dict(zip(picture_keys, images)), dict(zip(video_keys, videos))
+    pixels = {key: pixel_values(processor, im, several) for key, im in by_key.items() if needs_pixels(key)}
     pixels.update({key: (processor.preprocess_video(v), None) for key, v in by_video.items() if needs_pixels(key)})
     max_tokens = min(chat.max_tokens, context - len(merged))
     return Prompt(ids, keys, lengths, pixels, by_key, merged, max_tokens, text, by_video)
@@ -454,10 +454,11 @@ def media_values(processor, p: Prompt, key: str) -> tuple:
         return p.pixels[key]
     if key in p.videos:
         return processor.preprocess_video(p.videos[key]), None
-    return pixel_values(processor, p.images[key])
+    return pixel_values(processor, p.images[key], key.endswith(SEVERAL))
 
 
-def pixel_values(processor, image: Image.Image) -> tuple:
-    """(crops, (width, height)) of one image, as the vision tower takes them."""
-    values, sizes = processor.preprocess([image])
+def pixel_values(processor, image: Image.Image, several: bool = False) -> tuple:
+    """(crops, (width, height)) of one image, as the vision tower takes them (`several`: as
+    one of several in its prompt)."""
+    values, sizes = processor.preprocess([image], several)
     return values, tuple(int(v) for v in sizes[0])

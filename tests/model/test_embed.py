@@ -16,9 +16,7 @@ def test_a_range_of_the_merged_sequence(name, loaded, family_loaded, images, fam
     prompt = processor.apply_template("Compare these.", len(pictures))
     inputs = processor(prompt, pictures)
     ids = np.asarray(inputs["input_ids"][0])
-    _, features = SessionCache().image_features(
-        model, processor, [load_image(str(p)) for p in pictures], len(pictures) > 1
-    )
+    _, features = SessionCache().image_features(model, processor, [load_image(str(p)) for p in pictures])
     whole = np.array(model.embed(ids, image_features=features)[0])
     first = int(np.flatnonzero(ids < 0)[0])  # the first image's first position
     length = whole.shape[0]

@@ -43,6 +43,18 @@ def test_a_video_answers_as_generate(video_server, family, family_loaded):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == api.text
 
 
+def test_several_pictures_answer_as_generate(video_server, family, family_loaded):
+    """OneVision encodes each of several pictures as one padded crop: the server's feature
+    cache keys and counts them so, as generate() does (NeXT-Video keeps its anyres)."""
+    model, processor = family_loaded(video_server.name)
+    pictures = [family["image-square"], family["image-tiny"]]
+    api = generate(model, processor, "Compare them.", [str(p) for p in pictures], max_tokens=12)
+    content = [{"type": "image_url", "image_url": {"url": data_uri(p)}} for p in pictures]
+    r = ask(video_server, [{"role": "user", "content": content + [{"type": "text", "text": "Compare them."}]}])
+    assert r.choices[0].message.content == api.text
+    assert r.usage.prompt_tokens == api.prompt_tokens
+
+
 def test_a_video_is_admitted_between_decode_steps(video_server, family, family_loaded):
     """A long answer runs while a video arrives: both answers are what they are alone (the
     frames going through the tower in parts is tested in test_admission.py)."""
