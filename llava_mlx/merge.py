@@ -11,6 +11,10 @@ model type:
                                    unpadded map is first resized bilinearly when it
                                    exceeds N tiles' worth of features
                   'spatial'        base crop, then the stitched map as it is
+                  'spatial_maxpool2x2'  base crop, then the stitched map max-pooled 2 x 2
+                                   (the LLaVA-NeXT code)
+                  `keep_base=False` ('nobase' in the LLaVA-NeXT code's merge type) leaves
+                  the base crop out of a many-crop image
     VIDEO_POOLS   'average' / 'max'  stride × stride pooling (LLaVA-NeXT-Video, before
                                    the projector), 'bilinear' halving (OneVision, after it)
     NEWLINES      'grid' (after each row), 'frame' (after each frame), 'one_token' (once
@@ -90,18 +94,18 @@ def merge_spatial_unpad(
     grid: Tuple[int, int],
     rounding: str = "truncate",
     max_tiles: Optional[int] = None,
+    keep_base: bool = True,
 ) -> mx.array:
     """Base crop, then the tiles' map unpadded (and with `max_tiles`, downscaled), newlines.
 
     `grid` is (cols, rows) of tiles; `features` (1 + rows·cols, side², D), base first.
     An image with one crop only (no tiles) is its base features then one newline.
     """
-    base, dim = features[0], features.shape[-1]
     if features.shape[0] == 1:
         return merge_flat(features, newline)
-    side = math.isqrt(features.shape[1])
+    base, side, dim = features[0], math.isqrt(features.shape[1]), features.shape[-1]
     cols, rows = grid
-    tiles = stitch(features[1:].reshape(rows * cols, side, side, dim), rows, cols)
+    tiles = stitched_tiles(features, grid)
     pad_y, pad_x = unpad_padding(size, rows * side, cols * side, rounding)
     tiles = tiles[pad_y : rows * side - pad_y, pad_x : cols * side - pad_x]
     if max_tiles is not None:
@@ -109,34 +113,83 @@ def merge_spatial_unpad(
         if shape is not None:
             tiles = resize_bilinear(tiles, *shape)
     tail = tiles.reshape(-1, dim) if newline is None else with_newlines(tiles, newline)
-    return mx.concatenate([base, tail])
+    return mx.concatenate([base, tail]) if keep_base else tail
 
 
-def merge_spatial(features: mx.array, newline: Optional[mx.array], size: Size, grid: Tuple[int, int], **_) -> mx.array:
+def stitched_tiles(features: mx.array, grid: Tuple[int, int]) -> mx.array:
+    """The tiles after the base crop, (1 + rows·cols, side², D), as one (rows·side, cols·side, D) map."""
+    side, dim = math.isqrt(features.shape[1]), features.shape[-1]
+    cols, rows = grid
+    return stitch(features[1:].reshape(rows * cols, side, side, dim), rows, cols)
+
+
+def merge_spatial(
+    features: mx.array, newline: Optional[mx.array], size: Size, grid: Tuple[int, int], keep_base: bool = True, **_
+) -> mx.array:
     """Base crop, then the tiles stitched into one map, row by row, nothing dropped, no newline."""
     if features.shape[0] == 1:
         return merge_flat(features, newline)
-    side, dim = math.isqrt(features.shape[1]), features.shape[-1]
-    cols, rows = grid
-    tiles = stitch(features[1:].reshape(rows * cols, side, side, dim), rows, cols)
-    return mx.concatenate([features[0], tiles.reshape(-1, dim)])
+    tail = stitched_tiles(features, grid).reshape(-1, features.shape[-1])
+    return mx.concatenate([features[0], tail]) if keep_base else tail
 
 
-IMAGE_MERGES = {"flat": merge_flat, "spatial": merge_spatial, "spatial_unpad": merge_spatial_unpad}
+def merge_spatial_maxpool(
+    features: mx.array, newline: Optional[mx.array], size: Size, grid: Tuple[int, int], keep_base: bool = True, **_
+) -> mx.array:
+    """Base crop, then the stitched map's maximum over each 2 x 2 block (torch's max_pool2d(2):
+    an odd last row or column is dropped), no newline."""
+    if features.shape[0] == 1:
+        return merge_flat(features, newline)
+    tail = pool_max(stitched_tiles(features, grid)[None], 2)[0].reshape(-1, features.shape[-1])
+    return mx.concatenate([features[0], tail]) if keep_base else tail
+
+
+IMAGE_MERGES = {
+    "flat": merge_flat,
+    "spatial": merge_spatial,
+    "spatial_unpad": merge_spatial_unpad,
+    "spatial_maxpool2x2": merge_spatial_maxpool,
+}
+MERGE_OPTIONS = ("unpad", "maxpool2x2", "nobase")  # the words after 'spatial' in a merge type
+
+
+def merge_kind(merge_type: str) -> Tuple[str, bool]:
+    """(IMAGE_MERGES entry, whether the base crop is kept) of a many-crop image, as the LLaVA-NeXT
+    code reads `mm_patch_merge_type`: 'maxpool2x2' wins over 'unpad', 'nobase' drops the base."""
+    words = merge_type.split("_")
+    if merge_type == "flat":
+        return "flat", True
+    if words[0] != "spatial" or not set(words[1:]) <= set(MERGE_OPTIONS) or len(set(words)) != len(words):
+        raise ValueError(f"patch merge type '{merge_type}' is not flat or spatial[_{'|_'.join(MERGE_OPTIONS)}]")
+    kind = "spatial_maxpool2x2" if "maxpool2x2" in words else "spatial_unpad" if "unpad" in words else "spatial"
+    return kind, "nobase" not in words
 
 
 def image_positions(
-    size: Size, crops: int, side: int, merge: str, grid=None, rounding="truncate", max_tiles=None, newline=False
+    size: Size,
+    crops: int,
+    side: int,
+    merge: str,
+    grid=None,
+    rounding="truncate",
+    max_tiles=None,
+    newline=False,
+    keep_base=True,
 ) -> int:
     """Positions `IMAGE_MERGES[merge]` produces, from the shapes alone (`newline`: whether
     a newline embedding is passed to the merge)."""
-    if merge in ("flat", "spatial") or crops == 1:
+    if merge == "flat" or crops == 1:
         return crops * side * side + (1 if newline else 0)
+    base = side * side if keep_base else 0
     cols, rows = grid
+    if merge == "spatial":
+        return base + rows * cols * side * side
+    if merge == "spatial_maxpool2x2":
+        return base + (rows * side // 2) * (cols * side // 2)
     height, width = unpadded_shape(size, rows * side, cols * side, rounding)
     if max_tiles is not None:
         height, width = downscaled_shape(height, width, max_tiles, side) or (height, width)
-    return side * side + height * (width + (1 if newline else 0))
+    return base + height * (width + (1 if newline else 0))
 
 
 # -- video ------------------------------------------------------------------------------

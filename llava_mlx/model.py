@@ -17,7 +17,7 @@ import numpy as np
 
 from .anyres import anyres_max_tiles, grid_shape, oriented_pinpoints
 from .language import build_language_model, context_length, normalize_text_config
-from .merge import IMAGE_MERGES, VIDEO_POOLS, image_positions, place_newlines, video_positions
+from .merge import IMAGE_MERGES, VIDEO_POOLS, image_positions, merge_kind, place_newlines, video_positions
 from .projector import Projector
 from .siglip import SiglipConfig, SiglipTower
 from .vision import VisionConfig, VisionTower
@@ -41,7 +41,7 @@ class LlavaConfig:
     vision_feature_select: str = "patch"  # 'patch' drops the class token; 'cls_patch' keeps it
     image_aspect_ratio: str = "pad"  # 'pad' (1.5), 'anyres' (1.6), 'square'
     image_grid_pinpoints: Optional[List[List[int]]] = None
-    patch_merge_type: str = "flat"  # 'flat' (1.5), 'spatial_unpad' (1.6), 'spatial'
+    patch_merge_type: str = "flat"  # 'flat' (1.5), 'spatial_unpad' (1.6), 'spatial' (+ NeXT code's, merge_kind)
     max_length: Optional[int] = None  # the original's tokenizer_model_max_length
     quantization: Optional[dict] = None
     llava_type: str = "llava"  # the family member: llava, llava_next, llava_onevision, llava_next_video
@@ -96,9 +96,8 @@ class LlavaConfig:
         crops = self.crops(size, several)
         grid = grid_shape(size, self.pinpoints, self.vision.image_size) if crops > 1 else None
         max_tiles = anyres_max_tiles(self.image_aspect_ratio)
-        return image_positions(
-            size, crops, side, self.image_merge, grid, self.unpad_rounding, max_tiles, newline=self.uses_newline
-        )
+        merge, rounding = self.image_merge, self.unpad_rounding
+        return image_positions(size, crops, side, merge, grid, rounding, max_tiles, self.uses_newline, self.keeps_base)
 
     def crops(self, size, several: bool = False) -> int:
         if not self.uses_anyres or (several and self.several_images_flat):
@@ -109,9 +108,12 @@ class LlavaConfig:
     @property
     def image_merge(self) -> str:
         """The IMAGE_MERGES entry of a many-crop image."""
-        if not self.uses_anyres or not self.patch_merge_type.startswith("spatial"):
-            return "flat"
-        return "spatial_unpad" if "unpad" in self.patch_merge_type else "spatial"
+        return merge_kind(self.patch_merge_type)[0] if self.uses_anyres else "flat"
+
+    @property
+    def keeps_base(self) -> bool:
+        """Whether a many-crop image's sequence starts with its base crop ('nobase' leaves it out)."""
+        return merge_kind(self.patch_merge_type)[1]
 
     @property
     def unpad_rounding(self) -> str:
@@ -162,6 +164,7 @@ class LlavaModel(nn.Module):
             grid=grid,
             rounding=config.unpad_rounding,
             max_tiles=anyres_max_tiles(config.image_aspect_ratio),
+            keep_base=config.keeps_base,
         )
 
     def image_features(self, pixel_values: mx.array, image_sizes, several: bool = False) -> List[mx.array]:

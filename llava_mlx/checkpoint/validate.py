@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import LlavaError, LlavaValueError
+from ..merge import merge_kind
 from ..projector import projector_depth
 from ..validate import integer, number, path_argument
 from ..vision import ACTIVATIONS
@@ -18,8 +19,6 @@ from .files import read_json
 ASPECT_RATIOS = ("pad", "anyres", "square")
 
 ANYRES_MAX = re.compile(r"anyres_max_[1-9][0-9]*")  # LLaVA-OneVision: anyres, then at most N tiles' worth
-
-MERGE_TYPES = ("flat", "spatial", "spatial_unpad")
 
 FEATURE_SELECTS = ("patch", "cls_patch")
 
@@ -152,10 +151,13 @@ def model_config(config, where: str):
     for name, value, known in (
         ("vision feature select", config.vision_feature_select, FEATURE_SELECTS),
         ("image_aspect_ratio", config.image_aspect_ratio, ASPECT_RATIOS),
-        ("patch merge type", config.patch_merge_type, MERGE_TYPES),
     ):
         if value not in known and not (known is ASPECT_RATIOS and ANYRES_MAX.fullmatch(str(value))):
             raise LlavaError(f"{where}: {name} '{value}' is not supported ({', '.join(known)}, anyres_max_N)")
+    try:
+        merge_kind(str(config.patch_merge_type))
+    except ValueError as e:
+        raise LlavaError(f"{where}: {e}") from None
     if config.uses_anyres:
         grid(config.image_grid_pinpoints, v["image_size"], where)
     if config.video_pool is not None:

@@ -73,6 +73,54 @@ def test_spatial_unpad_by_hand():
     assert np.asarray(out)[4:, 0].tolist() == [10, 11, 20, 21, 12, 13, 22, 23, 30, 31, 40, 41, 32, 33, 42, 43]
 
 
+def test_the_next_codes_merges_by_hand():
+    # base crop + 2 tiles side by side (cols 2, rows 1) of 2x2 features: the stitched map is
+    # [[10, 11, 20, 21], [12, 13, 22, 23]]; its 2x2 maxima 13 and 23
+    base = np.arange(4.0)
+    features = mx.array(np.stack([base, np.arange(4.0) + 10, np.arange(4.0) + 20])[..., None])
+    values = lambda out: np.asarray(out)[:, 0].tolist()  # noqa: E731
+    out = merge.merge_spatial_maxpool(features, None, size=(200, 100), grid=(2, 1))
+    assert values(out) == [0, 1, 2, 3, 13, 23]
+    out = merge.merge_spatial_maxpool(features, None, size=(200, 100), grid=(2, 1), keep_base=False)
+    assert values(out) == [13, 23]
+    assert merge.image_positions((200, 100), 3, 2, "spatial_maxpool2x2", (2, 1)) == 6
+    assert merge.image_positions((200, 100), 3, 2, "spatial_maxpool2x2", (2, 1), keep_base=False) == 2
+    # nobase: the unpadded map and its newlines only (a 200x100 image fills both tiles: nothing cut)
+    nl = mx.array([99.0])
+    out = merge.merge_spatial_unpad(features, nl, size=(200, 100), grid=(2, 1), keep_base=False)
+    assert values(out) == [10, 11, 20, 21, 99, 12, 13, 22, 23, 99]
+    assert merge.image_positions((200, 100), 3, 2, "spatial_unpad", (2, 1), newline=True, keep_base=False) == 10
+    assert values(merge.merge_spatial(features, None, size=(200, 100), grid=(2, 1), keep_base=False)) == [
+        10, 11, 20, 21, 12, 13, 22, 23
+    ]  # fmt: skip
+    # an odd map (3 rows of 1-wide tiles stacked: 3x1 of 1x1 features) drops its last row and column
+    odd = mx.array(np.array([0.0, 5, 6, 7]).reshape(4, 1, 1))
+    assert values(merge.merge_spatial_maxpool(odd, None, size=(10, 30), grid=(1, 3))) == [0]
+    assert merge.image_positions((10, 30), 4, 1, "spatial_maxpool2x2", (1, 3)) == 1
+
+
+@pytest.mark.parametrize(
+    "merge_type,kind,base",
+    [
+        ("flat", "flat", True),
+        ("spatial", "spatial", True),
+        ("spatial_unpad", "spatial_unpad", True),
+        ("spatial_unpad_nobase", "spatial_unpad", False),
+        ("spatial_maxpool2x2", "spatial_maxpool2x2", True),
+        ("spatial_unpad_maxpool2x2", "spatial_maxpool2x2", True),  # the code tests maxpool2x2 first
+        ("spatial_nobase", "spatial", False),
+    ],
+)
+def test_merge_types_read_as_the_next_code(merge_type, kind, base):
+    assert merge.merge_kind(merge_type) == (kind, base)
+
+
+@pytest.mark.parametrize("merge_type", ["spatial_unpadded", "flat_unpad", "spatial_unpad_unpad", "unpad", ""])
+def test_unknown_merge_types_are_refused(merge_type):
+    with pytest.raises(ValueError, match="patch merge type"):
+        merge.merge_kind(merge_type)
+
+
 def test_flat_with_one_newline():
     features = mx.array(np.arange(6.0).reshape(1, 6, 1))
     out = merge.merge_flat(features, mx.array([-1.0]))
