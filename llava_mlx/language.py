@@ -1,5 +1,5 @@
 """The language model: mlx-lm's decoders, by model type: llama (Vicuna, Mistral and Yi are
-all llama) and qwen2 (LLaVA-OneVision).
+all llama), qwen2 (LLaVA-OneVision) and mixtral (the LLaVA-NeXT code's llava_mixtral).
 
 Configs in the wild leave fields to the model type's defaults (llava-hf text_config often
 holds only a few keys), spell rope_theta as `rope_parameters` (transformers 5), or keep
@@ -7,7 +7,7 @@ the text fields at the top level (original LLaVA). `text_args` turns any of them
 mlx-lm's ModelArgs; the decoder itself is mlx-lm's, not a copy.
 """
 
-from mlx_lm.models import llama, qwen2
+from mlx_lm.models import llama, mixtral, qwen2
 
 # transformers' LlamaConfig / MistralConfig defaults, for fields a config leaves out.
 LLAMA_DEFAULTS = dict(
@@ -46,17 +46,30 @@ DEFAULTS = {
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
     },
+    # transformers' MixtralConfig defaults
+    "mixtral": {
+        **LLAMA_DEFAULTS,
+        "intermediate_size": 14336,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
 }
 # mlx-lm's decoder module per model type (the table a new decoder joins).
-DECODERS = {"llama": llama, "mistral": llama, "qwen2": qwen2}
+DECODERS = {"llama": llama, "mistral": llama, "qwen2": qwen2, "mixtral": mixtral}
 # Original LLaVA names its text model types after the backbone.
 TEXT_MODEL_TYPES = {
     "llava_llama": "llama",
     "llava_mistral": "mistral",
     "llava_qwen": "qwen2",  # the LLaVA-NeXT code's (lmms-lab's releases)
+    "llava_mixtral": "mixtral",  # the LLaVA-NeXT code's
     "llama": "llama",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    "mixtral": "mixtral",
 }
 
 
@@ -101,3 +114,13 @@ def build_language_model(config: dict):
     decoder = DECODERS[config["model_type"]]
     args = {k: v for k, v in config.items() if k != "sliding_window"}
     return decoder.Model(decoder.ModelArgs.from_dict(args))
+
+
+def sanitize_decoder(language_model, weights: dict, prefix: str = "language_model.") -> dict:
+    """The decoder's weights as its mlx-lm module names them (its own `sanitize`: Mixtral's
+    experts stacked into one switch layer); everything else as it was."""
+    ours = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    if not ours:
+        return weights
+    others = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+    return {**others, **{prefix + k: v for k, v in language_model.sanitize(ours).items()}}

@@ -16,6 +16,7 @@ from .. import validate as arguments
 from ..distributed.group import world
 from ..distributed.shard import shard
 from ..errors import LlavaError, warn
+from ..language import sanitize_decoder
 from ..model import LlavaModel
 from ..processor import Processor
 from . import validate
@@ -95,8 +96,8 @@ def load_model(
     stored = dict(weights)  # as read from the files: a sharded rank reads its slices of these
     if lora is not None:
         weights = lora.merge(weights)  # into the float weights, before any quantization
-    weights = sanitize(weights, config)
     model = LlavaModel(config)
+    weights = sanitize_decoder(model.language_model, sanitize(weights, config))
     if config.quantization:
         # Each module as its weights are stored, with its own bits when the block has an entry.
         q = config.quantization
