@@ -40,8 +40,13 @@ LLAVA_V1_SYSTEM = (
 )
 CHATML_SYSTEM = "Answer the questions."
 QWEN_SYSTEM = "You are a helpful assistant."  # conversation.py's qwen_1_5 (the LLaVA-NeXT code)
-# The LLaVA-NeXT code's model types (lmms-lab's releases in that code's layout)
-NEXT_CODE_TYPES = ("llava_qwen",)
+LLAMA_3_SYSTEM = (  # the LLaVA-NeXT code's llava_llama_3
+    "You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language."
+)
+# The model types of the original code and the LLaVA-NeXT code (read from their own layout):
+# both loaders cut the embeddings to len(tokenizer), both prompt with conversation.py.
+ORIGINAL_CODE_TYPES = ("llava_llama", "llava_mistral", "llava_qwen", "llava_mixtral")
 
 
 def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) -> str:
@@ -63,6 +68,14 @@ def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) ->
             text += f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
             text += f"{a}<|im_end|>\n" if a is not None else ""
         return text
+    if family == "llava_llama_3":  # Meta-Llama-3-Instruct's chat template, as conversation.py renders it
+        system = LLAMA_3_SYSTEM if system is None else system
+        text = f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system.strip()}<|eot_id|>"
+        for q, a in turns:
+            for role, message in (("user", q), ("assistant", a)):
+                if message:
+                    text += f"<|start_header_id|>{role}<|end_header_id|>\n\n{message.strip()}<|eot_id|>"
+        return text + "<|start_header_id|>assistant<|end_header_id|>\n\n"
     if family == "chatml_direct":
         system = CHATML_SYSTEM if system is None else system
         text = f"<|im_start|>system\n{system}<|im_end|>"
@@ -102,7 +115,9 @@ def byte_level(tokenizer) -> bool:
 def template_family(config: LlavaConfig, tokenizer) -> str:
     if config.llava_type == "llava_qwen":
         return "qwen_1_5"  # the LLaVA-NeXT code's demos, for its Qwen2 checkpoints
-    if config.text_config["model_type"] == "mistral":
+    if config.llava_type in ORIGINAL_CODE_TYPES and "<|start_header_id|>" in tokenizer.get_vocab():
+        return "llava_llama_3"  # its demos, for its Llama-3 checkpoints (lmms-lab/llama3-llava-next-8b)
+    if config.text_config["model_type"] in ("mistral", "mixtral"):
         return "mistral_instruct"
     if "<|im_start|>" in tokenizer.get_vocab():
         return "chatml_direct"  # LLaVA-1.6-34B (Nous-Hermes-2-Yi)
@@ -201,7 +216,7 @@ class Processor:
             if stop in vocab:
                 tokenizer.add_eos_token(stop)
         # The original ran Mistral's converted fast tokenizer (legacy rules), others slow.
-        legacy = True if config.text_config["model_type"] == "mistral" else None
+        legacy = True if config.text_config["model_type"] in ("mistral", "mixtral") else None
         # Checkpoints released through transformers are tokenised its way (the whole prompt).
         if config.conventions == "transformers":
             sentencepiece = None
@@ -219,8 +234,8 @@ class Processor:
         images = image_settings(path, tower_dir, config)
         if not config.video_pool:
             videos = None
-        elif config.image_processor == "siglip":  # the LLaVA-NeXT code runs frames through its image processor
-            videos = {**images, "square": True}
+        elif config.llava_type in ORIGINAL_CODE_TYPES:  # the LLaVA-NeXT code runs frames through its image processor
+            videos = {**images, "square": images["squash"]}
         else:
             videos = video_settings(path, images)
         processor = cls(tokenizer, config, images, sentencepiece, videos)
@@ -229,11 +244,11 @@ class Processor:
 
     @property
     def vocabulary(self) -> int:
-        """The ids the model may produce: the tokenizer's base vocabulary (the original LLaVA's
-        embeddings had those rows; llava-hf's padding and added `<image>` come after), or every
-        id of the tokenizer for the LLaVA-NeXT code's checkpoints, whose loader cuts the
-        embeddings to `len(tokenizer)`."""
-        if self.config.llava_type in NEXT_CODE_TYPES:
+        """The ids the model may produce: every id of the tokenizer for the checkpoints of the
+        original and LLaVA-NeXT code, whose loaders cut the embeddings to `len(tokenizer)`; the
+        tokenizer's base vocabulary for the others (llava-hf's padding and added `<image>` come
+        after it)."""
+        if self.config.llava_type in ORIGINAL_CODE_TYPES:
             return len(self.tokenizer._tokenizer)
         return self.tokenizer.vocab_size
 
@@ -268,9 +283,9 @@ class Processor:
             for (q, _), n, v in zip(turns, counts, videos)
         ]
         hf = self.tokenizer._tokenizer
-        # The LLaVA-NeXT code's demos use its conversation.py templates, whatever chat template
-        # the (text-only) Qwen tokenizer carries.
-        if not hf.chat_template or self.config.llava_type in NEXT_CODE_TYPES:
+        # The original and LLaVA-NeXT code's demos use their conversation.py templates, whatever
+        # chat template the (text-only) Qwen or Llama-3 tokenizer carries.
+        if not hf.chat_template or self.config.llava_type in ORIGINAL_CODE_TYPES:
             turns = [(f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for (n, v), (q, a) in zip(before, turns)]
             return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]

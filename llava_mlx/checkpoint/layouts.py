@@ -85,7 +85,7 @@ def detect_layout(raw: dict) -> str:
     if model_type == MLX_FORMAT:
         return "mlx"
     # liuhaotian's v1.5 configs say model_type 'llava' too: the mm_* keys tell them apart.
-    if model_type in ("llava_llama", "llava_mistral") or "mm_vision_tower" in raw:
+    if model_type in ORIGINAL_TYPES or "mm_vision_tower" in raw:
         return "original"
     if model_type in HF_MODEL_TYPES:
         return "llava-hf"
@@ -181,8 +181,13 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             patch_merge_type=raw.get("mm_patch_merge_type", "flat"),
             max_length=raw.get("tokenizer_model_max_length"),
             quantization=read_quantization(raw),
+            llava_type=text_type,
+            # lmms-lab's Qwen2 releases (OneVision, LLaVA-Video, Interleave) were trained with several
+            # images in a sample padded to one crop each (train.py), as the OneVision tutorial runs them
+            several_images_flat=text_type == "llava_qwen",
         )
-        fields.update(next_siglip_fields(raw, tower) if next_siglip(raw) else {})
+        fields.update(next_siglip_fields(tower) if next_siglip(raw) else {})
+        fields.update(next_video_fields(raw, "unpad" in fields["patch_merge_type"]) if next_video(raw) else {})
         if "image_grid_pinpoints" not in fields:
             tile = LlavaConfig(**fields).vision.image_size
             fields["image_grid_pinpoints"] = pinpoints_of(raw.get("image_grid_pinpoints"), tile)
@@ -196,32 +201,48 @@ def next_siglip(raw: dict) -> bool:
     return "siglip" in name.lower() and not Path(name).expanduser().exists()
 
 
-def next_siglip_fields(raw: dict, tower: Optional[dict]) -> dict:
+def next_siglip_fields(tower: Optional[dict]) -> dict:
     """The LLaVA-NeXT code's SigLIP tower: the encoder's last layer deleted and the hidden state
     of the one before used (no post-layernorm, no head, mm_vision_select_* unread), images
     preprocessed by its own SigLIP processor (squashed to 384², mean = std = 0.5)."""
     vision = siglip_vision_config((tower or {}).get("vision_config", tower) if tower else RELEASED_SIGLIP)
     vision["num_hidden_layers"] -= 1
+    return dict(
+        vision_config=vision,
+        vision_model_type="siglip",
+        vision_feature_layer=-1,
+        vision_feature_select="cls_patch",
+        image_processor="siglip",
+    )
+
+
+def next_video(raw: dict) -> bool:
+    """Whether the checkpoint comes from the LLaVA-NeXT code, which runs videos: it names a
+    SigLIP tower, or has the video pooling setting that code reads (the original code has none)."""
+    return next_siglip(raw) or "mm_spatial_pool_mode" in raw or original_text_type(raw) in NEXT_ONLY_TYPES
+
+
+def next_video_fields(raw: dict, has_newline: bool) -> dict:
+    """Videos as the LLaVA-NeXT code runs them: each frame's projected features pooled 2 x 2 by
+    `mm_spatial_pool_mode` (its get_2dPool is called with its default stride, whatever
+    mm_spatial_pool_stride says), then newlines by `mm_newline_position`; `image_newline` exists
+    only with an 'unpad' merge type: without it 'one_token' adds nothing and 'grid' / 'frame' fail."""
     if raw.get("add_faster_video"):
         raise LlavaError("add_faster_video (slow-fast frames) is not supported: no release sets it")
     pool = raw.get("mm_spatial_pool_mode", "bilinear")
     newline = raw.get("mm_newline_position", "one_token")  # the code's default
     if pool not in VIDEO_POOLS or newline not in NEWLINES:
         raise LlavaError(f"mm_spatial_pool_mode {pool!r} or mm_newline_position {newline!r} in config.json is unknown")
+    if not has_newline and newline in ("grid", "frame"):
+        raise LlavaError(
+            f"mm_newline_position {newline!r} needs image_newline, which a checkpoint without an 'unpad' "
+            "mm_patch_merge_type does not have (the LLaVA-NeXT code fails on its videos too)"
+        )
     return dict(
-        # videos: the projected features of each frame pooled 2 x 2 (the code's get_2dPool is
-        # called with its default stride, whatever mm_spatial_pool_stride says), then newlines
         video_pool=pool,
         video_pool_stride=2,
         video_pool_after_projector=True,
-        video_newline=newline,
-        vision_config=vision,
-        vision_model_type="siglip",
-        vision_feature_layer=-1,
-        vision_feature_select="cls_patch",
-        image_grid_pinpoints=pinpoints_of(raw.get("image_grid_pinpoints"), vision["image_size"]),
-        image_processor="siglip",
-        llava_type=original_text_type(raw),
+        video_newline=newline if has_newline else "no_token",
     )
 
 
@@ -243,18 +264,22 @@ def grid_range(text: str, tile: int) -> list:
     return [[i * tile, j * tile] for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
 
 
-# The original code's LLaVA classes with a llama-architecture decoder (Vicuna, Mistral, Yi).
-ORIGINAL_TYPES = ("llava_llama", "llava_mistral", "llava_qwen")
+# The original code's LLaVA classes (Vicuna, Mistral, Yi are llama-architecture decoders), and
+# the LLaVA-NeXT code's, which adds Qwen2 and Mixtral (lmms-lab's releases).
+ORIGINAL_TYPES = ("llava_llama", "llava_mistral", "llava_qwen", "llava_mixtral")
+NEXT_ONLY_TYPES = ("llava_qwen", "llava_mixtral")
 
 ORIGINAL_ARCHITECTURES = {
     "LlavaLlamaForCausalLM": "llava_llama",
     "LlavaMistralForCausalLM": "llava_mistral",
-    "LlavaQwenForCausalLM": "llava_qwen",  # the LLaVA-NeXT code's (lmms-lab's releases)
+    "LlavaQwenForCausalLM": "llava_qwen",
+    "LlavaMixtralForCausalLM": "llava_mixtral",
 }
 
 
 def original_text_type(raw: dict) -> str:
-    """llava_llama, llava_mistral or llava_qwen; any other decoder (MPT, Gemma ...) is refused by name.
+    """llava_llama, llava_mistral, llava_qwen or llava_mixtral; any other decoder (MPT, Gemma ...)
+    is refused by name.
 
     liuhaotian's LLaVA-1.5 configs say model_type 'llava': their `architectures` tell.
     """
@@ -267,8 +292,7 @@ def original_text_type(raw: dict) -> str:
     name = "/".join(architectures) or model_type
     raise LlavaError(
         f"original LLaVA checkpoint of type '{model_type}' ({name}) is not supported: "
-        "only the llama, mistral and qwen2 decoders (LlavaLlamaForCausalLM, LlavaMistralForCausalLM, "
-        "LlavaQwenForCausalLM) are"
+        f"only the llama, mistral, qwen2 and mixtral decoders ({', '.join(ORIGINAL_ARCHITECTURES)}) are"
     )
 
 
@@ -331,6 +355,8 @@ def sanitize(weights: Dict[str, mx.array], config: LlavaConfig) -> Dict[str, mx.
         key = rename(key)
         if key.startswith(DROPPED) or "position_ids" in key or "rotary_emb.inv_freq" in key:
             continue
+        if key == "image_newline" and not config.uses_newline:
+            continue  # saved by the LLaVA-NeXT code whatever the merge type; only 'unpad' ones read it
         if key.startswith("vision_tower.encoder.layers.") and int(key.split(".")[3]) >= keep:
             continue  # past the selected layer
         if key == "vision_tower.embeddings.patch_embedding.weight" and value.shape[1] == config.vision.num_channels:

@@ -50,7 +50,7 @@ def test_cli_shows_the_guess_then_the_error(checkpoints, tmp_path, capsys):
     "model_type,architecture",
     [
         ("llava_mpt", "LlavaMptForCausalLM"),
-        ("llava_mixtral", "LlavaMixtralForCausalLM"),  # the LLaVA-NeXT code's, not supported yet
+        ("llava_qwen_moe", "LlavaQwenMoeForCausalLM"),  # the LLaVA-NeXT code's, no release
         ("llava", "LlavaMptForCausalLM"),  # liuhaotian's 'llava' with another decoder
         ("llava_gemma", None),
     ],
@@ -73,6 +73,7 @@ def test_original_decoders_other_than_llama_are_refused(model_type, architecture
         ("llava", None, "llama"),
         ("llava_qwen", "LlavaQwenForCausalLM", "qwen2"),  # the LLaVA-NeXT code's (lmms-lab)
         ("llava", "LlavaQwenForCausalLM", "qwen2"),
+        ("llava_mixtral", "LlavaMixtralForCausalLM", "mixtral"),
     ],
 )
 def test_original_layout_decoders(model_type, architecture, decoder):

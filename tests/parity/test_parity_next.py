@@ -1,6 +1,9 @@
 """Parity with the LLaVA-NeXT code (lmms-lab's releases) for its own checkpoint layout:
 `llava_qwen` with its SigLIP tower named by hub id, anyres_max_9 over the 36 pinpoints in their
-string form, spatial_unpad, as LLaVA-OneVision's originals (lmms-lab/llava-onevision-qwen2-*).
+string form, spatial_unpad, as LLaVA-OneVision's originals (lmms-lab/llava-onevision-qwen2-*);
+`llava_llama` with CLIP ViT-L/14-336 named by hub id, anyres, Llama-3, as
+lmms-lab/llama3-llava-next-8b, and the code's other merges, 'pad' and videos on it; the code's
+`llava_mistral` and `llava_mixtral` classes in the same setting.
 
 The checkpoint is written by that code's own classes (tests/reference/run_next.py, in
 .venv-next) and run by its `load_pretrained_model`; ours loads the same directory, the tower's
@@ -9,7 +12,9 @@ sequence within 1e-4 of max|logit|, 16 greedy tokens equal.
 """
 
 import os
+import shutil
 import subprocess
+import sys
 
 import huggingface_hub.constants
 import numpy as np
@@ -27,7 +32,8 @@ NEXT_PYTHON = os.environ.get("LLAVA_NEXT_PYTHON", str(ROOT / ".venv-next" / "bin
 RUNNER = str(ROOT / "tests" / "reference" / "run_next.py")
 QWEN_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
 # One image each: wide, tall, small, a 2048x311 strip, either side of anyres_max_9's downscale
-# threshold, far above it, one tile; then two images in one prompt.
+# threshold, far above it, one tile; then two and three images in one prompt (each padded to one
+# crop, as lmms-lab's Qwen2 releases were trained and the OneVision tutorial runs them).
 CASES = {
     "wide": ["wide"],
     "tall": ["tall"],
@@ -38,8 +44,22 @@ CASES = {
     "big": ["big"],
     "square": ["square"],
     "two": ["wide", "tall"],
+    "three": ["tiny", "strip", "square"],
 }
 TURNS = [["What is in the image?", "A red car."], ["And behind it?", None]]
+# The CLIP checkpoints, prompted by conversation.py's template for each (two turns, the images
+# in the first): name -> (checkpoint, images, conv_mode).
+TEMPLATE_CASES = {
+    "llama-wide": ("next-llama", ["wide"], "llava_llama_3"),
+    "llama-tall": ("next-llama", ["tall"], "llava_llama_3"),
+    "llama-strip": ("next-llama", ["strip"], "llava_llama_3"),
+    "llama-two": ("next-llama", ["wide", "tall"], "llava_llama_3"),
+    "llama-maxpool": ("next-llama-maxpool", ["wide"], "llava_llama_3"),
+    "llama-nobase": ("next-llama-nobase", ["tall"], "llava_llama_3"),
+    "llama-pad": ("next-llama-pad", ["wide"], "llava_llama_3"),
+    "mistral-wide": ("next-mistral", ["wide"], "mistral_instruct"),
+    "mixtral-tall": ("next-mixtral", ["tall"], "mistral_instruct"),
+}
 FRAMES = 8
 # Videos: each newline position and each pooling mode (tests/reference/run_next.py's variants),
 # and a picture and a clip in one prompt. The code marks a video with <image> (its modality
@@ -50,6 +70,7 @@ VIDEO_CASES = {
     "video-onetoken-max": ("next-qwen-onetoken-max", False),
     "video-notoken-bilinear": ("next-qwen-notoken-bilinear", False),
     "picture-and-clip": ("next-qwen", True),
+    "video-clip-frame-average": ("next-llama-video", False),  # CLIP frames: shortest edge, centre crop
 }
 
 
@@ -63,11 +84,37 @@ def run_next(*args, env, timeout=1800):
     return result
 
 
+# Meta-Llama-3-8B-Instruct's chat template, which lmms-lab/llama3-llava-next-8b's tokenizer carries
+LLAMA_3_INSTRUCT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
 @pytest.fixture(scope="session")
-def next_fixtures(family, tmp_path_factory):
-    """The checkpoint written by the LLaVA-NeXT code, its tower in a Hugging Face cache."""
+def next_fixtures(family, checkpoints, tmp_path_factory):
+    """The checkpoints written by the LLaVA-NeXT code, their towers in a Hugging Face cache."""
+    import json
+
+    from fixtures.build_hf_rows import _llama3_tokenizer
+
     root = tmp_path_factory.mktemp("next")
-    run_next("build", str(root), str(family["hub-onevision"]), env=next_env(root))
+    llama3 = root / "llama3-tokenizer"
+    llama3.mkdir()
+    _llama3_tokenizer(llama3)
+    config = json.loads((llama3 / "tokenizer_config.json").read_text())
+    config.update(chat_template=LLAMA_3_INSTRUCT_TEMPLATE, processor_class=None)
+    (llama3 / "tokenizer_config.json").write_text(json.dumps(config))
+    mistral = root / "mistral-tokenizer"  # the SentencePiece fixture, legacy as Mistral's and Mixtral's releases
+    mistral.mkdir()
+    shutil.copyfile(checkpoints["orig-v1.6-mistral"] / "tokenizer.model", mistral / "tokenizer.model")
+    config = json.loads((checkpoints["orig-v1.6-mistral"] / "tokenizer_config.json").read_text())
+    (mistral / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    tokenizers = [family["hub-onevision"], llama3, mistral]
+    run_next("build", str(root), *map(str, tokenizers), env=next_env(root))
     return root
 
 
@@ -97,6 +144,7 @@ def next_reference(next_fixtures, next_images, tmp_path_factory):
             "images": [str(next_images[i]) for i in images],
             "prompt": QWEN_PROMPT.format("<image>\n" * len(images) + "What is in the image?")
             + "<|im_start|>assistant\n",
+            **({"image_aspect_ratio": "pad"} if len(images) > 1 else {}),  # as the OneVision tutorial runs them
         }
         for name, images in CASES.items()
     ]
@@ -115,6 +163,16 @@ def next_reference(next_fixtures, next_images, tmp_path_factory):
         {"name": "template", "checkpoint": checkpoint, "images": [str(next_images["wide"])], "turns": TURNS}
         | {"conv_mode": "qwen_1_5"}
     )
+    for name, (checkpoint_name, images, conv_mode) in TEMPLATE_CASES.items():
+        jobs.append(
+            {
+                "name": name,
+                "checkpoint": str(next_fixtures / checkpoint_name),
+                "images": [str(next_images[i]) for i in images],
+                "turns": TURNS,
+                "conv_mode": conv_mode,
+            }
+        )
     (out / "jobs.json").write_text(json.dumps(jobs))
     run_next("run", str(out / "jobs.json"), str(out), env=next_env(next_fixtures))
     return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}
@@ -145,16 +203,34 @@ def test_parity_with_the_next_code(name, next_loaded, next_reference, next_image
 
 
 @pytest.fixture(scope="session")
-def next_variants(next_fixtures):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(next_fixtures / "hf-home" / "hub"))
-        return {name: load(str(next_fixtures / name)) for name in {c for c, _ in VIDEO_CASES.values()} - {"next-qwen"}}
+def next_models(next_fixtures, next_loaded):
+    """next_models(name) -> (model, processor), each checkpoint loaded once."""
+    cache = {"next-qwen": next_loaded}
+
+    def get(name):
+        if name not in cache:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(next_fixtures / "hf-home" / "hub"))
+                cache[name] = load(str(next_fixtures / name))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(TEMPLATE_CASES))
+def test_parity_of_the_clip_checkpoints(name, next_models, next_reference, next_images):
+    """Prompt (conversation.py's template), token ids, crops, positions, logits and greedy tokens."""
+    checkpoint, images, _ = TEMPLATE_CASES[name]
+    model, processor = next_models(checkpoint)
+    (q1, a1), (q2, _) = TURNS
+    prompt = processor.apply_template(q2, [len(images), 0], None, [(q1, a1)])
+    check_case(model, processor, next_reference[name], [str(next_images[i]) for i in images], prompt)
 
 
 @pytest.mark.parametrize("name", list(VIDEO_CASES))
-def test_video_parity_with_the_next_code(name, next_loaded, next_variants, next_reference, next_images):
+def test_video_parity_with_the_next_code(name, next_models, next_reference, next_images):
     checkpoint, picture = VIDEO_CASES[name]
-    model, processor = next_loaded if checkpoint == "next-qwen" else next_variants[checkpoint]
+    model, processor = next_models(checkpoint)
     ref = next_reference[name]
     frames = np.load(next_images["frames"])
     images = [str(next_images["wide"])] if picture else []
@@ -195,22 +271,29 @@ def test_a_tower_not_in_the_cache_is_guessed_from_the_released_one(next_fixtures
     assert "google/siglip-so400m-patch14-384" in capsys.readouterr().err
 
 
-def test_converted_and_quantized_the_layout_keeps_its_answers(next_fixtures, next_reference, next_images, tmp_path):
-    """convert() writes our MLX layout (the tower's config inside: no hub cache needed after),
-    which answers as the LLaVA-NeXT code does; 8-bit quantized, it loads and answers."""
+@pytest.mark.parametrize("checkpoint,case", [("next-qwen", "wide"), ("next-mixtral", "mixtral-tall")])
+def test_converted_and_quantized_the_layout_keeps_its_answers(
+    checkpoint, case, next_fixtures, next_reference, next_images, tmp_path
+):
+    """convert() writes our MLX layout (the tower's config inside: no hub cache needed after;
+    Mixtral's experts stacked), which answers as the LLaVA-NeXT code does; 8-bit quantized, it
+    loads and answers."""
     from llava_mlx import convert, generate
 
-    ref, image = next_reference["wide"], [str(next_images["wide"])]
+    ref = next_reference[case]
+    image = [str(next_images[CASES[case][0] if case in CASES else TEMPLATE_CASES[case][1][0]])]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(next_fixtures / "hf-home" / "hub"))
-        convert(str(next_fixtures / "next-qwen"), str(tmp_path / "mlx"), progress=False)
-        convert(str(next_fixtures / "next-qwen"), str(tmp_path / "q8"), quantize=True, q_bits=8, progress=False)
+        convert(str(next_fixtures / checkpoint), str(tmp_path / "mlx"), progress=False)
+        convert(str(next_fixtures / checkpoint), str(tmp_path / "q8"), quantize=True, q_bits=8, progress=False)
     model, processor = load(str(tmp_path / "mlx"))
-    assert model.config.image_processor == "siglip" and processor.family == "qwen_1_5"
     check_case(model, processor, ref, image, str(ref["prompt"]))
     quantized, quantized_processor = load(str(tmp_path / "q8"))
-    answer = generate(quantized, quantized_processor, "What is in the image?", image, max_tokens=4)
+    answer = generate(quantized, quantized_processor, str(ref["prompt"]), image, max_tokens=4, template=False)
     assert answer.prompt_tokens == ref["logits"].shape[0]
+    if checkpoint == "next-mixtral":  # the experts as one switch layer, quantized
+        layer = quantized.language_model.model.layers[0].block_sparse_moe.switch_mlp
+        assert layer.gate_proj.bits == 8
 
 
 def test_generate_py_answers_as_the_api(next_fixtures, next_loaded, next_images):
@@ -225,3 +308,51 @@ def test_generate_py_answers_as_the_api(next_fixtures, next_loaded, next_images)
     assert result.returncode == 0, result.stderr
     api = generate(*next_loaded, "Describe this image.", [str(next_images["tall"])], max_tokens=8)
     assert result.stdout.strip() == api.text.strip()
+
+
+def test_the_server_answers_the_layout_as_generate(next_fixtures, next_loaded, next_images, family, tmp_path):
+    """The official client against server.py on the code's Qwen2 checkpoint: two pictures (each
+    padded to one crop), and a picture with a clip, answer as generate() does."""
+    from serving import ask, start_server, user, video_message
+
+    env = {**os.environ, **next_env(next_fixtures), "PYTHONPATH": str(ROOT)}
+    server = start_server(next_fixtures / "next-qwen", tmp_path / "server.log", "--num-frames", "6", env=env)
+    try:
+        wide, tall, clip = next_images["wide"], next_images["tall"], family["clip.mp4"]
+        api = generate(*next_loaded, "Compare them.", [str(wide), str(tall)], max_tokens=16)
+        assert ask(server, [user("Compare them.", wide, tall)]).choices[0].message.content == api.text
+        api = generate(*next_loaded, "What happens?", [str(wide)], videos=[str(clip)], num_frames=6, max_tokens=16)
+        answer = ask(server, [video_message("What happens?", clip, wide)])
+        assert answer.choices[0].message.content == api.text
+        assert answer.usage.prompt_tokens == api.prompt_tokens
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("checkpoint,pipeline", [("next-qwen", False), ("next-llama-video", True)])
+def test_two_ranks_answer_the_layout_as_one_process(checkpoint, pipeline, next_fixtures, next_images, family):
+    """generate.py under `mlx.launch -n 2` (tensor parallel Qwen2, pipeline parallel Llama-3), a
+    picture and a clip: the answer one process gives, printed once."""
+    from helpers import environment, launch_two, run_bounded
+
+    args = [ROOT / "generate.py", "--model", next_fixtures / checkpoint, "--image", next_images["wide"],
+            "--video", family["clip.mp4"], "--num-frames", "6", "--max-tokens", "12"]  # fmt: skip
+    args += ["--pipeline"] if pipeline else []
+    env = environment(HF_HOME=str(next_fixtures / "hf-home"))
+    alone = run_bounded([sys.executable, *args], timeout=300, env=env)
+    assert alone.returncode == 0, alone.stderr
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(next_fixtures / "hf-home"))
+        both = launch_two(*args, timeout=300)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout == alone.stdout and alone.stdout.strip()
+    assert "[rank 1/2] Generation: 12 tokens" in both.stderr
+
+
+def test_a_mixtral_decoder_is_refused_by_sharding_in_one_line(next_models):
+    """mlx-lm's mixtral has no `shard` and no pipeline stage: under mlx.launch it is refused."""
+    from llava_mlx.distributed.shard import check_shardable
+
+    text = next_models("next-mixtral")[0].config.text_config
+    with pytest.raises(LlavaError, match="a 'mixtral' decoder cannot be sharded"):
+        check_shardable(text, 2, False)

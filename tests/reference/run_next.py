@@ -3,17 +3,17 @@
 Executed by its virtual environment (.venv-next, scripts/setup_reference.sh), never imported by
 the tests:
 
-    .venv-next/bin/python tests/reference/run_next.py build OUT_DIR TOKENIZER_DIR
+    .venv-next/bin/python tests/reference/run_next.py build OUT_DIR QWEN_TOK LLAMA3_TOK SP_TOK
     .venv-next/bin/python tests/reference/run_next.py run JOBS.json OUT_DIR
 
-`build` writes the code's SigLipVisionModel (save_pretrained; SigLIP so400m's geometry, 384 /
-14, tiny widths) into a Hugging Face cache, OUT_DIR/hf-home, under the id the releases name,
-google/siglip-so400m-patch14-384 (the code takes a SigLIP tower only by a name that is not a
-local path: any existing path is built as CLIP), and OUT_DIR/next-qwen (LlavaQwenForCausalLM,
-save_pretrained: Qwen2 decoder, anyres_max_9 over the 36 released pinpoints written in their
-string form, spatial_unpad; the tower named by mm_vision_tower, its weights inside). Run the
-code, and load ours, with HF_HOME=OUT_DIR/hf-home and HF_HUB_OFFLINE=1. Beside it, the
-VIDEO_VARIANTS: the same weights, other video settings.
+`build` writes the released towers' geometry with tiny widths into a Hugging Face cache,
+OUT_DIR/hf-home, under the ids the releases name: SigLIP so400m (384 / 14, the code's
+SigLipVisionModel; the code takes a SigLIP tower only by a name that is not a local path: any
+existing path is built as CLIP) and CLIP ViT-L/14-336 (336 / 14, with its image processor).
+Then the MODELS, each saved by the code's own class (save_pretrained; the tower named by
+mm_vision_tower, its weights inside), with the tokenizer directory given for it, and the
+VARIANTS: the same weights with other settings. Run the code, and load ours, with
+HF_HOME=OUT_DIR/hf-home and HF_HUB_OFFLINE=1.
 
 `run` takes jobs {"name", "checkpoint", "images": [paths], "prompt": "raw text with <image>",
 "new_tokens"} (or, instead of "prompt", "turns": [[question, answer or null], ...] and
@@ -34,6 +34,7 @@ import os
 import pathlib
 import shutil
 import sys
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,15 +46,76 @@ import torch  # noqa: E402
 torch.set_grad_enabled(False)
 
 OV_PINPOINTS = ",".join(f"({i}x{j})" for i in range(1, 7) for j in range(1, 7))
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llama3-llava-next-8b's
 SIGLIP = "google/siglip-so400m-patch14-384"
-# Each newline position and each pooling mode once (LLaVA-Video-7B-Qwen2: grid + bilinear; the
-# OneVision originals: one_token + bilinear).
-VIDEO_VARIANTS = {
-    "next-qwen-frame-average": {"mm_newline_position": "frame", "mm_spatial_pool_mode": "average"},
-    "next-qwen-onetoken-max": {"mm_newline_position": "one_token", "mm_spatial_pool_mode": "max"},
-    "next-qwen-notoken-bilinear": {"mm_newline_position": "no_token", "mm_spatial_pool_mode": "bilinear"},
-}
+CLIP = "openai/clip-vit-large-patch14-336"
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+TINY_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+MM_FIELDS = dict(
+    mm_projector_type="mlp2x_gelu",
+    mm_hidden_size=64,
+    mm_vision_select_layer=-2,
+    mm_vision_select_feature="patch",
+    mm_use_im_start_end=False,
+    mm_use_im_patch_token=False,
+    tie_word_embeddings=False,
+)
+# Each checkpoint: (its class in the code, its tokenizer's argument to `build`, fields), as
+# released: OneVision's originals (Qwen2 + SigLIP, anyres_max_9 over the pinpoint string),
+# lmms-lab/llama3-llava-next-8b (Llama-3 + CLIP ViT-L/14-336, anyres over the 1.6 pinpoints), and
+# the code's Mistral and Mixtral classes in the same CLIP anyres setting.
+CLIP_ANYRES = dict(
+    mm_vision_tower=CLIP, image_aspect_ratio="anyres", image_grid_pinpoints=NEXT_PINPOINTS,
+    mm_patch_merge_type="spatial_unpad",
+)  # fmt: skip
+MODELS = {
+    "next-qwen": ("llava_qwen.LlavaQwenForCausalLM", "qwen", dict(
+        architectures=["LlavaQwenForCausalLM"], max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, mm_vision_tower=SIGLIP, image_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=OV_PINPOINTS, mm_patch_merge_type="spatial_unpad", mm_newline_position="grid",
+        mm_spatial_pool_mode="bilinear", mm_spatial_pool_stride=2, tokenizer_model_max_length=32768,
+        bos_token_id=None, eos_token="<|im_end|>", pad_rows=8,  # as Qwen2's 151936 > len(tokenizer)
+    )),
+    "next-llama": ("llava_llama.LlavaLlamaForCausalLM", "llama3", dict(
+        architectures=["LlavaLlamaForCausalLM"], max_position_embeddings=8192, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tokenizer_model_max_length=8192, bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>", **CLIP_ANYRES,
+    )),
+    "next-mistral": ("llava_mistral.LlavaMistralForCausalLM", "sentencepiece", dict(
+        architectures=["LlavaMistralForCausalLM"], max_position_embeddings=32768, rope_theta=1000000.0,
+        sliding_window=None, tokenizer_model_max_length=4096, bos_token_id=1, eos_token_id=2, **CLIP_ANYRES,
+    )),
+    "next-mixtral": ("llava_mixtral.LlavaMixtralForCausalLM", "sentencepiece", dict(
+        architectures=["LlavaMixtralForCausalLM"], max_position_embeddings=32768, rope_theta=1000000.0,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tokenizer_model_max_length=4096,
+        bos_token_id=1, eos_token_id=2, **CLIP_ANYRES,
+    )),
+}  # fmt: skip
+# The same weights with other settings: each newline position and each pooling mode once
+# (LLaVA-Video-7B-Qwen2: grid + bilinear; the OneVision originals: one_token + bilinear), the
+# code's other merges, its 'pad' with another tower layer and the class token, and videos on
+# the CLIP checkpoint.
+VARIANTS = {
+    "next-qwen-frame-average": ("next-qwen", {"mm_newline_position": "frame", "mm_spatial_pool_mode": "average"}),
+    "next-qwen-onetoken-max": ("next-qwen", {"mm_newline_position": "one_token", "mm_spatial_pool_mode": "max"}),
+    "next-qwen-notoken-bilinear": (
+        "next-qwen", {"mm_newline_position": "no_token", "mm_spatial_pool_mode": "bilinear"}
+    ),
+    "next-llama-maxpool": ("next-llama", {"mm_patch_merge_type": "spatial_maxpool2x2"}),
+    "next-llama-nobase": ("next-llama", {"mm_patch_merge_type": "spatial_unpad_nobase"}),
+    "next-llama-pad": ("next-llama", {
+        "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat", "mm_vision_select_layer": -1,
+        "mm_vision_select_feature": "cls_patch",
+    }),
+    "next-llama-video": ("next-llama", {"mm_spatial_pool_mode": "average", "mm_newline_position": "frame"}),
+}  # fmt: skip
 SNAPSHOT = "0" * 40
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+)  # fmt: skip
 
 
 def hub_snapshot(hf_home: pathlib.Path, repo: str) -> pathlib.Path:
@@ -66,76 +128,80 @@ def hub_snapshot(hf_home: pathlib.Path, repo: str) -> pathlib.Path:
     return snapshot
 
 
-def build(out: pathlib.Path, tokenizer_dir: pathlib.Path):
-    from llava.model.language_model.llava_qwen import LlavaQwenConfig, LlavaQwenForCausalLM
+def build_towers(hf_home: pathlib.Path):
+    """The released towers' geometry with tiny widths, in the cache under their hub ids: SigLIP
+    so400m (384 / 14) as the code's SigLipVisionModel saves it, CLIP ViT-L/14-336 as the whole
+    CLIPModel the hub holds (its text half unused) with its image processor."""
     from llava.model.multimodal_encoder.siglip_encoder import SigLipVisionConfig, SigLipVisionModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3)
+    siglip = SigLipVisionConfig(**tiny, image_size=384, patch_size=14)
+    SigLipVisionModel(siglip).save_pretrained(str(hub_snapshot(hf_home, SIGLIP)))
+    clip = CLIPConfig(
+        text_config=dict(tiny, vocab_size=100, max_position_embeddings=16),
+        vision_config=dict(tiny, image_size=336, patch_size=14),
+        projection_dim=32,
+    )
+    snapshot = hub_snapshot(hf_home, CLIP)
+    CLIPModel(clip).save_pretrained(str(snapshot), safe_serialization=True)
+    CLIPImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_mean=OPENAI_MEAN,
+        image_std=OPENAI_STD, resample=3,
+    ).save_pretrained(str(snapshot))  # fmt: skip
+
+
+def build_model(out: pathlib.Path, name: str, tokenizer_dir: pathlib.Path):
+    """One checkpoint of MODELS, saved by its class (the tower loaded from the cache inside it)."""
+    import importlib
+
     from transformers import AutoTokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
-    tower = hub_snapshot(out / "hf-home", SIGLIP)
-    torch.manual_seed(0)
-    tower_config = SigLipVisionConfig(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3, image_size=384, patch_size=14
-    )
-    SigLipVisionModel(tower_config).save_pretrained(str(tower))
-    checkpoint = out / "next-qwen"
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
-        if (tokenizer_dir / name).exists():
-            checkpoint.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(tokenizer_dir / name, checkpoint / name)
+    path, _, fields = MODELS[name]
+    module, cls = path.rsplit(".", 1)
+    model_class = getattr(importlib.import_module(f"llava.model.language_model.{module}"), cls)
+    checkpoint = out / name
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    for file in TOKENIZER_FILES:
+        if (tokenizer_dir / file).exists():
+            shutil.copyfile(tokenizer_dir / file, checkpoint / file)
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    config = LlavaQwenConfig(
-        vocab_size=len(tokenizer) + 8,  # padded rows, as Qwen2's 151936 > len(tokenizer)
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        architectures=["LlavaQwenForCausalLM"],
-        mm_vision_tower=SIGLIP,
-        mm_projector_type="mlp2x_gelu",
-        mm_hidden_size=64,
-        mm_vision_select_layer=-2,
-        mm_vision_select_feature="patch",
-        image_aspect_ratio="anyres_max_9",
-        image_grid_pinpoints=OV_PINPOINTS,
-        mm_patch_merge_type="spatial_unpad",
-        mm_newline_position="grid",
-        mm_spatial_pool_mode="bilinear",
-        mm_spatial_pool_stride=2,
-        mm_use_im_start_end=False,
-        mm_use_im_patch_token=False,
-        tokenizer_model_max_length=32768,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    fields = dict(fields)
+    ids = {f"{k}_id": tokenizer.convert_tokens_to_ids(fields.pop(k)) for k in ("bos_token", "eos_token") if k in fields}
+    config = model_class.config_class(
+        vocab_size=len(tokenizer) + fields.pop("pad_rows", 0), **TINY_TEXT, **MM_FIELDS, **fields, **ids
     )
     torch.manual_seed(1)
+    model = model_class(config)
+    for param_name, p in model.named_parameters():  # spread the logits: default inits give near-ties
+        if "vision_tower" in param_name:
+            continue
+        if p.ndim >= 2:
+            p.normal_(0.0, 0.15)
+        elif param_name.endswith("image_newline"):
+            p.normal_(0.0, 1.0)
+    model.save_pretrained(str(checkpoint), safe_serialization=True)
+
+
+def build(out: pathlib.Path, tokenizers: dict):
+    out.mkdir(parents=True, exist_ok=True)
     os.environ["HF_HOME"] = str(out / "hf-home")
     import huggingface_hub.constants as hub_constants
 
     hub_constants.HF_HUB_CACHE = str(out / "hf-home" / "hub")  # read at import: set for this process too
-    model = LlavaQwenForCausalLM(config)
-    for name, p in model.named_parameters():  # spread the logits: default inits give near-ties
-        if "vision_tower" in name:
-            continue
-        if p.ndim >= 2:
-            p.normal_(0.0, 0.15)
-        elif name.endswith("image_newline"):
-            p.normal_(0.0, 1.0)
-    model.save_pretrained(str(checkpoint), safe_serialization=True)
-    for name, fields in VIDEO_VARIANTS.items():  # the same weights, other video settings
+    build_towers(out / "hf-home")
+    for name in MODELS:
+        build_model(out, name, tokenizers[MODELS[name][1]])
+    for name, (base, fields) in VARIANTS.items():  # the same weights, other settings
         variant = out / name
         variant.mkdir(exist_ok=True)
-        for item in checkpoint.iterdir():
+        for item in (out / base).iterdir():
             if item.name != "config.json":
                 os.link(item, variant / item.name)
-        config_json = json.loads((checkpoint / "config.json").read_text())
+        config_json = json.loads((out / base / "config.json").read_text())
         (variant / "config.json").write_text(json.dumps({**config_json, **fields}, indent=2))
-    print(checkpoint)
+    print(out)
 
 
 def load(checkpoint: str):
@@ -144,8 +210,10 @@ def load(checkpoint: str):
     import llava.model.builder as builder
 
     pdb.set_trace = lambda *a, **k: None  # the builder's answer to torch_dtype="float32"
+    # the builder picks the class by name: the checkpoint's model_type names it
+    model_type = json.loads((pathlib.Path(checkpoint) / "config.json").read_text())["model_type"]
     tokenizer, model, image_processor, _ = builder.load_pretrained_model(
-        checkpoint, None, "llava_qwen", device_map="auto", torch_dtype="float32", attn_implementation="eager"
+        checkpoint, None, model_type, device_map="auto", torch_dtype="float32", attn_implementation="eager"
     )
     model.eval()
     for p in model.parameters():
@@ -153,10 +221,12 @@ def load(checkpoint: str):
     return tokenizer, model, image_processor
 
 
-def conversation(job: dict, images: int) -> str:
+def conversation(job: dict, images: int, tokenizer) -> str:
     from llava.conversation import conv_templates
 
     conv = conv_templates[job["conv_mode"]].copy()
+    if job["conv_mode"] == "llava_llama_3":  # it renders with Meta-Llama-3-8B-Instruct's tokenizer, from the
+        conv.tokenizer = tokenizer  # hub: the checkpoint's copy of it, whose chat template is that one
     for i, (question, answer) in enumerate(job["turns"]):
         conv.append_message(conv.roles[0], ("<image>\n" * images if i == 0 else "") + question)
         conv.append_message(conv.roles[1], answer)
@@ -192,7 +262,7 @@ def answer(tokenizer, model, prompt: str, pixels: list, modalities: list, sizes:
         "logits": logits.float().numpy(),
         "greedy": np.array(greedy, dtype=np.int64),
         "vocabulary": np.array(len(tokenizer)),
-        **{f"pixel_values_{i}": p.float().numpy() for i, p in enumerate(pixels)},
+        **{f"pixel_values_{i}": p.reshape(-1, *p.shape[-3:]).float().numpy() for i, p in enumerate(pixels)},
     }
 
 
@@ -208,8 +278,12 @@ def run(jobs_file: pathlib.Path, out: pathlib.Path):
         tokenizer, model, image_processor = models[job["checkpoint"]]
         new_tokens = int(job.get("new_tokens", 16))
         images = [Image.open(p).convert("RGB") for p in job.get("images", [])]
-        prompt = job["prompt"] if "prompt" in job else conversation(job, len(images))
-        pixels = process_images(images, image_processor, model.config) if images else []
+        media = len(images) + (1 if job.get("video_frames") else 0)
+        prompt = job["prompt"] if "prompt" in job else conversation(job, media, tokenizer)
+        config = model.config
+        if job.get("image_aspect_ratio"):  # several images padded to one crop each, as the OneVision tutorial
+            config = types.SimpleNamespace(**{**config.to_dict(), "image_aspect_ratio": job["image_aspect_ratio"]})
+        pixels = process_images(images, image_processor, config) if images else []
         pixels, kinds, sizes = (
             [pixels[i] for i in range(len(images))],
             ["image"] * len(images),
@@ -226,8 +300,8 @@ def run(jobs_file: pathlib.Path, out: pathlib.Path):
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    if command == "build":
-        build(pathlib.Path(args[0]), pathlib.Path(args[1]))
+    if command == "build":  # OUT_DIR QWEN_TOKENIZER LLAMA3_TOKENIZER SENTENCEPIECE_TOKENIZER
+        build(pathlib.Path(args[0]), dict(zip(("qwen", "llama3", "sentencepiece"), map(pathlib.Path, args[1:]))))
     elif command == "run":
         run(pathlib.Path(args[0]), pathlib.Path(args[1]))
     else:
