@@ -11,12 +11,14 @@ config from the same Hugging Face cache. Same token ids, same crops, logits of t
 sequence within 1e-4 of max|logit|, 16 greedy tokens equal.
 """
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import huggingface_hub.constants
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
@@ -97,8 +99,6 @@ LLAMA_3_INSTRUCT_TEMPLATE = (
 @pytest.fixture(scope="session")
 def next_fixtures(family, checkpoints, tmp_path_factory):
     """The checkpoints written by the LLaVA-NeXT code, their towers in a Hugging Face cache."""
-    import json
-
     from fixtures.build_hf_rows import _llama3_tokenizer
 
     root = tmp_path_factory.mktemp("next")
@@ -133,7 +133,6 @@ def next_images(family, tmp_path_factory):
 @pytest.fixture(scope="session")
 def next_reference(next_fixtures, next_images, tmp_path_factory):
     """Every case run once by the LLaVA-NeXT code: name -> npz."""
-    import json
 
     out = tmp_path_factory.mktemp("next-reference")
     checkpoint = str(next_fixtures / "next-qwen")
@@ -178,12 +177,16 @@ def next_reference(next_fixtures, next_images, tmp_path_factory):
     return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}
 
 
-@pytest.fixture(scope="session")
-def next_loaded(next_fixtures):
-    """Ours, the tower's config read from the fixture's Hugging Face cache."""
+def load_next(next_fixtures, path):
+    """Ours, the tower's config read from the fixtures' Hugging Face cache."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(next_fixtures / "hf-home" / "hub"))
-        return load(str(next_fixtures / "next-qwen"))
+        return load(str(path))
+
+
+@pytest.fixture(scope="session")
+def next_loaded(next_fixtures):
+    return load_next(next_fixtures, next_fixtures / "next-qwen")
 
 
 def test_the_layout_reads_as_the_code_builds_it(next_loaded):
@@ -209,9 +212,7 @@ def next_models(next_fixtures, next_loaded):
 
     def get(name):
         if name not in cache:
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(next_fixtures / "hf-home" / "hub"))
-                cache[name] = load(str(next_fixtures / name))
+            cache[name] = load_next(next_fixtures, next_fixtures / name)
         return cache[name]
 
     return get
@@ -356,3 +357,90 @@ def test_a_mixtral_decoder_is_refused_by_sharding_in_one_line(next_models):
     text = next_models("next-mixtral")[0].config.text_config
     with pytest.raises(LlavaError, match="a 'mixtral' decoder cannot be sharded"):
         check_shardable(text, 2, False)
+
+
+def hf_conversion(next_fixtures, family, out, **fields):
+    """The next-qwen weights as transformers' conversion lays them out (llava_onevision, as
+    llava-hf/llava-onevision-qwen2-*-hf and LLaVA-Video-*-hf): its config and processors, the
+    same tensors (the tower's saved layers, the last already dropped by the code)."""
+
+    source = next_fixtures / "next-qwen"
+    out.mkdir()
+    for item in source.iterdir():
+        if item.suffix == ".safetensors" or item.name.startswith("tokenizer") or item.name == "vocab.json":
+            os.link(item, out / item.name)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"):
+        shutil.copyfile(family["hub-onevision"] / name, out / name)
+    raw = json.loads((source / "config.json").read_text())
+    vocab = json.loads((source / "tokenizer.json").read_text())["added_tokens"]
+    token = {t["content"]: t["id"] for t in vocab}
+    text = {k: raw[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                                "vocab_size")}  # fmt: skip
+    config = {
+        "model_type": "llava_onevision", "architectures": ["LlavaOnevisionForConditionalGeneration"],
+        "text_config": {**text, "model_type": "qwen2", "tie_word_embeddings": False}, "tie_word_embeddings": False,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
+                          "num_attention_heads": 4, "num_hidden_layers": 2, "image_size": 384, "patch_size": 14,
+                          "vision_use_head": False},
+        "vision_feature_layer": -1, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
+        "image_token_index": token["<image>"], "video_token_index": token["<video>"],
+        "use_image_newline_parameter": True, **fields,
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_transformers_conversion_runs_the_weights_differently(next_fixtures, next_loaded, next_images, family,
+                                                             tmp_path):  # fmt: skip
+    """The same weights run as the LLaVA-NeXT code runs them (ours, exact to it above) and as
+    transformers runs its conversion (ours in the llava_onevision layout, exact to transformers 5
+    in test_parity_family.py): where they part and by how much, printed as a table (-s) for
+    docs/fidelity.md. A LLaVA-Video checkpoint (newlines after each row of each frame) loses
+    its newlines in transformers (one after the clip); images keep their positions but not
+    their numbers (the tiles' preprocessing and the whole-prompt tokenisation differ)."""
+    hf = load(str(hf_conversion(next_fixtures, family, tmp_path / "hf")))
+    onevision = tmp_path / "onevision-video"  # the OneVision originals' video setting
+    shutil.copytree(next_fixtures / "next-qwen", onevision, copy_function=os.link)
+    config = json.loads((onevision / "config.json").read_text())
+    config.update(mm_newline_position="one_token", mm_spatial_pool_mode="bilinear")
+    (onevision / "config.json").write_text(json.dumps(config))
+    frames = np.load(next_images["frames"])
+    rounding = tmp_path / "423x188.png"  # unpadded: 23 rows by the code's truncation, 25 by transformers' rounding
+    Image.open(next_images["wide"]).resize((423, 188)).save(rounding)
+    # (every image case of CASES was measured once: equal; these stand for them in CI)
+    cases = {name: (None, [str(next_images[i]) for i in CASES[name]], []) for name in ("wide", "two")}
+    cases["423x188"] = (None, [str(rounding)], [])
+    cases["video, LLaVA-Video (grid, bilinear)"] = (None, [], [frames])
+    cases["video, OneVision (one_token, bilinear)"] = (onevision, [], [frames])
+    cases["video (frame, average)"] = (next_fixtures / "next-qwen-frame-average", [], [frames])
+    rows = []
+    for name, (checkpoint, images, videos) in cases.items():
+        code_model = next_loaded if checkpoint is None else load_next(next_fixtures, checkpoint)
+        media = "<image>\n" * len(images) + "<video>\n" * len(videos)
+        prompt = QWEN_PROMPT.format(media + "What is in the image?") + "<|im_start|>assistant\n"
+        results = []
+        for model, processor in (code_model, hf):
+            inputs = processor(prompt, images, videos=videos or None, num_frames=FRAMES)
+            logits = np.asarray(model(**inputs)[0].astype(mx.float32))
+            answer = generate(model, processor, prompt, images, videos=videos or None, num_frames=FRAMES,
+                              max_tokens=16, template=False, ignore_eos=True)  # fmt: skip
+            results.append((logits, answer.tokens))
+        (code, code_tokens), (theirs, their_tokens) = results
+        same = next((i for i, (a, b) in enumerate(zip(code_tokens, their_tokens)) if a != b), 16)
+        common = min(code.shape[1], theirs.shape[1])
+        last = np.abs(code[-1, :common] - theirs[-1, :common]).max() / np.abs(code[-1, :common]).max()
+        rows.append((name, code.shape[0], theirs.shape[0], last, same))
+    print("\n| case | positions, the code | positions, transformers | last-position logit diff | greedy tokens equal |")
+    print("|---|---|---|---|---|")
+    for name, ours, theirs, last, same in rows:
+        print(f"| {name} | {ours} | {theirs} | {last:.1e} | {same}/16 |")
+    by_name = {r[0]: r for r in rows}
+    assert by_name["423x188"][1] - by_name["423x188"][2] == -2 * (54 + 1)  # two rows of 54 and their newlines
+    grid = by_name["video, LLaVA-Video (grid, bilinear)"]
+    assert grid[1] - grid[2] == FRAMES * 14 - 1  # a newline after each row of each frame, against one
+    # average pooling floors 27 to 13 and a newline ends each frame; transformers: 14 by bilinear, one newline
+    frame = by_name["video (frame, average)"]
+    assert frame[1] - frame[2] == FRAMES * (13**2 + 1) - (FRAMES * 14**2 + 1)
+    same = by_name["video, OneVision (one_token, bilinear)"]
+    assert same[1] == same[2] and same[3] < 1e-4 and same[4] == 16
