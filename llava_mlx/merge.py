@@ -103,7 +103,7 @@ def merge_spatial_unpad(
     """
     if features.shape[0] == 1:
         return merge_flat(features, newline)
-    base, side, dim = features[0], math.isqrt(features.shape[1]), features.shape[-1]
+    side, dim = math.isqrt(features.shape[1]), features.shape[-1]
     cols, rows = grid
     tiles = stitched_tiles(features, grid)
     pad_y, pad_x = unpad_padding(size, rows * side, cols * side, rounding)
@@ -113,7 +113,12 @@ def merge_spatial_unpad(
         if shape is not None:
             tiles = resize_bilinear(tiles, *shape)
     tail = tiles.reshape(-1, dim) if newline is None else with_newlines(tiles, newline)
-    return mx.concatenate([base, tail]) if keep_base else tail
+    return after_base(features, tail, keep_base)
+
+
+def after_base(features: mx.array, tail: mx.array, keep_base: bool) -> mx.array:
+    """A many-crop image's sequence: its base crop's features, unless left out, then `tail`."""
+    return mx.concatenate([features[0], tail]) if keep_base else tail
 
 
 def stitched_tiles(features: mx.array, grid: Tuple[int, int]) -> mx.array:
@@ -130,7 +135,7 @@ def merge_spatial(
     if features.shape[0] == 1:
         return merge_flat(features, newline)
     tail = stitched_tiles(features, grid).reshape(-1, features.shape[-1])
-    return mx.concatenate([features[0], tail]) if keep_base else tail
+    return after_base(features, tail, keep_base)
 
 
 def merge_spatial_maxpool(
@@ -141,7 +146,7 @@ def merge_spatial_maxpool(
     if features.shape[0] == 1:
         return merge_flat(features, newline)
     tail = pool_max(stitched_tiles(features, grid)[None], 2)[0].reshape(-1, features.shape[-1])
-    return mx.concatenate([features[0], tail]) if keep_base else tail
+    return after_base(features, tail, keep_base)
 
 
 IMAGE_MERGES = {

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from . import validate
 from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
 from .checkpoint.files import read_json
+from .checkpoint.layouts import ORIGINAL_TYPES
 from .checkpoint.validate import image_settings as checked_image_settings
 from .errors import LlavaError, warn
 from .fetch import fetch
@@ -44,9 +45,8 @@ LLAMA_3_SYSTEM = (  # the LLaVA-NeXT code's llava_llama_3
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
     "the user provides, and assist the user with a variety of tasks using natural language."
 )
-# The model types of the original code and the LLaVA-NeXT code (read from their own layout):
-# both loaders cut the embeddings to len(tokenizer), both prompt with conversation.py.
-ORIGINAL_CODE_TYPES = ("llava_llama", "llava_mistral", "llava_qwen", "llava_mixtral")
+# Decoders prompted and tokenised as Mistral's releases: [INST] turns, its fast tokenizer's rules.
+MISTRAL_DECODERS = ("mistral", "mixtral")
 
 
 def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) -> str:
@@ -115,9 +115,9 @@ def byte_level(tokenizer) -> bool:
 def template_family(config: LlavaConfig, tokenizer) -> str:
     if config.llava_type == "llava_qwen":
         return "qwen_1_5"  # the LLaVA-NeXT code's demos, for its Qwen2 checkpoints
-    if config.llava_type in ORIGINAL_CODE_TYPES and "<|start_header_id|>" in tokenizer.get_vocab():
+    if config.llava_type in ORIGINAL_TYPES and "<|start_header_id|>" in tokenizer.get_vocab():
         return "llava_llama_3"  # its demos, for its Llama-3 checkpoints (lmms-lab/llama3-llava-next-8b)
-    if config.text_config["model_type"] in ("mistral", "mixtral"):
+    if config.text_config["model_type"] in MISTRAL_DECODERS:
         return "mistral_instruct"
     if "<|im_start|>" in tokenizer.get_vocab():
         return "chatml_direct"  # LLaVA-1.6-34B (Nous-Hermes-2-Yi)
@@ -216,7 +216,7 @@ class Processor:
             if stop in vocab:
                 tokenizer.add_eos_token(stop)
         # The original ran Mistral's converted fast tokenizer (legacy rules), others slow.
-        legacy = True if config.text_config["model_type"] in ("mistral", "mixtral") else None
+        legacy = True if config.text_config["model_type"] in MISTRAL_DECODERS else None
         # Checkpoints released through transformers are tokenised its way (the whole prompt).
         if config.conventions == "transformers":
             sentencepiece = None
@@ -234,7 +234,7 @@ class Processor:
         images = image_settings(path, tower_dir, config)
         if not config.video_pool:
             videos = None
-        elif config.llava_type in ORIGINAL_CODE_TYPES:  # the LLaVA-NeXT code runs frames through its image processor
+        elif config.llava_type in ORIGINAL_TYPES:  # the LLaVA-NeXT code runs frames through its image processor
             videos = {**images, "square": images["squash"]}
         else:
             videos = video_settings(path, images)
@@ -248,7 +248,7 @@ class Processor:
         original and LLaVA-NeXT code, whose loaders cut the embeddings to `len(tokenizer)`; the
         tokenizer's base vocabulary for the others (llava-hf's padding and added `<image>` come
         after it)."""
-        if self.config.llava_type in ORIGINAL_CODE_TYPES:
+        if self.config.llava_type in ORIGINAL_TYPES:
             return len(self.tokenizer._tokenizer)
         return self.tokenizer.vocab_size
 
@@ -285,7 +285,7 @@ class Processor:
         hf = self.tokenizer._tokenizer
         # The original and LLaVA-NeXT code's demos use their conversation.py templates, whatever
         # chat template the (text-only) Qwen or Llama-3 tokenizer carries.
-        if not hf.chat_template or self.config.llava_type in ORIGINAL_CODE_TYPES:
+        if not hf.chat_template or self.config.llava_type in ORIGINAL_TYPES:
             turns = [(f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for (n, v), (q, a) in zip(before, turns)]
             return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]

@@ -187,7 +187,8 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             several_images_flat=text_type == "llava_qwen",
         )
         fields.update(next_siglip_fields(tower) if next_siglip(raw) else {})
-        fields.update(next_video_fields(raw, "unpad" in fields["patch_merge_type"]) if next_video(raw) else {})
+        has_newline = "unpad" in fields["patch_merge_type"]
+        fields.update(next_video_fields(raw, has_newline) if next_video(raw, text_type) else {})
         if "image_grid_pinpoints" not in fields:
             tile = LlavaConfig(**fields).vision.image_size
             fields["image_grid_pinpoints"] = pinpoints_of(raw.get("image_grid_pinpoints"), tile)
@@ -216,10 +217,11 @@ def next_siglip_fields(tower: Optional[dict]) -> dict:
     )
 
 
-def next_video(raw: dict) -> bool:
+def next_video(raw: dict, text_type: str) -> bool:
     """Whether the checkpoint comes from the LLaVA-NeXT code, which runs videos: it names a
-    SigLIP tower, or has the video pooling setting that code reads (the original code has none)."""
-    return next_siglip(raw) or "mm_spatial_pool_mode" in raw or original_text_type(raw) in NEXT_ONLY_TYPES
+    SigLIP tower, has the video pooling setting that code reads (the original code has none),
+    or is one of its own types."""
+    return next_siglip(raw) or "mm_spatial_pool_mode" in raw or text_type in NEXT_ONLY_TYPES
 
 
 def next_video_fields(raw: dict, has_newline: bool) -> dict:
@@ -265,7 +267,8 @@ def grid_range(text: str, tile: int) -> list:
 
 
 # The original code's LLaVA classes (Vicuna, Mistral, Yi are llama-architecture decoders), and
-# the LLaVA-NeXT code's, which adds Qwen2 and Mixtral (lmms-lab's releases).
+# the LLaVA-NeXT code's, which adds Qwen2 and Mixtral (lmms-lab's releases). Both codes' loaders
+# cut the embeddings to len(tokenizer), both prompt with conversation.py (processor.py).
 ORIGINAL_TYPES = ("llava_llama", "llava_mistral", "llava_qwen", "llava_mixtral")
 NEXT_ONLY_TYPES = ("llava_qwen", "llava_mixtral")
 
