@@ -108,6 +108,6 @@ def run_bounded(command, timeout, env=None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(command, p.returncode, out, err)
 
 
-def launch_two(*args, timeout=LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+def launch_two(*args, timeout=LAUNCH_TIMEOUT, env=None) -> subprocess.CompletedProcess:
     command = [LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port_pair()), "--", sys.executable, *args]
-    return run_bounded(command, timeout)
+    return run_bounded(command, timeout, env)

@@ -314,9 +314,10 @@ def test_generate_py_answers_as_the_api(next_fixtures, next_loaded, next_images)
 def test_the_server_answers_the_layout_as_generate(next_fixtures, next_loaded, next_images, family, tmp_path):
     """The official client against server.py on the code's Qwen2 checkpoint: two pictures (each
     padded to one crop), and a picture with a clip, answer as generate() does."""
+    from helpers import environment
     from serving import ask, start_server, user, video_message
 
-    env = {**os.environ, **next_env(next_fixtures), "PYTHONPATH": str(ROOT)}
+    env = environment(HF_HOME=str(next_fixtures / "hf-home"))
     server = start_server(next_fixtures / "next-qwen", tmp_path / "server.log", "--num-frames", "6", env=env)
     try:
         wide, tall, clip = next_images["wide"], next_images["tall"], family["clip.mp4"]
@@ -342,9 +343,7 @@ def test_two_ranks_answer_the_layout_as_one_process(checkpoint, pipeline, next_f
     env = environment(HF_HOME=str(next_fixtures / "hf-home"))
     alone = run_bounded([sys.executable, *args], timeout=300, env=env)
     assert alone.returncode == 0, alone.stderr
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(next_fixtures / "hf-home"))
-        both = launch_two(*args, timeout=300)
+    both = launch_two(*args, timeout=300, env=env)
     assert both.returncode == 0, both.stderr
     assert both.stdout == alone.stdout and alone.stdout.strip()
     assert "[rank 1/2] Generation: 12 tokens" in both.stderr
@@ -359,11 +358,10 @@ def test_a_mixtral_decoder_is_refused_by_sharding_in_one_line(next_models):
         check_shardable(text, 2, False)
 
 
-def hf_conversion(next_fixtures, family, out, **fields):
+def hf_conversion(next_fixtures, family, out):
     """The next-qwen weights as transformers' conversion lays them out (llava_onevision, as
     llava-hf/llava-onevision-qwen2-*-hf and LLaVA-Video-*-hf): its config and processors, the
     same tensors (the tower's saved layers, the last already dropped by the code)."""
-
     source = next_fixtures / "next-qwen"
     out.mkdir()
     for item in source.iterdir():
@@ -385,7 +383,7 @@ def hf_conversion(next_fixtures, family, out, **fields):
                           "vision_use_head": False},
         "vision_feature_layer": -1, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
         "image_token_index": token["<image>"], "video_token_index": token["<video>"],
-        "use_image_newline_parameter": True, **fields,
+        "use_image_newline_parameter": True,
     }  # fmt: skip
     (out / "config.json").write_text(json.dumps(config))
     return out
