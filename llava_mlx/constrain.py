@@ -11,6 +11,7 @@ whitespace between tokens), so an object whose size is bounded ends with its las
 the end-of-turn token: finish_reason "stop".
 """
 
+import dataclasses
 import functools
 import json
 import threading
@@ -21,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import LlavaError, LlavaValueError
+from .token_bytes import TokenTable, token_table
 
 COMPILED_SCHEMAS = 64  # compiled matchers kept per tokenizer, least recently used dropped
 # Compact JSON: the answer cannot pad itself with whitespace until max_tokens.
@@ -100,14 +102,17 @@ class Grammars:
     compiles in its HTTP threads (llguidance releases the GIL), off the engine thread."""
 
     def __init__(self, tokenizer, rows: int):
-        from llguidance import LLTokenizer
+        from llguidance import LLTokenizer, TokenizerWrapper
 
-        backend = getattr(tokenizer._tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            raise LlavaError("structured outputs need a fast (tokenizers) tokenizer; this checkpoint has none")
         self.rows = rows
         self.eos_ids = sorted(tokenizer.eos_token_ids)
-        self.tokenizer = LLTokenizer(backend.to_str(), n_vocab=rows, eos_token=self.eos_ids)
+        # llguidance reads the vocabulary from our table (token_bytes.py), not from
+        # tokenizer.json: it knows only some of the decoders a tokenizer.json may have.
+        table = grammar_table(token_table(tokenizer._tokenizer), rows)
+        try:
+            self.tokenizer = LLTokenizer(TokenizerWrapper(table), eos_token=self.eos_ids)
+        except ValueError as e:
+            raise LlavaError(f"the grammar engine cannot take this tokenizer's vocabulary: {e}") from None
         self.compiled: "OrderedDict[str, object]" = OrderedDict()
         self.lock = threading.Lock()
 
@@ -130,9 +135,14 @@ class Grammars:
                 self.compiled.popitem(last=False)
         return compiled.deep_copy()
 
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes a token stands for (a byte-level or SentencePiece piece, decoded)."""
-        return self.tokenizer.decode_bytes([token])
+
+def grammar_table(table: TokenTable, rows: int) -> TokenTable:
+    """The table as llguidance takes it: one entry per row of the decoder's output (the rows
+    past the tokenizer spell nothing), and a token that starts with the byte 0xFF (never part
+    of UTF-8 text, a byte-fallback piece) spells nothing, 0xFF being llguidance's mark of a
+    special token's name."""
+    tokens = [b"" if data.startswith(b"\xff") else data for data in table.tokens]
+    return dataclasses.replace(table, tokens=tokens + [b""] * (rows - len(tokens)))
 
 
 def grammars(processor, rows: int) -> Grammars:

@@ -30,9 +30,9 @@ def vocabulary_mask(vocabulary: int, rows: int, eos_ids=()) -> Optional[mx.array
 class LogprobReporter:
     """Turns a step's log-probabilities (over every row) into OpenAI's logprobs entry."""
 
-    def __init__(self, tokenizer, vocabulary: int, token_bytes, rows: int):
+    def __init__(self, tokenizer, vocabulary: int, token_bytes: list, rows: int):
         self.tokenizer = tokenizer  # mlx-lm's TokenizerWrapper
-        self.token_bytes = token_bytes  # id -> bytes (constrain.Grammars.token_bytes)
+        self.token_bytes = token_bytes  # each id's bytes (token_bytes.TokenTable.tokens)
         self.allowed = vocabulary_mask(vocabulary, rows, tokenizer.eos_token_ids)
 
     def entry(self, logprobs: mx.array, token: int, top: int, first: bool = False) -> dict:
@@ -50,7 +50,7 @@ class LogprobReporter:
         }
 
     def _token(self, token: int, logprob: float, first: bool) -> dict:
-        data = self.token_bytes(token)
+        data = self.token_bytes[token] if token < len(self.token_bytes) else b""
         if first and data.startswith(b" ") and not self.tokenizer.decode([token]).startswith(" "):
             data = data[1:]  # SentencePiece's word-start space, which the answer's text drops
         if token in self.tokenizer.eos_token_ids:

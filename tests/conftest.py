@@ -106,3 +106,11 @@ def live_server(checkpoints, tmp_path_factory):
     server = start_server(checkpoints[SERVER_MODEL], tmp_path_factory.mktemp("server") / "server.log", *SERVER_ARGS)
     yield server
     assert server.stop() == 0, server.log.read_text()[-2000:]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_variants(checkpoints, tmp_path_factory):
+    """LLaVA-1.6 (llava-hf) with other tokenizer.json decoders (fixtures/build_tokenizers.py)."""
+    from fixtures.build_tokenizers import build_tokenizer_variants
+
+    return build_tokenizer_variants(tmp_path_factory.mktemp("tokenizers"), checkpoints["hf-v1.6-vicuna"])
