@@ -185,7 +185,8 @@ def main(argv=None) -> int:
         threading.Thread(target=httpd.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, terminated)
-    threading.Thread(target=stop_when_the_engine_fails, args=(engine, httpd), daemon=True).start()
+    if engine.coordinator.exits_on_failure:
+        threading.Thread(target=stop_when_the_engine_fails, args=(engine, httpd), daemon=True).start()
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
@@ -202,8 +203,8 @@ def main(argv=None) -> int:
 
 
 def stop_when_the_engine_fails(engine, httpd):
-    """A server whose engine ended on an error (a lost rank, a bug) exits non-zero, so that
-    mlx.launch or a supervisor sees it, instead of answering 503 forever."""
+    """Under mlx.launch, a server whose engine ended on an error (a lost rank) exits non-zero,
+    so that mlx.launch ends the whole launch, which cannot go on without that rank."""
     engine.thread.join()
     if engine.failure:
         httpd.shutdown()

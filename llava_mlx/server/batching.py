@@ -23,7 +23,7 @@ from mlx_lm.sample_utils import apply_top_p, make_sampler
 from ..cache import SEVERAL
 from ..generation import vocabulary_sampler
 from .admission import Admission, Pace
-from .request import ApiError, Prompt, media_values
+from .prompt import Prompt, media_values
 
 log = logging.getLogger("llava_mlx.server")
 
@@ -40,6 +40,23 @@ def seeded_sampler(temperature: float, top_p: float, seed: int):
         return mx.random.categorical(logprobs * (1 / temperature), key=key)
 
     return sample
+
+
+def contained(job, fn, sampling: bool = False):
+    """A request's own logits processor (or sampler, `sampling`) as the batch calls it, with
+    its failures kept on the job instead of raised through the batch's step: the engine ends
+    that request after the step (`_decode_step`) and the other rows go on as they would have
+    alone. Until then the row's logits pass unchanged (a sampler: the likeliest token)."""
+
+    def call(*args):
+        if job.fault is None:
+            try:
+                return fn(*args)
+            except Exception as e:
+                job.fault = e
+        return mx.argmax(args[-1], axis=-1) if sampling else args[-1]
+
+    return call
 
 
 class BatchScheduler:
@@ -92,10 +109,11 @@ class BatchScheduler:
         self.running.clear()
 
     def forget(self, job):
-        """The job is over (answered or failed): it leaves the scheduler."""
+        """The job is over (answered or failed): it leaves the scheduler and the batch."""
         if job in self.prefilling:
             self.prefilling.remove(job)
-        self.running.pop(job.uid, None)
+        if self.running.pop(job.uid, None) is not None:
+            self.generator.remove([job.uid])  # nothing when the generator ended it itself
 
     def drop(self, jobs: list):
         """Stop prefilling or decoding these cancelled jobs and free their KV."""
@@ -169,7 +187,9 @@ class BatchScheduler:
             max_tokens=[job.prompt.max_tokens] * len(choices),
             caches=caches,
             samplers=[self._sampler(choice) for choice in choices],
-            logits_processors=[[choice.constraint] if choice.constraint else [] for choice in choices],
+            logits_processors=[
+                [contained(choice, choice.constraint)] if choice.constraint else [] for choice in choices
+            ],
         )
         job.kv = job.embeddings = None
         for choice, uid in zip(choices, uids):
@@ -188,40 +208,43 @@ class BatchScheduler:
             base = make_sampler(chat.temperature, chat.top_p if chat.top_p < 1 else 0.0)
         tokenizer = self.engine.processor.tokenizer
         vocabulary = self.engine.processor.vocabulary
-        return vocabulary_sampler(base, vocabulary, self.padded_vocab, tokenizer.eos_token_ids)
+        sampler = vocabulary_sampler(base, vocabulary, self.padded_vocab, tokenizer.eos_token_ids)
+        return contained(job, sampler, sampling=True)
 
     def _decode_step(self):
+        """One decode step of every running answer. What fails in a request's own part of the
+        step (its sampler, its schema, its logprobs, its text) ends that request only; the
+        step itself failing is a fault of the model (MLX out of memory, a lost rank): it
+        raises, and the engine stops."""
         engine, counters = self.engine, self.engine.counters
-        try:
-            tic = time.perf_counter()
-            responses = self.generator.next()[1]
-            self.decode_seconds = time.perf_counter() - tic
-        except engine.coordinator.fatal:
-            raise
-        except Exception as e:
-            log.exception("the batch failed")
-            for job in self.running.values():
-                job.fail(ApiError(500, f"internal error in the batch: {type(e).__name__}: {e}"))
-            counters["failed"] += len(self.running)
-            self.running.clear()
-            self.generator = self._new_generator()
-            return
+        tic = time.perf_counter()
+        responses = self.generator.next()[1]
+        self.decode_seconds = time.perf_counter() - tic
         if responses:
             counters["decode_steps"] += 1
             counters["batched_steps"] += len(responses) > 1
             counters["max_batch"] = max(counters["max_batch"], len(responses))
         for r in responses:
-            job = self.running[r.uid]
-            job.tokens.append(r.token)
-            if r.finish_reason != "stop":
-                job.detokenizer.add_token(r.token)
-            if r.finish_reason is not None:
-                job.detokenizer.finalize()
-            entries = engine.logprob_entries(job, r.logprobs, r.token, r.finish_reason)
-            if engine.emit(job, job.detokenizer.last_segment, r.finish_reason, entries) and r.finish_reason is None:
-                self.generator.remove([r.uid])  # a stop string ended it
-            if r.finish_reason is not None:
-                self._remember(job, r.prompt_cache)
+            job = self.running.get(r.uid)
+            if job is None:
+                continue
+            if job.fault is not None:
+                engine.fail_job(job, job.fault)
+            else:
+                engine.guard(job, self._took, job, r)
+
+    def _took(self, job, r):
+        """A running answer's token from the step: its text, logprobs, end."""
+        engine = self.engine
+        job.tokens.append(r.token)
+        if r.finish_reason != "stop":
+            job.detokenizer.add_token(r.token)
+        if r.finish_reason is not None:
+            job.detokenizer.finalize()
+        entries = engine.logprob_entries(job, r.logprobs, r.token, r.finish_reason)
+        engine.emit(job, job.detokenizer.last_segment, r.finish_reason, entries)
+        if r.finish_reason is not None:
+            self._remember(job, r.prompt_cache)
 
     def _remember(self, job, cache):
         """Keep a finished request's KV (prompt and answer) for later requests to share."""

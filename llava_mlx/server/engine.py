@@ -18,13 +18,15 @@ from typing import List, Optional
 
 import mlx.core as mx
 
-from ..constrain import grammars, schema_processor
+from ..constrain import schema_processor
 from ..errors import LlavaError
 from ..features import FeatureCache
 from ..logprobs import LogprobReporter
+from ..token_bytes import token_table
 from .batching import BatchScheduler
 from .cache import PromptCache
-from .request import ApiError, Chat, Prompt
+from .prompt import Prompt
+from .request import ApiError, Chat
 
 log = logging.getLogger("llava_mlx.server")
 
@@ -44,6 +46,7 @@ class Job:
     finished: threading.Event = field(default_factory=threading.Event)  # "done" or "error" is queued
     index: int = 0  # which choice
     siblings: list = field(default_factory=list)  # the other choices (first choice only)
+    first: Optional["Job"] = None  # the request's first choice (the others only)
     constraint: object = None  # its schema's logits processor (constrain.py), made in the engine
     admission: object = None  # its admission.Admission while its images are encoded and its prompt prefilled
     kv: Optional[list] = None
@@ -55,11 +58,13 @@ class Job:
     detokenizer: object = None
     tokens: List[int] = field(default_factory=list)  # generated, EOS included
     unsent: str = ""  # text held back while it may be the start of a stop string
+    fault: Optional[Exception] = None  # raised by its own sampler or schema inside a batch step (batching.py)
 
     def __post_init__(self):
         if self.index == 0 and not self.siblings:
             self.siblings = [
-                Job(self.prompt, self.chat, self.events, self.cancelled, index=i) for i in range(1, self.chat.n)
+                Job(self.prompt, self.chat, self.events, self.cancelled, index=i, first=self)
+                for i in range(1, self.chat.n)
             ]
 
     @property
@@ -74,8 +79,11 @@ class Job:
         self.cancelled.set()
 
     def fail(self, error: ApiError):
+        """End the whole request with `error`: one error event, every choice finished, the
+        other choices cancelled (the engine drops them at its next iteration)."""
+        self.cancelled.set()
         self.events.put(("error", error))
-        for job in self.choices:
+        for job in (self.first or self).choices:
             job.finished.set()
 
 
@@ -111,7 +119,9 @@ class LocalCoordinator:
     main = True  # this process serves HTTP
     budgets_admission = True  # a newcomer is admitted in units sized to a time budget (admission.py)
     idle_wait = 0.1  # s an idle engine waits for a request before its next iteration
-    fatal: tuple = ()  # errors in a decode step that end the engine instead of failing the batch
+    # An engine that stopped on a fault of the model leaves the server up, saying why on
+    # /health (503) and to every request, for a supervisor or a person to restart it.
+    exits_on_failure = False
 
     def joined(self, engine: "Engine"):
         """Called once the model is loaded, before the first iteration."""
@@ -135,7 +145,7 @@ class LocalCoordinator:
         """Called after an iteration's steps, `worked` of which did work."""
 
     def failed(self, e: Exception) -> str:
-        log.exception("the engine failed")
+        log.exception("the engine stopped on a fault of the model; /health says so until the server is restarted")
         return f"{type(e).__name__}: {e}"
 
     def finish(self, engine: "Engine"):
@@ -317,20 +327,27 @@ class Engine:
                 return
 
     def guard(self, job: Job, fn, *args):
-        """Run one job's step; a failure fails that job only."""
+        """Run one request's own work (its start, an admission unit, its share of a step's
+        results): whatever it raises ends that request only (`fail_job`)."""
         try:
             fn(*args)
-        except LlavaError as e:
-            self._abandon(job, ApiError(400, str(e)))
         except Exception as e:
-            log.exception("request failed in the engine")
-            self._abandon(job, ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+            self.fail_job(job, e)
 
-    def _abandon(self, job: Job, error: ApiError):
+    def fail_job(self, job: Job, e: Exception):
+        """End `job`'s request with an OpenAI-shaped error and free its state; the engine and
+        every other request go on. A LlavaError says what the request asked that cannot be
+        done (400); anything else is a bug, logged with its traceback (500)."""
+        if isinstance(e, LlavaError):
+            error = ApiError(400, str(e))
+        else:
+            log.error("a request failed in the engine", exc_info=e)
+            error = ApiError(500, f"internal error: {type(e).__name__}: {e}")
         self.scheduler.forget(job)
-        job.kv = job.embeddings = None
+        job.kv = job.embeddings = job.admission = None
         self.counters["failed"] += 1
-        job.fail(error)
+        if not job.finished.is_set():
+            job.fail(error)
 
     def emit(self, job: Job, text: str, finish: Optional[str], entries=()) -> bool:
         """Send new text (up to any stop string) and its tokens' logprob entries; True if
@@ -384,8 +401,8 @@ class Engine:
             return []
         if self.reporter is None:
             rows = self.model.config.text_config["vocab_size"]
-            tokens = grammars(self.processor, rows).token_bytes
-            self.reporter = LogprobReporter(self.processor.tokenizer, self.processor.vocabulary, tokens, rows)
+            table = token_table(self.processor.tokenizer._tokenizer)
+            self.reporter = LogprobReporter(self.processor.tokenizer, self.processor.vocabulary, table.tokens, rows)
         return [self.reporter.entry(logprobs, token, job.chat.top_logprobs, first=len(job.tokens) == 1)]
 
     def constrain(self, job: Job):

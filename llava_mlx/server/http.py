@@ -23,8 +23,10 @@ from pathlib import Path
 
 from ..constrain import grammars
 from ..errors import LlavaError
+from ..token_bytes import token_table
 from .engine import Engine, Job
-from .request import ApiError, Limits, build_prompt, parse_chat, parse_completion
+from .prompt import build_prompt
+from .request import ApiError, Limits, parse_chat, parse_completion
 from .responses import ResponseShape, parse_response_request
 from .shapes import ChatShape, CompletionShape
 
@@ -42,7 +44,12 @@ MODEL_PATHS = ("/v1/models", "/models")
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 CHECK_EVERY = 0.1  # s between checks that a waiting client is still connected
 STREAM_EVERY = 0.02  # s: streamed tokens are sent at most this often (each send wakes a thread)
-DRAIN_LIMIT = 64 << 20  # a refused body is read (and dropped) up to this, so the client sees the 413
+# A refused body is answered at once, then what the client still sends is read and dropped (up
+# to this many bytes, this long, while it keeps coming), as nginx's lingering close does: a
+# client that sends the whole body still reads the answer instead of a connection reset.
+DRAIN_LIMIT = 64 << 20
+DRAIN_SECONDS = 10.0
+DRAIN_IDLE = 1.0  # s without a byte: the client has stopped sending
 
 
 class ClientGone(Exception):
@@ -133,7 +140,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._headers(200, "text/html; charset=utf-8", len(page))
                 self.wfile.write(page)
             elif path == "/health":
-                self._json(200, {"status": "ok", "model": self.app.model_id, **self.app.engine.stats()})
+                failure = self.app.engine.failure  # the engine stopped on a fault of the model
+                status = {"status": "failed", "failure": failure} if failure else {"status": "ok"}
+                self._json(503 if failure else 200, {**status, "model": self.app.model_id, **self.app.engine.stats()})
             else:
                 self.app.check_key(self.headers.get("Authorization"))
                 if path in MODEL_PATHS:
@@ -142,6 +151,8 @@ class Handler(BaseHTTPRequestHandler):
                     self._chat(PARSERS[path])
         except ApiError as e:
             self._json(e.status, e.body())
+            if e.status == 413:
+                self._linger()
         except ClientGone:
             self.close_connection = True
             log.info("%s closed its connection: request cancelled", self.address_string())
@@ -180,8 +191,28 @@ class Handler(BaseHTTPRequestHandler):
     do_DELETE = do_PATCH = do_PUT
 
     # -- chat completions ------------------------------------------------------------
+    def handle_expect_100(self):
+        """`Expect: 100-continue`: a body over the limit is refused before the client sends it."""
+        try:
+            self._too_large()
+        except ApiError as e:
+            self._json(e.status, e.body())
+            self._linger()
+            return False
+        return super().handle_expect_100()
+
+    def _too_large(self):
+        """A 413 when the declared body is over --max-body-mb, answered from the headers alone."""
+        length, limit = self.headers.get("Content-Length", "").strip(), self.app.limits.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            self.close_connection = True
+            raise ApiError(
+                413,
+                f"the request body is {int(length):,} bytes, over the limit of {limit:,} (--max-body-mb)",
+                code="request_too_large",
+            )
+
     def _body(self) -> bytes:
-        limit = self.app.limits.max_body_bytes
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise ApiError(411, "send the request body with a Content-Length (no chunked uploads)")
@@ -189,15 +220,8 @@ class Handler(BaseHTTPRequestHandler):
         if not length.isdigit():
             self.close_connection = True
             raise ApiError(411, "a Content-Length header is required")
+        self._too_large()
         size = int(length)
-        if size > limit:
-            self.close_connection = True
-            self._drain(min(size, DRAIN_LIMIT))
-            raise ApiError(
-                413,
-                f"the request body is {size:,} bytes, over the limit of {limit:,} (--max-body-mb)",
-                code="request_too_large",
-            )
         data = self.rfile.read(size)
         self.body_read = True
         if len(data) < size:
@@ -205,12 +229,23 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the request body ended after {len(data)} of {size} bytes")
         return data
 
-    def _drain(self, size: int):
-        while size > 0:
-            chunk = self.rfile.read(min(size, 1 << 20))
-            if not chunk:
-                return
-            size -= len(chunk)
+    def _linger(self):
+        """After a refusal sent before the body was read: no more writes (the client reads the
+        answer, then the end), and what the client still sends is dropped for a bounded time;
+        then the connection closes."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(DRAIN_IDLE)
+            deadline, left = time.monotonic() + DRAIN_SECONDS, DRAIN_LIMIT
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 20))
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except OSError:  # the client left, or stopped sending: either way the connection is done
+            return
 
     def _chat(self, parse):
         app = self.app
@@ -375,7 +410,14 @@ class App:
 
     def compile(self, chat):
         """Compile the request's schema here, in its HTTP thread (llguidance lets go of the GIL
-        meanwhile), so the engine only copies it; a schema it cannot compile is a 400."""
+        meanwhile), so the engine only copies it, and read the tokenizer's token bytes that
+        logprobs report: a schema or a tokenizer that cannot be served is a 400 before the
+        request starts."""
+        try:
+            if chat.logprobs:
+                token_table(self.processor.tokenizer._tokenizer)
+        except LlavaError as e:
+            raise ApiError(400, str(e), "logprobs") from None
         if chat.schema is None:
             return
         try:

@@ -23,7 +23,7 @@ from ..distributed.group import group_of, settle
 from ..distributed.share import check_ranks, share_object, shared_features
 from ..errors import LlavaError
 from .engine import Changes, Job, LocalCoordinator
-from .request import Prompt
+from .prompt import Prompt
 
 log = logging.getLogger("llava_mlx.server")
 BATCH_SECONDS = 0.1  # decode steps between two exchanges (and their tokens held), while nothing waits to start
@@ -32,9 +32,8 @@ MAX_BATCH_STEPS = 64
 
 
 class LockstepCoordinator(LocalCoordinator):
-    # The ring lost a rank (it died or was killed; RankLost is one): no way on. Any other
-    # error in a step would leave the ranks out of step, so it ends the engine too.
-    fatal = (Exception,)
+    # An engine that stopped (a lost rank: no way on) ends the whole launch.
+    exits_on_failure = True
     # Admission in whole units, as every rank must cut the prompt into the same chunks (the
     # sharded decoder's collectives pair up) and time differs from rank to rank; rank 0
     # encodes a newcomer's images whole and shares them, every rank waiting in that exchange.
