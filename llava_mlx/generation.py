@@ -23,7 +23,7 @@ from .distributed.share import shared_features
 from .errors import LlavaError
 from .logprobs import vocabulary_mask
 from .processor import load_image
-from .video import DEFAULT_NUM_FRAMES, as_video_list, load_video
+from .video import as_video_list, load_video
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMP = 0.0
@@ -128,7 +128,7 @@ def stream_generate(
     max_kv_size: Optional[int] = None,
     cache: Optional[SessionCache] = None,
     videos: Sequence = (),
-    num_frames: int = DEFAULT_NUM_FRAMES,
+    num_frames: Optional[int] = None,
     response_format: Optional[dict] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield the answer piece by piece (`.text`), with timing and peak memory.
@@ -136,8 +136,9 @@ def stream_generate(
     `template=False` uses `prompt` as written (one `<image>` per image, one `<video>` per
     video); otherwise the question is put in the checkpoint's chat template, images and
     videos first, after the earlier turns in `history` [(question, answer), ...]. A video
-    is a file path, a uint8 array (T, H, W, 3) or a list of PIL images; `num_frames` are
-    sampled uniformly from each. Passing the same `cache` (SessionCache) to successive
+    is a file path, a uint8 array (T, H, W, 3) or a list of PIL images; a file gives
+    `num_frames` frames sampled uniformly (8 when None), frames given are used as given
+    unless `num_frames` is passed. Passing the same `cache` (SessionCache) to successive
     calls reuses encoded images and videos and the KV cache of the shared prefix.
 
     `response_format` holds the answer to a JSON schema: OpenAI's {"type": "json_object"}

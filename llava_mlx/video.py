@@ -1,12 +1,11 @@
-"""Video input: a file (decoded with PyAV), a uint8 array (T, H, W, 3) or a list of PIL
-images → `num_frames` frames sampled uniformly → preprocessed as the checkpoint's
-`video_preprocessor_config.json` says.
+"""Video input: a file (decoded with PyAV, `num_frames` frames sampled uniformly), or frames
+already decoded (a uint8 array (T, H, W, 3) or a list of PIL images, used as given) →
+preprocessed as the checkpoint's `video_preprocessor_config.json` says.
 
 Memory stays bounded for long videos: the frame indices are chosen before decoding, only
 those frames are converted to RGB, and decoding stops after the last one.
 """
 
-import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -70,12 +69,17 @@ def decode_frames(source, num_frames: int, name: Optional[str] = None) -> List[n
     return frames
 
 
-def load_video(source, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
-    """uint8 frames (T, H, W, 3) of a video path, array or list of PIL images, T ≤ num_frames."""
-    if num_frames < 1:
+def load_video(source, num_frames: Optional[int] = None) -> np.ndarray:
+    """uint8 frames (T, H, W, 3) of a video path, array or list of PIL images.
+
+    A file gives `num_frames` frames sampled uniformly (DEFAULT_NUM_FRAMES when None); frames
+    given as an array or a list of pictures are used as given, as the LLaVA-NeXT code and
+    transformers take them, unless `num_frames` is passed: then they are sampled too (and a
+    warning says how many of them were dropped)."""
+    if num_frames is not None and num_frames < 1:
         raise LlavaError(f"the number of frames must be at least 1 (got {num_frames})")
     if isinstance(source, (str, Path)):
-        frames = decode_frames(str(source), num_frames)
+        frames = decode_frames(str(source), num_frames or DEFAULT_NUM_FRAMES)
     elif isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 4 or source.shape[-1] != 3:
             raise LlavaError(
@@ -83,11 +87,11 @@ def load_video(source, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
             )
         if source.shape[0] == 0 or source.shape[1] == 0 or source.shape[2] == 0:
             raise LlavaError(f"the video array {source.shape} has no frames")
-        frames = [source[i] for i in frame_indices(source.shape[0], num_frames)]
+        frames = [source[i] for i in given_frames(source.shape[0], num_frames)]
     elif isinstance(source, (list, tuple)) and all(isinstance(f, Image.Image) for f in source):
         if not source:
             raise LlavaError("the video has no frames (an empty list of images)")
-        frames = [np.asarray(source[i].convert("RGB")) for i in frame_indices(len(source), num_frames)]
+        frames = [np.asarray(source[i].convert("RGB")) for i in given_frames(len(source), num_frames)]
     else:
         raise LlavaError(
             f"a video is a file path, a uint8 array (frames, height, width, 3) or a list of PIL images, "
@@ -98,30 +102,15 @@ def load_video(source, num_frames: int = DEFAULT_NUM_FRAMES) -> np.ndarray:
     return np.stack(frames)
 
 
-def video_settings(path: Path, image_settings: dict) -> dict:
-    """Resize / crop / normalisation of video frames from `video_preprocessor_config.json`;
-    from `preprocessor_config.json` (said in a warning) when the checkpoint has none (hub
-    repos from before transformers' video processors), else the image settings."""
-    file = path / "video_preprocessor_config.json"
-    if not file.exists():
-        file = path / "preprocessor_config.json"
-        warn(f"{path} has no video_preprocessor_config.json: video frames are preprocessed like images")
-    if not file.exists():
-        return {**image_settings, "square": False}
-    raw = json.loads(file.read_text(encoding="utf-8"))
-    size = raw.get("size") or {}
-    if not isinstance(size, dict):
-        size = {"shortest_edge": size}
-    square = "height" in size and "shortest_edge" not in size
-    side = int(size.get("shortest_edge") or size.get("height") or image_settings["size"])
-    crop = raw.get("crop_size") if raw.get("do_center_crop") else None
-    return {
-        "size": side,
-        "crop": int(crop.get("height") if isinstance(crop, dict) else crop) if crop else side,
-        "square": square,
-        "mean": tuple(raw.get("image_mean") or image_settings["mean"]),
-        "std": tuple(raw.get("image_std") or image_settings["std"]),
-    }
+def given_frames(count: int, num_frames: Optional[int]) -> list:
+    """The indices of the frames given to use: all of them, or `num_frames` sampled uniformly
+    when it is passed (said once when that drops some)."""
+    if num_frames is None:
+        return list(range(count))
+    indices = frame_indices(count, num_frames)
+    if len(indices) < count:
+        warn(f"num_frames={num_frames}: {len(indices)} of the {count} frames given are used, sampled uniformly")
+    return indices
 
 
 def preprocess_frames(frames: np.ndarray, settings: dict) -> np.ndarray:

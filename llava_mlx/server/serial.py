@@ -76,7 +76,6 @@ class SerialScheduler:
             p.text,
             [p.images[k] for k in p.image_keys if k in p.images],
             videos=[p.videos[k] for k in p.image_keys if k in p.videos],
-            num_frames=max((v.shape[0] for v in p.videos.values()), default=1),  # sampled already: keep them all
             template=False,
             max_tokens=p.max_tokens,
             temperature=chat.temperature,

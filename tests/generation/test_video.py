@@ -55,6 +55,22 @@ def test_video_forms_agree(family, family_loaded):
     assert streamed == from_path.text
 
 
+def test_frames_given_are_frames_used(family, capsys):
+    """Frames already decoded (an array, a list of pictures) are taken as given, every one; a
+    file is sampled (8 by default); `num_frames` samples frames given too, and says so once."""
+    nine = load_video(str(family["clip.mp4"]), 9)
+    assert nine.shape[0] == 9 and len(load_video(str(family["clip.mp4"]))) == 8
+    assert np.array_equal(load_video(nine), nine)
+    pictures = [Image.fromarray(f) for f in nine]
+    assert np.array_equal(load_video(pictures), nine)
+    assert np.array_equal(load_video(nine, 9), nine) and np.array_equal(load_video(nine, 20), nine)
+    assert capsys.readouterr().err == ""
+    assert np.array_equal(load_video(nine, 8), nine[[0, 1, 2, 3, 4, 5, 6, 8]])  # linspace(0, 8, 8), truncated
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: num_frames=8: 8 of the 9 frames given are used, sampled uniformly"
+    ]
+
+
 def test_video_and_image_in_one_prompt(family, family_loaded):
     model, processor = family_loaded("tf5-onevision")
     result = generate(
@@ -146,7 +162,7 @@ def test_video_settings_fallback(name, family, tmp_path, capsys):
     video processors) preprocesses frames as its image processor config says, and says so."""
     import shutil
 
-    from llava_mlx.video import video_settings
+    from llava_mlx.checkpoint.preprocessing import video_settings
 
     shutil.copy(family[name] / "preprocessor_config.json", tmp_path)
     image_settings = {"size": 0, "crop": 0, "mean": (0.0,), "std": (1.0,)}

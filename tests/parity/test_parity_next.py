@@ -73,7 +73,10 @@ VIDEO_CASES = {
     "video-notoken-bilinear": ("next-qwen-notoken-bilinear", False),
     "picture-and-clip": ("next-qwen", True),
     "video-clip-frame-average": ("next-llama-video", False),  # CLIP frames: shortest edge, centre crop
+    "video-nine-frames-given": ("next-qwen", False),
 }
+# Frames passed already decoded are used as given, as the code takes them (no num_frames: not sampled).
+GIVEN_FRAMES = {"video-nine-frames-given": "frames9"}
 
 
 def next_env(fixtures) -> dict:
@@ -127,7 +130,9 @@ def next_images(family, tmp_path_factory):
     Image.fromarray(np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], -1).astype(np.uint8)).save(strip)
     frames = tmp_path_factory.mktemp("next-frames") / "frames.npy"
     np.save(frames, load_video(str(family["clip.mp4"]), FRAMES))
-    return {**images, "strip": strip, "frames": frames}
+    nine = frames.with_name("frames9.npy")  # a clip decoded elsewhere, one frame more than num_frames
+    np.save(nine, load_video(str(family["clip.mp4"]), 9))
+    return {**images, "strip": strip, "frames": frames, "frames9": nine}
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +159,7 @@ def next_reference(next_fixtures, next_images, tmp_path_factory):
                 "name": name,
                 "checkpoint": str(next_fixtures / checkpoint_name),
                 "images": [str(next_images["wide"])] if picture else [],
-                "video_frames": str(next_images["frames"]),
+                "video_frames": str(next_images[GIVEN_FRAMES.get(name, "frames")]),
                 "prompt": QWEN_PROMPT.format(media + "What happens?") + "<|im_start|>assistant\n",
             }
         )
@@ -233,12 +238,13 @@ def test_video_parity_with_the_next_code(name, next_models, next_reference, next
     checkpoint, picture = VIDEO_CASES[name]
     model, processor = next_models(checkpoint)
     ref = next_reference[name]
-    frames = np.load(next_images["frames"])
+    frames = np.load(next_images[GIVEN_FRAMES.get(name, "frames")])
+    sampled = {} if name in GIVEN_FRAMES else {"num_frames": FRAMES}
     images = [str(next_images["wide"])] if picture else []
     prompt = str(ref["prompt"]).replace("<image>\n", "<video>\n", 2 if picture else 1)
     if picture:  # the picture's <image> stays first
         prompt = prompt.replace("<video>\n", "<image>\n", 1)
-    inputs = processor(prompt, images, videos=[frames], num_frames=FRAMES)
+    inputs = processor(prompt, images, videos=[frames], **sampled)
     ids = [IMAGE_PLACEHOLDER if t == VIDEO_PLACEHOLDER else t for t in np.asarray(inputs["input_ids"])[0].tolist()]
     assert ids == ref["input_ids"].tolist()
     video = processor.preprocess_video(frames).transpose(0, 3, 1, 2)
@@ -248,9 +254,8 @@ def test_video_parity_with_the_next_code(name, next_models, next_reference, next
     assert logits.shape[1] == ref["logits"].shape[0]
     assert_logits_close(logits[0], ref["logits"])
     result = generate(
-        model, processor, prompt, images, videos=[frames], num_frames=FRAMES, max_tokens=16, template=False,
-        ignore_eos=True,
-    )  # fmt: skip
+        model, processor, prompt, images, videos=[frames], max_tokens=16, template=False, ignore_eos=True, **sampled
+    )
     assert result.tokens == ref["greedy"].tolist()
 
 
