@@ -31,12 +31,14 @@ for _k, _v in (
 ):
     os.environ.setdefault(_k, _v)
 
-from . import admission, constrained, offline, report, serving  # noqa: E402  (after the environment above)
+from . import admission, constrained, offline, report, report_offline, report_serving, serving  # noqa: E402  (after the environment above)
 from .checkpoints import DTYPE_BYTES, SHAPES, checkpoint_dir  # noqa: E402
 from .servers import SERVERS  # noqa: E402
 from .worker import DEFAULT_REPEATS, DEFAULT_TOKENS  # noqa: E402
 
 SUITES = ("offline", "serving", "constrained", "admission")
+# Each suite's page section, in the page's order.
+RENDERERS = {"offline": report_offline, "serving": report_serving, "constrained": constrained, "admission": admission}
 
 
 def csv(kind):
@@ -115,7 +117,7 @@ def main(argv=None):
         if "offline" in suites:
             offline.describe(a)
             record = report.stamp(offline.run(a, root, impls), command)
-            page = report.write(out, "offline", record)
+            page = report.write(out, "offline", record, RENDERERS)
             meta = offline.cases_meta(a.cases, a.shape, a.dtype)
             results = {tuple(k.split("|")): v for k, v in record["results"].items()}
             from .report_offline import evaluate_targets
@@ -124,17 +126,17 @@ def main(argv=None):
             print(f"wrote {page} and {out / 'benchmark.png'}", flush=True)
         if "serving" in suites:
             record = report.stamp(serving.run(a, root), command)
-            page = report.write(out, "serving", record)
+            page = report.write(out, "serving", record, RENDERERS)
             from .report_serving import evaluate_targets
 
             print("\n".join(evaluate_targets(record)[1]))
             print(f"wrote {page} and {out / 'benchmark-serving.png'}", flush=True)
         if "admission" in suites:
             record = report.stamp(admission.run(a, root), command)
-            print(f"wrote {report.write(out, 'admission', record)}", flush=True)
+            print(f"wrote {report.write(out, 'admission', record, RENDERERS)}", flush=True)
         if "constrained" in suites:
             record = report.stamp(constrained.run(a, root), command)
-            print(f"wrote {report.write(out, 'constrained', record)}", flush=True)
+            print(f"wrote {report.write(out, 'constrained', record, RENDERERS)}", flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)

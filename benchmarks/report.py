@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-SUITES = ("offline", "serving", "constrained", "admission")
-
 
 def fmt(x, spec=".2f", unit=""):
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -136,16 +134,10 @@ def load(out: Path) -> dict:
     return data
 
 
-def write(out: Path, suite: str, record: dict) -> Path:
-    """Store `record` as the suite's latest figures and render the page and charts from every record."""
-    from . import admission, constrained, report_offline, report_serving
-
-    renderers = {
-        "offline": report_offline,
-        "serving": report_serving,
-        "constrained": constrained,
-        "admission": admission,
-    }
+def write(out: Path, suite: str, record: dict, renderers: dict) -> Path:
+    """Store `record` as the suite's latest figures and render the page and charts from every
+    record: `renderers` maps each suite, in the page's order, to the module whose `section`
+    (and `chart`, if it has one) renders it (the suites import this module, not the reverse)."""
     out.mkdir(parents=True, exist_ok=True)
     data = load(out)
     data[suite] = record
@@ -159,7 +151,7 @@ def write(out: Path, suite: str, record: dict) -> Path:
         "[admission](#admission-a-running-answer-while-a-newcomers-picture-is-admitted), "
         "whether a running answer pauses while a newcomer's picture is admitted.\n",
     ]
-    for name in SUITES:
+    for name in renderers:
         if name in data:
             L += renderers[name].section(data[name])
             if hasattr(renderers[name], "chart"):

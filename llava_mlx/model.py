@@ -22,6 +22,11 @@ from .projector import Projector
 from .siglip import SiglipConfig, SiglipTower
 from .vision import VisionConfig, VisionTower
 
+# The original code's LLaVA classes (Vicuna, Mistral, Yi are llama-architecture decoders), and
+# the LLaVA-NeXT code's, which adds Qwen2 and Mixtral (lmms-lab's releases). Both codes' loaders
+# cut the embeddings to len(tokenizer), both prompt with conversation.py (processor.py).
+ORIGINAL_TYPES = ("llava_llama", "llava_mistral", "llava_qwen", "llava_mixtral")
+
 # The original code's placeholder id for an image in `input_ids`; ours for a video.
 IMAGE_PLACEHOLDER = -200
 VIDEO_PLACEHOLDER = -201

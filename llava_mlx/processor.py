@@ -17,15 +17,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import validate
-from .anyres import CLIP_MEAN, CLIP_STD, preprocess_image
-from .checkpoint.files import read_json
-from .checkpoint.layouts import ORIGINAL_TYPES
-from .checkpoint.validate import image_settings as checked_image_settings
-from .errors import LlavaError, warn
+from .anyres import preprocess_image
+from .errors import LlavaError
 from .fetch import fetch
-from .model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, LlavaConfig
-from .tokenizer import SentencePieceTokenizer
-from .video import DEFAULT_NUM_FRAMES, VIDEO_TOKEN, as_video_list, load_video, preprocess_frames, video_settings
+from .model import IMAGE_PLACEHOLDER, ORIGINAL_TYPES, VIDEO_PLACEHOLDER, LlavaConfig
+from .video import VIDEO_TOKEN, as_video_list, load_video, preprocess_frames
 
 IMAGE_TOKEN = "<image>"
 # Larger images are refused before decoding them (a decompression bomb guard).
@@ -193,55 +189,6 @@ class Processor:
         self.video_config = video_config  # None: the checkpoint takes no video
         self.family = template_family(config, tokenizer)
 
-    @classmethod
-    def from_checkpoint(cls, path: Path, config: LlavaConfig, tower_dir: Optional[Path] = None):
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
-        from transformers import PretrainedConfig
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns about LLaVA's keys
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # A blank config: AutoTokenizer would otherwise build the whole LLaVA
-                # config (seconds of imports) just to guess the tokenizer class.
-                tokenizer = load_tokenizer(path, tokenizer_config_extra={"config": PretrainedConfig()})
-        except (OSError, ValueError, TypeError) as e:
-            raise LlavaError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        vocab = tokenizer.get_vocab()
-        for stop in ("<|im_end|>",):  # chatml ends a turn with its own token
-            if stop in vocab:
-                tokenizer.add_eos_token(stop)
-        # The original ran Mistral's converted fast tokenizer (legacy rules), others slow.
-        legacy = True if config.text_config["model_type"] in MISTRAL_DECODERS else None
-        # Checkpoints released through transformers are tokenised its way (the whole prompt).
-        if config.conventions == "transformers":
-            sentencepiece = None
-        else:
-            sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
-            if (
-                sentencepiece is None
-                and config.text_config["model_type"] in ("llama", "mistral")
-                and not byte_level(tokenizer)
-            ):
-                warn(
-                    f"{path} has no tokenizer.model: tokenising with transformers' rules, which can "
-                    "differ from the original LLaVA's after special tokens and <image>"
-                )
-        images = image_settings(path, tower_dir, config)
-        if not config.video_pool:
-            videos = None
-        elif config.llava_type in ORIGINAL_TYPES:  # the LLaVA-NeXT code runs frames through its image processor
-            videos = {**images, "square": images["squash"]}
-        else:
-            videos = video_settings(path, images)
-        processor = cls(tokenizer, config, images, sentencepiece, videos)
-        processor.apply_template("hi")  # a broken chat template fails here, not mid-conversation
-        return processor
-
     @property
     def vocabulary(self) -> int:
         """The ids the model may produce: every id of the tokenizer for the checkpoints of the
@@ -374,11 +321,12 @@ class Processor:
         return preprocess_frames(frames, self.video_config)
 
     def __call__(
-        self, prompt: str, images: Sequence = (), videos: Sequence = (), num_frames: int = DEFAULT_NUM_FRAMES
+        self, prompt: str, images: Sequence = (), videos: Sequence = (), num_frames: Optional[int] = None
     ) -> dict:
         """Inputs for `model(**inputs)`: the raw prompt, one `<image>` per image and one
         `<video>` per video, no template. A video is a file path, a uint8 array (T, H, W, 3)
-        or a list of PIL images; `num_frames` are sampled uniformly from each."""
+        or a list of PIL images: a file gives `num_frames` frames sampled uniformly, frames
+        given are used as given unless `num_frames` is passed (video.load_video)."""
         prompt, images = validate.prompt(prompt), validate.image_list(images)
         videos = as_video_list(videos)
         ids = self.encode_prompt(prompt, len(images), len(videos))
@@ -390,41 +338,3 @@ class Processor:
         if videos:
             inputs["pixel_values_videos"] = [mx.array(self.preprocess_video(load_video(v, num_frames))) for v in videos]
         return inputs
-
-
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
-
-
-def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -> dict:
-    """Resize / crop / normalisation settings: the checkpoint's preprocessor_config.json,
-    else the vision tower's (original layout), else CLIP's defaults at the tower's size."""
-
-    if config.image_processor == "siglip":  # the LLaVA-NeXT code's SigLIP processor reads no file
-        side = config.vision.image_size
-        return {"size": side, "crop": side, "mean": SIGLIP_MEAN, "std": SIGLIP_STD, "squash": True}
-    raw, where = {}, "CLIP's defaults"
-    for directory in (path, tower_dir):
-        if directory is not None and (directory / "preprocessor_config.json").exists():
-            where = str(directory / "preprocessor_config.json")
-            raw = read_json(directory / "preprocessor_config.json")
-            break
-    side = config.vision.image_size
-
-    def edge(value, key):
-        if isinstance(value, dict):
-            return int(value.get(key) or value.get("height") or side)
-        return int(value) if value else side
-
-    size = raw.get("size")
-    try:
-        settings = {
-            "size": edge(size, "shortest_edge"),
-            "crop": edge(raw.get("crop_size"), "height"),
-            "mean": tuple(raw.get("image_mean", CLIP_MEAN)),
-            "std": tuple(raw.get("image_std", CLIP_STD)),
-            # {"height", "width"} and no centre crop: the image is resized to that square (SigLIP's)
-            "squash": isinstance(size, dict) and "height" in size and not raw.get("do_center_crop", False),
-        }
-    except (TypeError, ValueError) as e:
-        raise LlavaError(f"{where}: unreadable image sizes ({e})") from None
-    return checked_image_settings(settings, where)

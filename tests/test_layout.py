@@ -14,28 +14,28 @@ PACKAGE = Path(__file__).resolve().parent.parent / "llava_mlx"
 MODEL_FILES = {"vision", "siglip", "projector", "language", "merge", "anyres", "model"}
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def modules() -> dict:
-    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+def modules(package: Path = PACKAGE) -> dict:
+    return {module_name(p, package): p for p in sorted(package.rglob("*.py"))}
 
 
-def imports_of(name: str, path: Path, known: set) -> set:
-    """Every llava_mlx module `name` imports, anywhere in the file."""
+def imports_of(name: str, path: Path, known: set, top: str = "llava_mlx") -> set:
+    """Every module of the package `top` that `name` imports, anywhere in the file."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("llava_mlx")}
+            found |= {a.name for a in node.names if a.name.startswith(top)}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
                 base = base[: len(base) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
-            elif node.module and node.module.startswith("llava_mlx"):
+            elif node.module and node.module.startswith(top):
                 target = node.module
             else:
                 continue
@@ -45,17 +45,16 @@ def imports_of(name: str, path: Path, known: set) -> set:
     return {m for m in found if m in known and m != name}
 
 
-def graph() -> dict:
-    mods = modules()
-    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+def graph(package: Path = PACKAGE) -> dict:
+    mods = modules(package)
+    return {name: imports_of(name, path, set(mods), package.name) for name, path in mods.items()}
 
 
 def short(name: str) -> str:
     return name[len("llava_mlx.") :] if name.startswith("llava_mlx.") else name
 
 
-def test_no_import_cycle():
-    edges = graph()
+def assert_no_cycle(edges: dict):
     state, stack = {}, []
 
     def visit(node):
@@ -73,6 +72,28 @@ def test_no_import_cycle():
     for node in sorted(edges):
         if node not in state:
             visit(node)
+
+
+def test_no_import_cycle():
+    assert_no_cycle(graph())
+
+
+def test_no_cycle_between_floors():
+    """Subpackages taken whole (checkpoint/, server/, distributed/, cli/, train/): no two import
+    each other, nor a subpackage and a module, either way (processor.py and checkpoint/ did)."""
+
+    def unit(name):
+        parts = short(name).split(".")
+        return parts[0] if len(parts) > 1 else short(name)
+
+    edges = {}
+    for name, targets in graph().items():
+        edges.setdefault(unit(name), set()).update(unit(t) for t in targets if unit(t) != unit(name))
+    assert_no_cycle(edges)
+
+
+def test_the_benchmarks_import_no_cycle():
+    assert_no_cycle(graph(PACKAGE.parent / "benchmarks"))
 
 
 def test_model_files_import_only_the_model():

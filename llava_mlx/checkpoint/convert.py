@@ -28,7 +28,6 @@ from mlx_lm.utils import MAX_FILE_SIZE_GB, make_shards
 from .. import validate as arguments
 from ..errors import LlavaError, LlavaValueError
 from ..model import LlavaConfig
-from ..processor import image_settings
 from ..signals import signals_held
 from . import validate
 from .adapters import checkpoint_kind, read_checkpoint, tokenizer_dir
@@ -36,6 +35,7 @@ from .files import has_safetensors, read_json, save_shard, write_json
 from .hub import HUB_PATTERNS, resolve
 from .layouts import MLX_FORMAT, detect_layout, ships_tower, tower_location
 from .load import load, load_model
+from .preprocessing import image_settings
 from .quantize import DEFAULT_GROUP_SIZE, RECIPES, bits_summary, cast, existing_quantization, quantize_model
 from .torch_bin import iter_bin
 

@@ -7,7 +7,7 @@ import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 import mlx.core as mx
 import numpy as np
@@ -156,3 +156,16 @@ def read_slice(entry: Entry, axis: int, index: int, parts: int) -> mx.array:
     part = mx.array(np.ascontiguousarray(data[tuple(where)]))
     del data
     return part.view(view) if view else part
+
+
+def file_slices(stored: dict, files) -> Callable:
+    """`read_part(value, axis, index, parts)` for distributed.shard: part `index` of a tensor of
+    `stored` (the checkpoint's tensors as read) read from its safetensors file; None for a
+    tensor that is not one of them as stored (computed at load time)."""
+    index, names = tensor_index(files), {id(v): k for k, v in stored.items()}
+
+    def read_part(value, axis: int, part: int, parts: int):
+        entry = index.get(names.get(id(value)))
+        return read_slice(entry, axis, part, parts) if entry is not None and entry.matches(value) else None
+
+    return read_part

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from ..errors import LlavaError
 from ..merge import NEWLINES, VIDEO_POOLS
-from ..model import LlavaConfig
+from ..model import ORIGINAL_TYPES, LlavaConfig
 from ..vision import layers_to_run
 from . import validate
 from .files import read_json
@@ -266,10 +266,6 @@ def grid_range(text: str, tile: int) -> list:
     return [[i * tile, j * tile] for i in range(i0, i1 + 1) for j in range(j0, j1 + 1)]
 
 
-# The original code's LLaVA classes (Vicuna, Mistral, Yi are llama-architecture decoders), and
-# the LLaVA-NeXT code's, which adds Qwen2 and Mixtral (lmms-lab's releases). Both codes' loaders
-# cut the embeddings to len(tokenizer), both prompt with conversation.py (processor.py).
-ORIGINAL_TYPES = ("llava_llama", "llava_mistral", "llava_qwen", "llava_mixtral")
 NEXT_ONLY_TYPES = ("llava_qwen", "llava_mixtral")
 
 ORIGINAL_ARCHITECTURES = {

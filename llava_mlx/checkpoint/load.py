@@ -18,12 +18,12 @@ from ..distributed.shard import shard
 from ..errors import LlavaError, warn
 from ..language import sanitize_decoder
 from ..model import LlavaModel
-from ..processor import Processor
 from . import validate
 from .adapters import check_base_fits, read_checkpoint, tokenizer_dir
-from .files import load_weights, weight_files
+from .files import file_slices, load_weights, weight_files
 from .hub import cached_tower, resolve
 from .layouts import detect_layout, next_siglip, read_config, sanitize, ships_tower, tower_location
+from .preprocessing import load_processor
 from .quantize import module_params
 
 
@@ -107,7 +107,7 @@ def load_model(
     check_weights(model, weights)
     if group is not None:
         files = weight_files(path) + (weight_files(model_base) if model_base else [])
-        weights = shard(model, weights, group, pipeline, stored, files)
+        weights = shard(model, weights, group, pipeline, file_slices(stored, files))
     model.load_weights(list(weights.items()), strict=True)
     if not lazy or group is not None:
         mx.eval(model.parameters())
@@ -141,4 +141,4 @@ def load(
     model, config, tower_dir = load_model(path, vision_tower, lazy, base, group=world(), pipeline=pipeline)
     tokenizer = tokenizer_dir(path, base)
     validate.checkpoint_files(tokenizer)
-    return model, Processor.from_checkpoint(tokenizer, config, tower_dir)
+    return model, load_processor(tokenizer, config, tower_dir)

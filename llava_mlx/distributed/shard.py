@@ -3,7 +3,7 @@ parallel (mlx-lm's `PipelineMixin`), a table entry per decoder that can shard; e
 only its slices of the stored weights. The vision tower and projector stay on rank 0."""
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,7 +12,6 @@ from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.pipeline import PipelineMixin
 
-from ..checkpoint.files import read_slice, tensor_index
 from ..errors import LlavaError
 from .share import shared_features
 
@@ -109,11 +108,12 @@ def share_media(model: nn.Module):
     model.media_features = media_features
 
 
-def shard(model: nn.Module, weights: dict, group, pipeline: bool, stored: dict, files: List) -> dict:
+def shard(model: nn.Module, weights: dict, group, pipeline: bool, read_part: Callable) -> dict:
     """Shard `model` (built, not yet loaded) for this rank and return the weights it keeps.
 
-    `weights` are the model's (lazy) weights by parameter name, `stored` the checkpoint's
-    tensors as read (lazy) and `files` its safetensors files, to read split weights' slices.
+    `weights` are the model's (lazy) weights by parameter name; `read_part(value, axis, rank,
+    parts)` reads a split weight's slice from its file (checkpoint.files.file_slices), or gives
+    None for a weight computed at load, which is split in memory.
     """
     check_shardable(model.config.text_config, group.size(), pipeline)
     mode = "pipeline" if pipeline else "tensor"
@@ -126,7 +126,6 @@ def shard(model: nn.Module, weights: dict, group, pipeline: bool, stored: dict, 
             model.pop(name, None)
     model.sharding = Sharding(group, mode)
     share_media(model)
-    index, names = tensor_index(files), {id(v): k for k, v in stored.items()}
     kept = {}
     for key, param in tree_flatten(model.parameters()):
         value = weights[key]
@@ -135,9 +134,8 @@ def shard(model: nn.Module, weights: dict, group, pipeline: bool, stored: dict, 
             continue
         axis = next(a for a, (n, p) in enumerate(zip(value.shape, param.shape)) if n != p)
         parts, rank = value.shape[axis] // param.shape[axis], group.rank()
-        entry = index.get(names.get(id(value)))
-        if entry is not None and entry.matches(value):
-            kept[key] = read_slice(entry, axis, rank, parts)
-        else:  # computed at load time (not a file tensor as stored): split in memory
-            kept[key] = mx.contiguous(mx.split(value, parts, axis=axis)[rank])
+        part = read_part(value, axis, rank, parts)
+        if part is None:  # computed at load time (not a file tensor as stored): split in memory
+            part = mx.contiguous(mx.split(value, parts, axis=axis)[rank])
+        kept[key] = part
     return kept

@@ -18,7 +18,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .request import media_values
+from .prompt import media_values
 
 DECODE_SHARE = 8  # admission gets this many decode steps' worth of time per step
 FIRST_CHUNK = 256  # positions of a prompt's first chunk, before any prefill was timed

@@ -42,7 +42,8 @@ def test_a_newcomer_is_admitted_between_decode_steps(media, loaded, images, fami
     several chunks, a decode step of A between each two; both answers equal generate()'s."""
     from llava_mlx import generate
     from llava_mlx.server.engine import Engine, EngineOptions, Job
-    from llava_mlx.server.request import Limits, build_prompt, parse_chat
+    from llava_mlx.server.prompt import build_prompt
+    from llava_mlx.server.request import Limits, parse_chat
 
     model, processor = loaded(SERVER_MODEL) if media == "picture" else family_loaded("hub-onevision")
     limits = Limits(num_frames=6)

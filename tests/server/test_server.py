@@ -689,7 +689,8 @@ def test_requests_start_in_turn_each_after_the_one_before_is_prefilled(loaded, i
     image) only once the first is prefilled (starting all at once held the first answer until
     every image had gone through the tower), and the answers still equal generate()'s."""
     from llava_mlx.server.engine import Engine, EngineOptions, Job
-    from llava_mlx.server.request import Limits, build_prompt, parse_chat
+    from llava_mlx.server.prompt import build_prompt
+    from llava_mlx.server.request import Limits, parse_chat
 
     model, processor = loaded(SERVER_MODEL)
     mx.eval(model.parameters())  # lazily loaded: read here, in the thread that loaded them, not the engine's

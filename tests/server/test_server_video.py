@@ -110,7 +110,8 @@ def test_the_serial_path_takes_videos(family, family_loaded):
     import json
 
     from llava_mlx.server.engine import Engine, EngineOptions, Job
-    from llava_mlx.server.request import Limits, build_prompt, parse_chat
+    from llava_mlx.server.prompt import build_prompt
+    from llava_mlx.server.request import Limits, parse_chat
     from llava_mlx.server.serial import SerialScheduler
 
     model, processor = family_loaded("hub-next-video")
