@@ -1,6 +1,6 @@
-"""The one entry point: `python -m llava_mlx generate|convert|server [options]`.
+"""The one entry point: `python -m llava_mlx generate|convert|server|train [options]`.
 
-The root scripts (`python generate.py`, ...) and the console scripts (`llava-generate`, ...) are
+The root scripts (`python generate.py`, `train.py`, ...) and the console scripts (`llava-generate`, ...) are
 shims over `run`. It imports nothing heavy itself: a Ctrl-C while MLX, mlx-lm and transformers
 are being imported (seconds) is one line and exit 130, not a traceback of the import machinery.
 """
@@ -12,6 +12,7 @@ COMMANDS = {
     "generate": "ask LLaVA about images and videos",
     "convert": "convert (and quantize) a checkpoint to MLX",
     "server": "serve an OpenAI-compatible API and a chat page",
+    "train": "fine-tune (LoRA, QLoRA, projector, full) as the original train.py",
 }
 USAGE = "usage: python -m llava_mlx {" + ",".join(COMMANDS) + "} [options]   (--help after a command for its options)"
 
@@ -51,6 +52,10 @@ def convert() -> int:
 
 def server() -> int:
     return run("server")
+
+
+def train() -> int:
+    return run("train")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .anyres import preprocess_image
 from .errors import LlavaError
 from .fetch import fetch
 from .model import IMAGE_PLACEHOLDER, ORIGINAL_TYPES, VIDEO_PLACEHOLDER, LlavaConfig
+from .tokenizer import chunked_ids
 from .video import VIDEO_TOKEN, as_video_list, load_video, preprocess_frames
 
 IMAGE_TOKEN = "<image>"
@@ -259,16 +260,8 @@ class Processor:
             marks.pop(None, None)
             return [marks.get(t, t) for t in hf(prompt).input_ids]
         encode = self.sentencepiece.encode if self.sentencepiece else (lambda text: hf(text).input_ids)
-        parts = re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})", prompt)
-        chunks, marks = [encode(chunk) for chunk in parts[::2]], parts[1::2]
-        bos = hf.bos_token_id
-        offset = 1 if chunks and chunks[0] and bos is not None and chunks[0][0] == bos else 0
-        ids = [bos] if offset else []
-        for i, chunk in enumerate(chunks):
-            if i > 0:
-                ids.append(IMAGE_PLACEHOLDER if marks[i - 1] == IMAGE_TOKEN else VIDEO_PLACEHOLDER)
-            ids.extend(chunk[offset:])
-        return ids
+        marks = {IMAGE_TOKEN: IMAGE_PLACEHOLDER, VIDEO_TOKEN: VIDEO_PLACEHOLDER}
+        return chunked_ids(prompt, encode, hf.bos_token_id, marks)
 
     # -- images -----------------------------------------------------------------------
     def preprocess(self, images: Sequence, several: bool = False) -> tuple:

@@ -13,6 +13,7 @@ with the original's rules:
 """
 
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -115,3 +116,18 @@ class SentencePieceTokenizer:
         for part in parts:
             ids += [self.special[part]] if part in self.special else self.encode_piece(part)
         return ids
+
+
+def chunked_ids(prompt: str, encode, bos: Optional[int], marks: Dict[str, int]) -> List[int]:
+    """The original's `tokenizer_image_token`: the prompt split at each placeholder of `marks`
+    (`<image>` → its id), every chunk encoded with its BOS, the first chunk's BOS kept only,
+    the placeholder's id between chunks."""
+    parts = re.split("(" + "|".join(map(re.escape, marks)) + ")", prompt)
+    chunks, found = [encode(chunk) for chunk in parts[::2]], parts[1::2]
+    offset = 1 if chunks and chunks[0] and bos is not None and chunks[0][0] == bos else 0
+    ids = [bos] if offset else []
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            ids.append(marks[found[i - 1]])
+        ids.extend(chunk[offset:])
+    return ids

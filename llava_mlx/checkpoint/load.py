@@ -56,7 +56,16 @@ def load_model(
     delta checkpoints (adapters.py) with their local `model_base`; with a distributed `group`,
     this rank's shard of it (see distributed/shard.py), evaluated."""
     raw, weights, lora = read_checkpoint(path, model_base, delta)
-    validate.raw_config(raw, str(path / "config.json"))
+    source = path / "config.json"
+    validate.raw_config(raw, str(source))
+    tower_dir = find_tower(raw, weights, vision_tower, source)
+    model, config = build_model(raw, weights, tower_dir, source, lora, lazy, model_base, group, pipeline)
+    return model, config, tower_dir
+
+
+def find_tower(raw: dict, weights: dict, vision_tower: Optional[str], source: Path) -> Optional[Path]:
+    """The separately named vision tower of an original-layout checkpoint (its directory), if it needs one."""
+    path = source.parent
     tower_dir, has_tower = None, ships_tower(weights)
     if vision_tower and detect_layout(raw) != "original":
         raise LlavaError(
@@ -84,12 +93,29 @@ def load_model(
                 f"{unread}: guessing {guess}; pass --vision-tower PATH_OR_REPO (vision_tower= in Python) "
                 "to use the right one"
             )
+    return tower_dir
+
+
+def build_model(
+    raw: dict,
+    weights: dict,
+    tower_dir: Optional[Path],
+    source: Path,
+    lora=None,
+    lazy: bool = True,
+    model_base: Optional[Path] = None,
+    group=None,
+    pipeline: bool = False,
+):
+    """(model, config) of a config.json's contents (`source`: where it was read, for errors)
+    and the checkpoint's weights under their own names: the tower's weights added when the
+    layout names it, LoRA merged, sanitized, quantized as stored, checked, sharded over `group`."""
     try:
         layout, config = read_config(raw, tower_dir)
     except ValueError as e:  # LlavaConfig's own checks (e.g. an unknown text model type)
-        raise LlavaError(f"{path / 'config.json'}: {e}") from None
-    validate.model_config(config, str(path / "config.json"))
-    if layout == "original" and not has_tower:
+        raise LlavaError(f"{source}: {e}") from None
+    validate.model_config(config, str(source))
+    if layout == "original" and not ships_tower(weights):
         if tower_dir is None:
             raise LlavaError("this checkpoint ships no vision tower weights; pass --vision-tower PATH_OR_REPO")
         weights = {**load_weights(tower_dir), **weights}
@@ -103,16 +129,16 @@ def load_model(
         q = config.quantization
         nn.quantize(model, class_predicate=lambda p, m: f"{p}.scales" in weights and module_params(q, p) or False)
     if model_base is not None:
-        check_base_fits(dict(tree_flatten(model.parameters())), weights, path, model_base)
+        check_base_fits(dict(tree_flatten(model.parameters())), weights, source.parent, model_base)
     check_weights(model, weights)
     if group is not None:
-        files = weight_files(path) + (weight_files(model_base) if model_base else [])
+        files = weight_files(source.parent) + (weight_files(model_base) if model_base else [])
         weights = shard(model, weights, group, pipeline, file_slices(stored, files))
     model.load_weights(list(weights.items()), strict=True)
     if not lazy or group is not None:
         mx.eval(model.parameters())
     model.eval()
-    return model, config, tower_dir
+    return model, config
 
 
 def load(

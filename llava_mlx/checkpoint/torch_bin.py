@@ -173,3 +173,82 @@ def to_mlx(storage: np.ndarray, ref: TensorRef) -> mx.array:
     array = mx.array(contiguous, dtype=mx.float64) if contiguous.dtype == np.float64 else mx.array(contiguous)
     bits_of = STORAGES[ref.storage.kind][1]
     return array.view(bits_of) if bits_of is not None else array
+
+
+# -- writing, as torch.save does (what the original's savers write: mm_projector.bin,
+# non_lora_trainables.bin), without torch --------------------------------------------------
+WRITTEN_STORAGES = {mx.float32: "FloatStorage", mx.float16: "HalfStorage", mx.bfloat16: "BFloat16Storage"}
+
+
+def _pickle_int(n: int) -> bytes:
+    if 0 <= n < 256:
+        return pickle.BININT1 + n.to_bytes(1, "little")
+    if 0 <= n < 65536:
+        return pickle.BININT2 + n.to_bytes(2, "little")
+    if -(2**31) <= n < 2**31:
+        return pickle.BININT + n.to_bytes(4, "little", signed=True)
+    data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return pickle.LONG1 + bytes([len(data)]) + data
+
+
+def _pickle_str(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return pickle.BINUNICODE + len(data).to_bytes(4, "little") + data
+
+
+def _pickle_tuple(items: bytes) -> bytes:
+    return pickle.MARK + items + pickle.TUPLE
+
+
+def state_dict_pickle(tensors: Dict[str, mx.array]) -> bytes:
+    """The pickle torch.save writes for a dict of contiguous tensors, storage i holding tensor i:
+    each a `torch._utils._rebuild_tensor_v2(storage, 0, shape, strides, False, OrderedDict())`."""
+    out = [pickle.PROTO + bytes([2]), pickle.EMPTY_DICT, pickle.MARK]
+    for i, (name, value) in enumerate(tensors.items()):
+        shape = tuple(value.shape)
+        strides = tuple(int(np.prod(shape[k + 1 :])) for k in range(len(shape)))
+        storage = _pickle_tuple(
+            _pickle_str("storage")
+            + pickle.GLOBAL
+            + f"torch\n{WRITTEN_STORAGES[value.dtype]}\n".encode()
+            + _pickle_str(str(i))
+            + _pickle_str("cpu")
+            + _pickle_int(int(np.prod(shape)))
+        )
+        arguments = (
+            storage
+            + pickle.BINPERSID
+            + _pickle_int(0)
+            + _pickle_tuple(b"".join(map(_pickle_int, shape)))
+            + _pickle_tuple(b"".join(map(_pickle_int, strides)))
+            + pickle.NEWFALSE
+            + pickle.GLOBAL
+            + b"collections\nOrderedDict\n"
+            + pickle.EMPTY_TUPLE
+            + pickle.REDUCE
+        )
+        out += [
+            _pickle_str(name),
+            pickle.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n",
+            _pickle_tuple(arguments),
+            pickle.REDUCE,
+        ]
+    return b"".join(out + [pickle.SETITEMS, pickle.STOP])
+
+
+def write_bin(path: Path, tensors: Dict[str, mx.array]):
+    """A PyTorch `.bin` (torch.save's zip format: archive/data.pkl, archive/data/<i>, byteorder,
+    version) of float32 / float16 / bfloat16 tensors, readable by torch.load(weights_only=True)."""
+    root = path.stem
+    try:
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr(f"{root}/data.pkl", state_dict_pickle(tensors))
+            archive.writestr(f"{root}/byteorder", "little")
+            for i, value in enumerate(tensors.values()):
+                if value.dtype not in WRITTEN_STORAGES:
+                    raise LlavaError(f"cannot write a {value.dtype} tensor to {path}")
+                data = np.array(value.view(mx.uint16) if value.dtype == mx.bfloat16 else value)
+                archive.writestr(f"{root}/data/{i}", data.tobytes())
+            archive.writestr(f"{root}/version", "3\n")
+    except OSError as e:
+        raise LlavaError(f"cannot write {path}: {e}") from None

@@ -1,0 +1,248 @@
+"""The model to train, built as the original train() builds it.
+
+It starts from a LLaVA checkpoint in the original layout, or from a plain language model (a
+Vicuna, as scripts/v1_5/*.sh start) with `--vision_tower` and a fresh projector or one from
+`--pretrain_mm_mlp_adapter`; the config it will be saved with is the one train() leaves
+(initialize_vision_modules' mm_* keys, model_type llava_llama). What trains follows the
+original's sequence of requires_grad changes: everything but the tower; --freeze_backbone
+freezes the language model's body; --lora_enable leaves only LoRA (on every linear layer of
+the language model but lm_head, as find_all_linear_names picks them) and the projector;
+--tune_mm_mlp_adapter only the projector; --freeze_mm_mlp_adapter freezes the projector.
+`--bits 4|8` quantizes the language model's linear layers (QLoRA) before LoRA is added.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+
+from ..checkpoint.adapters import base_weights, checkpoint_kind
+from ..checkpoint.files import read_json, read_tensors
+from ..checkpoint.hub import resolve
+from ..checkpoint.layouts import detect_layout, rename
+from ..checkpoint.load import build_model, find_tower, load_model
+from ..checkpoint.lora import non_lora_weights, read_lora
+from ..errors import LlavaError, warn
+from ..model import LlavaModel
+from ..projector import Projector
+
+LLAMA_DECODERS = ("llama", "mistral")  # what LlavaLlamaForCausalLM loads
+
+
+@dataclass
+class Trainable:
+    model: LlavaModel
+    raw: dict  # config.json as train() leaves it
+    source: Path  # model_name_or_path's directory: its tokenizer
+    tower_dir: Path
+    parts: set  # what trains: lora, projector, lm_body, lm_head
+    lora: dict = field(default_factory=dict)  # r, alpha, dropout, targets
+
+
+def mm_settings(args, tower: dict) -> dict:
+    """The mm_* keys initialize_vision_modules and train() write into the config."""
+    m, d, t = args.model, args.data, args.training
+    vision = tower.get("vision_config", tower)
+    return {
+        "mm_vision_tower": m.vision_tower,
+        "use_mm_proj": True,
+        "mm_projector_type": m.mm_projector_type,
+        "mm_hidden_size": vision["hidden_size"],
+        "mm_vision_select_layer": m.mm_vision_select_layer,
+        "mm_vision_select_feature": m.mm_vision_select_feature,
+        "mm_patch_merge_type": m.mm_patch_merge_type,
+        "image_aspect_ratio": d.image_aspect_ratio,
+        "tokenizer_padding_side": "right",
+        "tokenizer_model_max_length": t.model_max_length,
+        "tune_mm_mlp_adapter": m.tune_mm_mlp_adapter,
+        "freeze_mm_mlp_adapter": t.freeze_mm_mlp_adapter,
+        "mm_use_im_start_end": m.mm_use_im_start_end,
+        "mm_projector_lr": t.mm_projector_lr,
+        "mm_use_im_patch_token": False,  # the <im_patch> token is not added (arguments.py warns)
+        "model_type": "llava_llama",
+        "use_cache": True,
+    }
+
+
+# mm settings a LLaVA checkpoint has of its own, and the flags that would set them otherwise
+CHECKPOINT_SETTINGS = {
+    "mm_projector_type": ("model", "mm_projector_type"),
+    "mm_vision_select_layer": ("model", "mm_vision_select_layer"),
+    "mm_vision_select_feature": ("model", "mm_vision_select_feature"),
+    "mm_patch_merge_type": ("model", "mm_patch_merge_type"),
+    "image_aspect_ratio": ("data", "image_aspect_ratio"),
+}
+
+
+def from_checkpoint(args, path: Path, raw: dict):
+    """A LLaVA checkpoint of the original layout: its own mm settings are kept (a flag given that
+    contradicts one is an error), the rest as train() sets them."""
+    if detect_layout(raw) != "original":
+        raise LlavaError(
+            f"{path} is a {detect_layout(raw)} checkpoint: the original train.py trains its own layout "
+            "(liuhaotian's), or a language model with --vision_tower"
+        )
+    if checkpoint_kind(path) != "full":
+        raise LlavaError(f"{path} needs a base model: merge it first (python convert.py --model-base ...)")
+    settings = {}
+    for key, (group, name) in CHECKPOINT_SETTINGS.items():
+        own = raw.get(key)
+        given = getattr(getattr(args, group), name)
+        if name in args.given and own is not None and given != own:
+            raise LlavaError(f"--{name} {given} but {path} was trained with {own}")
+        settings[key] = given if own is None else own
+    model, config, tower_dir = load_model(path, args.model.vision_tower)
+    if config.uses_anyres:
+        raise LlavaError(f"{path} is a LLaVA-1.6 (anyres) checkpoint: the original train.py trains 'pad' and 'square'")
+    tower = {"hidden_size": config.vision.hidden_size}
+    raw = {**raw, **mm_settings(args, tower), **settings, "mm_vision_tower": raw.get("mm_vision_tower")}
+    if args.model.vision_tower:
+        raw["mm_vision_tower"] = args.model.vision_tower
+    return model, raw, tower_dir
+
+
+def from_language_model(args, path: Path, raw: dict):
+    """A plain language model, the tower of --vision_tower, the projector fresh or from
+    --pretrain_mm_mlp_adapter."""
+    m = args.model
+    if raw.get("model_type") not in LLAMA_DECODERS:
+        raise LlavaError(
+            f"{path} is a {raw.get('model_type')!r} model: the original train.py trains llama-architecture "
+            "decoders (Vicuna, Llama, Mistral) as LlavaLlamaForCausalLM"
+        )
+    if not m.vision_tower:
+        raise LlavaError(f"{path} is a language model: pass --vision_tower, the CLIP tower to train it with")
+    tower_dir = resolve(m.vision_tower, "vision tower")
+    raw = {**raw, **mm_settings(args, read_json(tower_dir / "config.json"))}
+    weights = dict(base_weights(path))
+    if m.pretrain_mm_mlp_adapter:
+        weights.update(projector_weights(Path(m.pretrain_mm_mlp_adapter)))
+    else:
+        vision = raw["mm_hidden_size"]
+        fresh = Projector(m.mm_projector_type, vision, raw["hidden_size"])  # torch's nn.Linear init, seeded
+        weights.update({f"multi_modal_projector.{k}": v for k, v in tree_flatten(fresh.parameters())})
+    tower_dir = find_tower(raw, weights, None, path / "config.json")
+    model, _ = build_model(raw, weights, tower_dir, path / "config.json")
+    return model, raw, tower_dir
+
+
+def projector_weights(file: Path) -> dict:
+    """The mm_projector weights of a pretraining stage's mm_projector.bin (or .safetensors)."""
+    if not file.is_file():
+        raise LlavaError(f"--pretrain_mm_mlp_adapter {file} is not a file")
+    weights = {k: v for k, v in read_tensors(file.parent, file.stem).items() if "mm_projector" in k}
+    if not weights:
+        raise LlavaError(f"{file} holds no mm_projector weights")
+    return {"model.mm_projector." + k.split("mm_projector.", 1)[1]: v for k, v in weights.items()}
+
+
+def trained_parts(args) -> set:
+    """What trains, in the order the original changes requires_grad."""
+    parts = {"lm_body", "lm_head", "projector"}
+    if args.model.freeze_backbone:
+        parts -= {"lm_body"}
+    if args.training.lora_enable:
+        parts = {"lora", "projector"}
+    if args.model.tune_mm_mlp_adapter:
+        parts = {"projector"}
+    if args.training.freeze_mm_mlp_adapter:
+        parts -= {"projector"}
+    if not parts:
+        raise LlavaError("nothing would train: --freeze_mm_mlp_adapter with --tune_mm_mlp_adapter")
+    return parts
+
+
+def lora_targets(language_model: nn.Module) -> list:
+    """find_all_linear_names: every linear layer of the language model but lm_head (by path)."""
+    return [
+        name
+        for name, module in language_model.named_modules()
+        if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and name.split(".")[-1] != "lm_head"
+    ]
+
+
+def add_lora(model: LlavaModel, r: int, alpha: float, dropout: float) -> list:
+    """LoRA layers (mlx-lm's LoRALinear, scale alpha / r as peft) on the targets; their paths."""
+    lm = model.language_model
+    modules = dict(lm.named_modules())
+    targets = lora_targets(lm)
+    lm.update_modules(tree_unflatten([(n, LoRALinear.from_base(modules[n], r, dropout, alpha / r)) for n in targets]))
+    return targets
+
+
+def load_adapter(model: LlavaModel, directory: Path, r: int, alpha: float):
+    """Start LoRA from a peft adapter (A as (r, in), B as (out, r)) and, from one of this
+    project's (or the original's) outputs, its non_lora_trainables too."""
+    config = read_json(directory / "adapter_config.json") if (directory / "adapter_config.json").exists() else None
+    if config is None:
+        raise LlavaError(f"--resume_adapter {directory} holds no adapter_config.json")
+    if config.get("r") != r or config.get("lora_alpha") != alpha:
+        raise LlavaError(
+            f"{directory} is an adapter of r {config.get('r')}, alpha {config.get('lora_alpha')}; "
+            f"--lora_r {r}, --lora_alpha {alpha} given"
+        )
+    lora = read_lora(directory)
+    modules = dict(model.language_model.named_modules())
+    for name, (a, b, _, _) in lora.pairs.items():
+        path = rename(name + ".weight")[len("language_model.") : -len(".weight")]
+        layer = modules.get(path)
+        if not isinstance(layer, LoRALinear):
+            raise LlavaError(f"{directory}: its LoRA module {name} is not a LoRA layer of this model")
+        layer.lora_a, layer.lora_b = a.T.astype(mx.float32), b.T.astype(mx.float32)
+    extra = non_lora_weights(directory)
+    if extra:
+        model.load_weights([(rename(k), v) for k, v in extra.items()], strict=False)
+
+
+def freeze_to(model: LlavaModel, parts: set):
+    model.freeze()
+    lm = model.language_model
+    if "lm_body" in parts:
+        lm.model.unfreeze()
+    if "lm_head" in parts and "lm_head" in lm:
+        lm.lm_head.unfreeze()
+    if "projector" in parts:
+        model.multi_modal_projector.unfreeze()
+    if "lora" in parts:
+        for _, module in lm.named_modules():
+            if isinstance(module, LoRALinear):
+                module.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+
+
+def build(args) -> Trainable:
+    m, t = args.model, args.training
+    mx.random.seed(t.seed)
+    path = resolve(m.model_name_or_path)
+    raw = read_json(path / "config.json")
+    llava = "mm_vision_tower" in raw or raw.get("model_type", "").startswith("llava")
+    model, raw, tower_dir = from_checkpoint(args, path, raw) if llava else from_language_model(args, path, raw)
+    if t.compute_dtype != "float32":
+        model.set_dtype(getattr(mx, t.compute_dtype))
+    parts = trained_parts(args)
+    lora = {}
+    if t.bits != 16:  # QLoRA: the language model's linear layers quantized (lm_head too, as bitsandbytes is told)
+        nn.quantize(
+            model.language_model, group_size=64, bits=t.bits, class_predicate=lambda p, mod: isinstance(mod, nn.Linear)
+        )
+    if t.lora_enable:
+        targets = add_lora(model, t.lora_r, t.lora_alpha, t.lora_dropout)
+        lora = dict(
+            r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=sorted({n.split(".")[-1] for n in targets})
+        )
+        if t.resume_adapter:
+            load_adapter(model, resolve(t.resume_adapter, "adapter"), t.lora_r, t.lora_alpha)
+    elif t.resume_adapter:
+        raise LlavaError("--resume_adapter starts LoRA: it needs --lora_enable True")
+    freeze_to(model, parts)
+    for name, value in tree_flatten(model.trainable_parameters()):  # master weights in float32
+        if value.dtype != mx.float32:
+            model.update(tree_unflatten([(name, value.astype(mx.float32))]))
+    if m.mm_use_im_patch_token:
+        warn(
+            "--mm_use_im_patch_token True (train.py's default) adds an <im_patch> token no prompt uses, with a "
+            "random vocabulary row: not added here (LLaVA-1.5's scripts pass False)"
+        )
+    return Trainable(model, raw, path, tower_dir, parts, lora)

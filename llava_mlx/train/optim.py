@@ -1,0 +1,87 @@
+"""Optimisation as LLaVATrainer over transformers' Trainer: AdamW with bias correction (torch's
+update, mlx.optimizers' AdamW), its parameter groups (no weight decay on biases and norms; the
+projector at --mm_projector_lr when given), transformers' learning-rate schedules by optimizer
+step, and torch's clipping of the global gradient norm.
+"""
+
+import math
+from typing import Callable, Dict, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+PROJECTOR = "multi_modal_projector."
+
+
+def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """transformers' get_scheduler lambdas: the factor of the base rate at optimizer step k (from 0)."""
+
+    def warming(k: int):
+        return k / max(1, warmup) if k < warmup else None
+
+    def cosine(k: int) -> float:
+        progress = (k - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    def linear(k: int) -> float:
+        return max(0.0, (total - k) / max(1, total - warmup))
+
+    after = {"cosine": cosine, "linear": linear, "constant_with_warmup": lambda k: 1.0}
+    if kind == "constant":
+        return lambda k: 1.0
+    return lambda k: w if (w := warming(k)) is not None else after[kind](k)
+
+
+def no_decay(model: nn.Module) -> set:
+    """Parameters kept from weight decay: biases, and every parameter of a norm (transformers'
+    ALL_LAYERNORM_LAYERS, which the Llama, Mistral and Qwen2 RMSNorms join)."""
+    norms = [name for name, m in model.named_modules() if isinstance(m, (nn.RMSNorm, nn.LayerNorm))]
+    names = {name for name, _ in tree_flatten(model.trainable_parameters())}
+    return {n for n in names if "bias" in n.split(".")[-1] or any(n.startswith(f"{norm}.") for norm in norms if norm)}
+
+
+def optimizer(model: nn.Module, args, factor: Callable[[int], float]) -> Tuple[optim.Optimizer, Dict[str, float]]:
+    """AdamW per LLaVATrainer.create_optimizer group, each on the schedule; also each group's base rate."""
+    t = args.training
+    exempt = no_decay(model)
+    groups = [("decay", lambda n: n not in exempt, t.weight_decay), ("no decay", lambda n: n in exempt, 0.0)]
+    if t.mm_projector_lr is not None:
+        groups = [
+            (
+                f"{name}, projector" if p else name,
+                (lambda n, keep=keep, p=p: keep(n) and n.startswith(PROJECTOR) == p),
+                decay,
+            )
+            for p in (False, True)
+            for name, keep, decay in groups
+        ]
+    rates = {name: (t.mm_projector_lr if "projector" in name else t.learning_rate) for name, _, _ in groups}
+    parts = []
+    for name, _, decay in groups:
+        base = rates[name]
+        parts.append(
+            optim.AdamW(
+                learning_rate=lambda step, base=base: mx.array(base * factor(int(step))),
+                betas=[t.adam_beta1, t.adam_beta2],
+                eps=t.adam_epsilon,
+                weight_decay=decay,
+                bias_correction=True,
+            )
+        )
+    filters = [lambda path, _, keep=keep: keep(path) for _, keep, _ in groups[:-1]]
+    return optim.MultiOptimizer(parts, filters), rates
+
+
+def global_norm(gradients) -> mx.array:
+    return mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(gradients)))
+
+
+def clip(gradients, max_norm: float):
+    """torch's clip_grad_norm_: scaled by min(1, max_norm / (norm + 1e-6)); (gradients, norm before)."""
+    norm = global_norm(gradients)
+    if not max_norm or max_norm <= 0:
+        return gradients, norm
+    scale = mx.minimum(1.0, max_norm / (norm + 1e-6))
+    return tree_map(lambda g: g * scale.astype(g.dtype), gradients), norm
