@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the virtual environment that runs the ORIGINAL LLaVA code (tests/reference/run_original.py):
 # llava-torch 1.2.2.post1 (installed --no-deps) on transformers 4.37.2 / tokenizers 0.15 / torch 2.13.0, CPU,
-# and peft 0.11.1 (the builder's LoRA merge; llava pins 0.4.0, which predates use_rslora); every other package
+# peft 0.11.1 (the builder's LoRA merge and train.py's LoRA; llava pins 0.4.0, which predates use_rslora) and
+# accelerate 0.21.0 (what transformers 4.37.2's Trainer runs on: later releases break it); every other package
 # pinned in scripts/reference-constraints.txt.
 #
 #   scripts/setup_reference.sh [VENV_DIR]      (default: .venv-orig in the repo root)
@@ -21,8 +22,9 @@ assert transformers.__version__ == "4.37.2", transformers.__version__
 from llava.model.builder import load_pretrained_model
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.conversation import conv_templates
-import peft
+import peft, accelerate
 assert peft.__version__ == "0.11.1", peft.__version__
+assert accelerate.__version__ == "0.21.0", accelerate.__version__
 from peft import PeftModel
 EOF
 }

@@ -114,3 +114,12 @@ def tokenizer_variants(checkpoints, tmp_path_factory):
     from fixtures.build_tokenizers import build_tokenizer_variants
 
     return build_tokenizer_variants(tmp_path_factory.mktemp("tokenizers"), checkpoints["hf-v1.6-vicuna"])
+
+
+@pytest.fixture(scope="session")
+def training(checkpoints, images, tmp_path_factory):
+    """A plain Vicuna-like language model, the CLIP tower, a pretraining stage's mm_projector.bin
+    and data in LLaVA's format (fixtures/build_training.py)."""
+    from fixtures.build_training import build_training
+
+    return build_training(tmp_path_factory.mktemp("training"), checkpoints, images)

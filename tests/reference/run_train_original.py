@@ -177,18 +177,26 @@ def preprocess(jobs_file: str, out_file: str):
 
     jobs = json.loads(pathlib.Path(jobs_file).read_text())
     out_dir = pathlib.Path(out_file).parent
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        jobs["model"], model_max_length=jobs["model_max_length"], padding_side="right", use_fast=False
-    )
     processor = transformers.CLIPImageProcessor.from_pretrained(jobs["vision_tower"])
+    module_default = conversation_lib.default_conversation
     results = []
     for c, case in enumerate(jobs["cases"]):
         version = case["version"]
-        # as train() sets them up for the version
-        tokenizer.pad_token = tokenizer.unk_token
-        conversation_lib.default_conversation = conversation_lib.conv_templates.get(
-            version, conversation_lib.conv_templates["vicuna_v1"]
+        # as train() sets them up for the version: v0 and v0.5 keep the module's default template
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            jobs["model"], model_max_length=jobs["model_max_length"], padding_side="right", use_fast=False
         )
+        if version == "v0":
+            assert tokenizer.pad_token is not None  # else train() adds [PAD] (not a case here)
+            conversation_lib.default_conversation = module_default
+        elif version == "v0.5":
+            tokenizer.pad_token = tokenizer.unk_token
+            conversation_lib.default_conversation = module_default
+        else:
+            tokenizer.pad_token = tokenizer.unk_token
+            conversation_lib.default_conversation = conversation_lib.conv_templates.get(
+                version, conversation_lib.conv_templates["vicuna_v1"]
+            )
         data_path = out_dir / f"data-{c}.json"
         data_path.write_text(json.dumps(case["data"]))
         data_args = train_module.DataArguments(
