@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..errors import warn
@@ -132,7 +133,8 @@ class Trainer:
             grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
         tokens = self.all_sum(count.astype(mx.float32))
         total = self.all_sum(total)
-        grads = tree_map(lambda g: self.all_sum(g), grads) if self.group is not None else grads
+        if self.group is not None:  # the ranks' sum, in mlx's batched all-reduce
+            grads = tree_map(lambda g: g * self.world, average_gradients(grads, self.group))
         scale = 1.0 / (mx.maximum(tokens, 1.0) * self.args.training.gradient_accumulation_steps)
         grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
         self.pending = grads if self.pending is None else tree_map(mx.add, self.pending, grads)
@@ -187,6 +189,8 @@ class Trainer:
             while state.batch < len(batches) and state.step < p.steps:
                 with signals_held():
                     tic = time.perf_counter()
+                    # each batch's randomness (dropout) from the seed and its place: a resumed run draws the same
+                    mx.random.seed(t.seed * 1_000_003 + state.batches)
                     positions = self.micro_step(batches[state.batch])
                     state.batch += 1
                     state.batches += 1
@@ -205,22 +209,20 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------
     def save_state(self, directory: Path):
-        """The optimizer's state, the random state and where the run is (the weights are saved beside)."""
+        """The optimizer's state and where the run is (the weights are saved beside)."""
         flat = dict(tree_flatten(self.optimizer.state))
         mx.save_safetensors(
             str(directory / "optimizer.safetensors"), {k: v for k, v in flat.items() if isinstance(v, mx.array)}
         )
-        mx.save_safetensors(str(directory / "rng.safetensors"), {"state": mx.random.state[0]})
         (directory / "trainer_state.json").write_text(json.dumps(vars(self.state), indent=1))
 
     def restore(self, directory: Path):
-        """Go on from a checkpoint: its trainable weights, optimizer state, random state and place."""
+        """Go on from a checkpoint: its trainable weights, optimizer state and place."""
         weights = trained_weights_of(self.trainable, directory)
         self.model.load_weights(list(weights.items()), strict=False)
         flat = mx.load(str(directory / "optimizer.safetensors"))
         self.optimizer.init(self.model.trainable_parameters())
         self.optimizer.state = tree_unflatten(list({**dict(tree_flatten(self.optimizer.state)), **flat}.items()))
-        mx.random.state[0] = mx.load(str(directory / "rng.safetensors"))["state"]
         saved = json.loads((directory / "trainer_state.json").read_text())
         self.state = State(**saved)
         if self.state.batch >= len(self.batches_of(self.state.epoch)):
