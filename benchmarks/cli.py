@@ -5,6 +5,7 @@
     python bench.py --suite serving --clients 1,4,8   # this project's server vs mlx-vlm's, concurrent clients
     python bench.py --suite constrained               # a JSON schema's cost per token (1 and 8 clients), compile time
     python bench.py --suite admission --baseline-script OLD/server.py  # pauses while a newcomer is admitted
+    python bench.py --suite train                     # fine-tuning: LoRA, QLoRA, full against mlx-vlm's trainer
     python bench.py --shape 7b --dtype float16        # real LLaVA-1.5-7B / 1.6-Mistral-7B shapes (Apple silicon)
 
 Nothing is downloaded: random-weight checkpoints in the llava-hf layout are written to a
@@ -31,14 +32,20 @@ for _k, _v in (
 ):
     os.environ.setdefault(_k, _v)
 
-from . import admission, constrained, offline, report, report_offline, report_serving, serving  # noqa: E402  (after the environment above)
+from . import admission, constrained, offline, report, report_offline, report_serving, serving, train  # noqa: E402  (after the environment above)
 from .checkpoints import DTYPE_BYTES, SHAPES, checkpoint_dir  # noqa: E402
 from .servers import SERVERS  # noqa: E402
 from .worker import DEFAULT_REPEATS, DEFAULT_TOKENS  # noqa: E402
 
-SUITES = ("offline", "serving", "constrained", "admission")
+SUITES = ("offline", "serving", "constrained", "admission", "train")
 # Each suite's page section, in the page's order.
-RENDERERS = {"offline": report_offline, "serving": report_serving, "constrained": constrained, "admission": admission}
+RENDERERS = {
+    "offline": report_offline,
+    "serving": report_serving,
+    "constrained": constrained,
+    "admission": admission,
+    "train": train,
+}
 
 
 def csv(kind):
@@ -137,6 +144,9 @@ def main(argv=None):
         if "constrained" in suites:
             record = report.stamp(constrained.run(a, root), command)
             print(f"wrote {report.write(out, 'constrained', record, RENDERERS)}", flush=True)
+        if "train" in suites:
+            record = report.stamp(train.run(a, root), command)
+            print(f"wrote {report.write(out, 'train', record, RENDERERS)}", flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -224,9 +224,11 @@ def build(args) -> Trainable:
     parts = trained_parts(args)
     lora = {}
     if t.bits != 16:  # QLoRA: the language model's linear layers quantized (lm_head too, as bitsandbytes is told)
-        nn.quantize(
-            model.language_model, group_size=64, bits=t.bits, class_predicate=lambda p, mod: isinstance(mod, nn.Linear)
-        )
+        linears = [m for _, m in model.language_model.named_modules() if isinstance(m, nn.Linear)]
+        group = next((g for g in (64, 32) if all(m.weight.shape[1] % g == 0 for m in linears)), None)
+        if group is None:
+            raise LlavaError(f"--bits {t.bits}: the language model's widths are not multiples of 32 (MLX's groups)")
+        nn.quantize(model.language_model, group, t.bits, class_predicate=lambda p, mod: isinstance(mod, nn.Linear))
     if t.lora_enable:
         targets = add_lora(model, t.lora_r, t.lora_alpha, t.lora_dropout)
         lora = dict(

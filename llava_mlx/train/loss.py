@@ -3,9 +3,10 @@
 The tower (frozen) encodes the batch's pictures outside the differentiated function; inside
 it the projector, the merge into each sequence (`model.embed`), the cut at model_max_length
 (as prepare_inputs_labels_for_multimodal truncates the merged sequences), right padding and
-the decoder. The loss is the cross entropy of every unmasked next token, summed, with their
-count: the caller divides by the tokens of the whole batch (all ranks), which makes it the
-mean over every unmasked token of the batch, as LlamaForCausalLM computes it.
+the decoder, and the head on the positions whose next token is trained. The loss is the cross
+entropy of every unmasked next token, summed, with their count: the caller divides by the
+tokens of the whole batch (all ranks), which makes it the mean over every unmasked token of
+the batch, as LlamaForCausalLM computes it.
 """
 
 from dataclasses import dataclass
@@ -82,8 +83,14 @@ def loss_sum(model, batch: Batch, features: Optional[mx.array], max_length: int)
     labels = np.full((len(embeddings), longest), IGNORE, dtype=np.int32)
     for row, label in enumerate(batch.labels):
         labels[row, : len(label)] = label
-    logits = model.language_model(None, input_embeddings=x)[:, :-1].astype(mx.float32)
-    targets = mx.array(labels[:, 1:])
-    mask = targets != IGNORE
-    ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0)) * mask
-    return ce.sum(), mask.sum()
+    lm = model.language_model
+    hidden = lm.model(None, input_embeddings=x)
+    # The vocabulary's logits only where a next token is trained: the picture's positions and the
+    # questions are most of a LLaVA sequence, and the head is a large share of its compute.
+    rows, columns = np.nonzero(labels[:, 1:] != IGNORE)
+    if len(rows) == 0:
+        return hidden.sum() * 0.0, mx.array(0)
+    h = hidden[mx.array(rows), mx.array(columns)]
+    logits = (lm.lm_head(h) if "lm_head" in lm else lm.model.embed_tokens.as_linear(h)).astype(mx.float32)
+    targets = mx.array(labels[rows, columns + 1])
+    return nn.losses.cross_entropy(logits, targets).sum(), mx.array(len(rows))

@@ -34,10 +34,12 @@ def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return lambda k: w if (w := warming(k)) is not None else after[kind](k)
 
 
-def no_decay(model: nn.Module) -> set:
-    """Parameters kept from weight decay: biases, and every parameter of a norm (transformers'
-    ALL_LAYERNORM_LAYERS, which the Llama, Mistral and Qwen2 RMSNorms join)."""
-    norms = [name for name, m in model.named_modules() if isinstance(m, (nn.RMSNorm, nn.LayerNorm))]
+def no_decay(model: nn.Module, rms_norms: bool = True) -> set:
+    """Parameters kept from weight decay: biases, and every parameter of a norm in transformers'
+    ALL_LAYERNORM_LAYERS: nn.LayerNorm, and LlamaRMSNorm, which modeling_llama adds to it
+    (`rms_norms`: the decoder's RMSNorms are LlamaRMSNorms; Qwen2's and Mistral's are not added)."""
+    kinds = (nn.RMSNorm, nn.LayerNorm) if rms_norms else (nn.LayerNorm,)
+    norms = [name for name, m in model.named_modules() if isinstance(m, kinds)]
     names = {name for name, _ in tree_flatten(model.trainable_parameters())}
     return {n for n in names if "bias" in n.split(".")[-1] or any(n.startswith(f"{norm}.") for norm in norms if norm)}
 
