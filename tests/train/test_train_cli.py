@@ -285,3 +285,37 @@ def test_what_was_saved_runs_everywhere(lora_run, training, tmp_path, images):
         assert ask(server, [user("What is in the image?", images["wide"])]).choices[0].message.content is not None
     finally:
         assert server.stop() == 0
+
+
+def test_the_other_starting_points(training, checkpoints, tmp_path):
+    """The projector alone from a LLaVA checkpoint (its own settings kept; a flag contradicting
+    one refused), a fresh projector over a plain language model, bfloat16 compute."""
+    llava = checkpoints["orig-v1.5-vicuna"]
+    common = ["--data_path", training["captions.json"], "--image_folder", training["data"], "--version", "plain",
+              "--tune_mm_mlp_adapter", "True", "--max_steps", "1", "--save_strategy", "no", "--model_max_length", "700",
+              "--mm_use_im_patch_token", "False", "--shuffle", "False"]  # fmt: skip
+    summary = run_here(["--model_name_or_path", llava, "--output_dir", tmp_path / "from-llava", *common])
+    assert summary["saved"] == "projector" and summary["steps"] == 1
+    config = json.loads((tmp_path / "from-llava" / "config.json").read_text())
+    assert config["mm_projector_type"] == "mlp2x_gelu" and config["mm_vision_select_layer"] == -2
+    model, processor = load(str(tmp_path / "from-llava"), model_base=str(llava))
+    assert generate(model, processor, "Hi", max_tokens=2).text is not None
+    contradicting = cli(
+        "--model_name_or_path", llava, "--output_dir", tmp_path / "x", "--mm_projector_type", "linear", *common
+    )
+    assert contradicting.returncode == 1
+    assert contradicting.stderr.strip().splitlines() == [
+        f"error: --mm_projector_type linear but {llava} was trained with mlp2x_gelu"
+    ]
+    fresh = [
+        "--model_name_or_path",
+        training["vicuna"],
+        "--vision_tower",
+        training["tower"],
+        "--mm_projector_type",
+        "mlp2x_gelu",
+    ]
+    summary = run_here([*fresh, "--output_dir", tmp_path / "fresh", "--bf16", "True", *common])
+    assert summary["saved"] == "projector" and np.isfinite(summary["last_loss"])
+    model, processor = load(str(tmp_path / "fresh"), model_base=str(training["vicuna"]))
+    assert generate(model, processor, "Hi", max_tokens=2).text is not None
