@@ -39,9 +39,9 @@ def main(model: str, data: str, folder: str):
     trainable = build(args)
     tokenizer = training_tokenizer(trainable.source, args)
     settings = image_settings(trainable.source, trainable.tower_dir, trainable.model.config)
-    positions = trainable.model.config.image_token_count((settings["crop"], settings["crop"]))
+    positions = trainable.model.config.image_token_count
     examples, _ = prepare(Path(data), Path(folder), template("v1"), tokenizer, positions)
-    trainer = Trainer(trainable, args, examples, settings, tokenizer.pad_id, positions)
+    trainer = Trainer(trainable, args, examples, settings, tokenizer.pad_id)
     model_ = trainable.model
     parts = dict(pictures=0.0, tower=0.0, projector=0.0, decoder_forward=0.0, backward=0.0, optimizer=0.0)
     for n, share in enumerate(trainer.batches_of(0)[:5]):

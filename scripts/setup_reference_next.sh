@@ -3,7 +3,8 @@
 # code lmms-lab's checkpoints were released with: its `llava` package (the original LLaVA code's
 # name too, hence an environment of its own) on transformers 4.45.2 / torch 2.13.0, CPU, no
 # torchvision, Pillow at the project's version (Pillow releases resize the same picture
-# differently); every package pinned in scripts/reference-next-constraints.txt.
+# differently), accelerate 0.34.2 and peft 0.13.2 for its trainer; every package pinned in
+# scripts/reference-next-constraints.txt.
 #
 #   scripts/setup_reference_next.sh [VENV_DIR]      (default: .venv-next in the repo root)
 #
@@ -33,6 +34,9 @@ from llava.model.builder import load_pretrained_model
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.conversation import conv_templates
 from llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+import accelerate, peft
+assert accelerate.__version__ == "0.34.2", accelerate.__version__  # what its trainer runs on (1.x dropped dispatch_batches)
+assert peft.__version__ == "0.13.2", peft.__version__
 PYEOF
 }
 
@@ -41,7 +45,7 @@ NAME=setup_reference_next.sh
 source "$ROOT/scripts/reference_env.sh"
 run "${PIP[@]}" install "torch==2.13.0"
 run "${PIP[@]}" install -c "$ROOT/scripts/reference-next-constraints.txt" "transformers==4.45.2" tokenizers \
-    accelerate huggingface-hub sentencepiece protobuf numpy pillow safetensors einops
+    accelerate huggingface-hub sentencepiece protobuf numpy pillow safetensors einops peft
 run "${PIP[@]}" install --no-deps "$SOURCE"
 
 if ! check; then

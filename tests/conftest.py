@@ -123,3 +123,11 @@ def training(checkpoints, images, tmp_path_factory):
     from fixtures.build_training import build_training
 
     return build_training(tmp_path_factory.mktemp("training"), checkpoints, images)
+
+
+@pytest.fixture(scope="session")
+def next_fixtures(family, checkpoints, training, tmp_path_factory):
+    """The LLaVA-NeXT code's checkpoints, written by its own classes (reference/next.py)."""
+    from reference.next import build_next_fixtures
+
+    return build_next_fixtures(tmp_path_factory.mktemp("next"), family, checkpoints, training)

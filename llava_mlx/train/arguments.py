@@ -12,6 +12,7 @@ not build (another optimizer, another scheduler, LoRA biases) are one clear erro
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
@@ -41,6 +42,17 @@ class ModelArguments:
     mm_patch_merge_type: str = flag("flat", "how the picture's features are merged (flat)")
     mm_vision_select_feature: str = flag("patch", "patch (drop the class token) or cls_patch")
 
+    # the LLaVA-NeXT code's (lmms-lab's OneVision and LLaVA-Video scripts)
+    mm_tunable_parts: Optional[str] = flag(
+        None, "LLaVA-NeXT: what trains, of mm_vision_tower, mm_mlp_adapter, mm_language_model", code="next"
+    )
+    unfreeze_mm_vision_tower: bool = flag(False, "LLaVA-NeXT: train the vision tower too", code="next")
+    mm_newline_position: str = flag(
+        "grid", "LLaVA-NeXT: where video newlines go (grid, frame, one_token, no_token)", code="next"
+    )
+    mm_spatial_pool_mode: str = flag("bilinear", "LLaVA-NeXT: how video frames are pooled", code="next")
+    mm_spatial_pool_stride: Optional[int] = flag(None, "LLaVA-NeXT: the video pooling's stride", code="next")
+
 
 @dataclass
 class DataArguments:
@@ -50,6 +62,9 @@ class DataArguments:
     image_folder: Optional[str] = flag(None, "the folder the records' image paths are under")
     image_aspect_ratio: str = flag("square", "pad (LLaVA-1.5: padded to a square of the mean colour) or square")
     eval_data_path: Optional[str] = flag(None, "data whose mean loss is reported at the end (and every --eval_steps)")
+    image_grid_pinpoints: Optional[str] = flag(
+        None, "LLaVA-NeXT: the anyres grid, '(1x1),...,(6x6)' or a list", code="next"
+    )
 
 
 @dataclass
@@ -64,6 +79,7 @@ class TrainingArguments:
     max_steps: int = flag(-1, "optimizer steps in all, when > 0 (instead of num_train_epochs)")
     learning_rate: float = flag(5e-5, "the peak learning rate")
     mm_projector_lr: Optional[float] = flag(None, "the projector's own learning rate")
+    mm_vision_tower_lr: Optional[float] = flag(None, "LLaVA-NeXT: the vision tower's own learning rate", code="next")
     weight_decay: float = flag(0.0, "AdamW's decoupled weight decay (never on biases and norms)")
     adam_beta1: float = flag(0.9, "AdamW's beta1")
     adam_beta2: float = flag(0.999, "AdamW's beta2")
@@ -89,6 +105,7 @@ class TrainingArguments:
     lora_bias: str = flag("none", "none (LoRA trains no bias)")
     resume_adapter: Optional[str] = flag(None, "start LoRA from this adapter (peft's or this project's)")
     freeze_mm_mlp_adapter: bool = flag(False, "keep the projector frozen")
+    attn_implementation: str = flag("flash_attention_2", "LLaVA-NeXT: no effect (MLX's attention)", code="next")
     gradient_checkpointing: bool = flag(False, "recompute each decoder layer in the backward pass (less memory)")
     logging_steps: float = flag(500, "optimizer steps between two lines of train_log.jsonl")
     evaluation_strategy: str = flag("no", "no, or steps (evaluate every --eval_steps)")
@@ -147,6 +164,60 @@ OTHER_TRANSFORMERS_FIELDS = (
     "torch_compile_backend torch_compile_mode dispatch_batches split_batches include_tokens_per_second "
     "include_num_input_tokens_seen neftune_noise_alpha"
 ).split()
+# The LLaVA-NeXT code's other fields: taken at their defaults (their value says what no script of
+# its images' fine-tuning changes), a warning where a value changes nothing here, refused otherwise.
+NO_EFFECT_NEXT = {  # name: the code's default; another value changes nothing here (a warning says so)
+    "model_class_name": None,
+    "vision_tower_pretrained": None,
+    "delay_load": True,
+    "verbose_logging": False,
+    "video_folder": None,
+    "video_fps": 1,
+    "frames_upbound": 0,
+    "add_time_instruction": False,
+    "force_sample": False,
+    "faster_token_stride": 10,
+    "image_crop_resolution": None,
+    "image_split_resolution": None,
+    "mm_mask_drop_mode": "fixed",
+    "mm_mask_drop_skip_percentage": 0.0,
+    "mm_mask_drop_ratio": 0.25,
+    "mm_mask_drop_ratio_upper": None,
+    "mm_mask_drop_ratio_lower": None,
+    "pos_skipping_range": 4096,
+    "s2_scales": "336,672,1008",
+    "zo_eps": 1e-3,
+    "zo_num_directions": 1,
+}
+NOT_BUILT_NEXT = {  # name: the code's default, the only value taken
+    "tune_mm_vision_resampler": False,
+    "freeze_mm_vision_resampler": False,
+    "unfreeze_language_model": False,
+    "mm_resampler_type": None,
+    "mm_spatial_pool_out_channels": None,
+    "mm_perceiver_depth": 3,
+    "mm_perceiver_latents": 32,
+    "mm_perceiver_ff_mult": 4,
+    "mm_perceiver_pretrained": None,
+    "mm_qformer_depth": 3,
+    "mm_qformer_latents": 32,
+    "mm_qformer_pretrained": None,
+    "rope_scaling_factor": None,
+    "rope_scaling_type": None,
+    "s2": False,
+    "use_pos_skipping": False,
+    "add_faster_video": False,
+    "early_mix_text": False,
+    "group_by_varlen": False,
+    "group_by_modality_length_auto": False,
+    "trainer_mode": "regular",
+}
+NEXT_OTHER = {
+    **{k: (v, "warn") for k, v in NO_EFFECT_NEXT.items()},
+    **{k: (v, "refuse") for k, v in NOT_BUILT_NEXT.items()},
+}
+# Defaults the LLaVA-NeXT code's fields have where the original's differ.
+NEXT_DEFAULTS = {"model_max_length": 4096, "gradient_checkpointing": True}
 GROUPS = (ModelArguments, DataArguments, TrainingArguments)
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")  # the same AdamW, as far as the numbers go
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -189,6 +260,10 @@ def parser() -> argparse.ArgumentParser:
                 base = getattr(kind, "__args__", (kind,))[0]
                 convert = optional(base) if f.default is None else base
                 section.add_argument(*names, dest=f.name, type=convert, help=help)
+    next_other = p.add_argument_group("the LLaVA-NeXT code's other fields", "at their defaults only (or no effect)")
+    for name, (default, _) in NEXT_OTHER.items():
+        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        next_other.add_argument(*names, dest=name, nargs="?", const="True", help=f"(default: {default})")
     other = p.add_argument_group("accepted, no effect here", "transformers' other TrainingArguments")
     for name in [*sorted(set(NO_EFFECT) - {f.name for g in GROUPS for f in fields(g)}), *OTHER_TRANSFORMERS_FIELDS]:
         names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
@@ -202,6 +277,46 @@ class Arguments:
     data: DataArguments
     training: TrainingArguments
     given: set  # the names the command line set
+    next_other: dict  # the LLaVA-NeXT code's other fields the command line set, as text
+
+    def for_code(self, code: str):
+        """Settle the arguments for the code whose rules apply ('original' or 'next'): a field only
+        the other code has, given, is refused; the LLaVA-NeXT code's own defaults applied."""
+        only_next = [f.name for g in GROUPS for f in fields(g) if f.metadata.get("code") == "next"]
+        m, d = self.model, self.data
+        if code == "original":
+            given = sorted({*self.given & set(only_next), *self.next_other})
+            if given:
+                raise LlavaError(
+                    f"--{given[0]} is the LLaVA-NeXT code's: this checkpoint trains by the original train.py's rules"
+                )
+            if d.image_aspect_ratio not in ("pad", "square"):
+                raise LlavaError(
+                    f"--image_aspect_ratio {d.image_aspect_ratio}: the original train.py takes pad or square"
+                )
+            if m.mm_patch_merge_type != "flat":
+                raise LlavaError(
+                    f"--mm_patch_merge_type {m.mm_patch_merge_type}: the original train.py trains flat merges"
+                )
+            return
+        if not re.fullmatch(r"pad|square|anyres|anyres_max_\d+", d.image_aspect_ratio):
+            raise LlavaError(
+                f"--image_aspect_ratio {d.image_aspect_ratio}: pad, square, anyres or anyres_max_N are trained here"
+            )
+        if m.mm_newline_position not in ("grid", "frame", "one_token", "no_token"):
+            raise LlavaError(f"--mm_newline_position {m.mm_newline_position}: grid, frame, one_token or no_token")
+        if m.mm_spatial_pool_mode not in ("bilinear", "average", "max"):
+            raise LlavaError(f"--mm_spatial_pool_mode {m.mm_spatial_pool_mode}: bilinear, average or max")
+        for name, default in NEXT_DEFAULTS.items():
+            if name not in self.given:
+                setattr(self.training, name, default)
+        for name, text in self.next_other.items():
+            default, effect = NEXT_OTHER[name]
+            if text == str(default) or (text in ("true", "false") and text.title() == str(default)):
+                continue
+            if effect == "refuse":
+                raise LlavaError(f"--{name} {text}: not built here (the LLaVA-NeXT code's default, {default}, is)")
+            warn(f"--{name}: accepted, no effect on this trainer's pictures-and-text training")
 
 
 def parse(argv: List[str]) -> Arguments:
@@ -211,8 +326,9 @@ def parse(argv: List[str]) -> Arguments:
     for group in GROUPS:
         values = {f.name: namespace[f.name] for f in fields(group) if f.name in namespace}
         built.append(group(**values))
-    args = Arguments(*built, given=set(namespace))
-    for name in sorted(set(namespace) - {f.name for g in GROUPS for f in fields(g)}):
+    other = {name: str(namespace[name]) for name in NEXT_OTHER if name in namespace}
+    args = Arguments(*built, given=set(namespace) - set(other), next_other=other)
+    for name in sorted(set(namespace) - {f.name for g in GROUPS for f in fields(g)} - set(NEXT_OTHER)):
         warn(f"--{name}: accepted, no effect here ({NO_EFFECT.get(name, 'not used by this trainer')})")
     for name in ("lazy_preprocess", "is_multimodal", "double_quant", "quant_type", "lora_weight_path"):
         if name in namespace:
@@ -251,12 +367,8 @@ def check(args: Arguments):
             raise LlavaError(f"--{name} must be at least 1 (got {getattr(t, name)})")
     if t.evaluation_strategy not in ("no", "steps") or t.save_strategy not in ("no", "steps"):
         raise LlavaError("--evaluation_strategy and --save_strategy take 'no' or 'steps' (epoch is not built)")
-    if d.image_aspect_ratio not in ("pad", "square"):
-        raise LlavaError(f"--image_aspect_ratio {d.image_aspect_ratio}: the original train.py takes pad or square")
     if m.mm_vision_select_feature not in ("patch", "cls_patch"):
         raise LlavaError(f"--mm_vision_select_feature {m.mm_vision_select_feature}: patch or cls_patch")
-    if m.mm_patch_merge_type != "flat":
-        raise LlavaError(f"--mm_patch_merge_type {m.mm_patch_merge_type}: the original train.py trains flat merges")
     if m.mm_use_im_start_end:
         raise LlavaError("--mm_use_im_start_end True (LLaVA v0's <im_start>/<im_end> tokens) is not trained here")
 

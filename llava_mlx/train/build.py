@@ -1,4 +1,5 @@
-"""The model to train, built as the original train() builds it.
+"""The model to train, built as the original train() builds it (or the LLaVA-NeXT code's:
+next_code.py says where that one differs).
 
 It starts from a LLaVA checkpoint in the original layout, or from a plain language model (a
 Vicuna, as scripts/v1_5/*.sh start) with `--vision_tower` and a fresh projector or one from
@@ -20,16 +21,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
 from ..checkpoint.adapters import base_weights, checkpoint_kind
-from ..checkpoint.files import read_json, read_tensors
+from ..checkpoint.files import load_weights, read_json, read_tensors
 from ..checkpoint.hub import resolve
-from ..checkpoint.layouts import detect_layout, rename
-from ..checkpoint.load import build_model, find_tower, load_model
+from ..checkpoint.layouts import detect_layout, pinpoints_of, read_config, rename, sanitize
+from ..checkpoint.load import build_model, find_tower
 from ..checkpoint.lora import non_lora_weights, read_lora
 from ..errors import LlavaError, warn
 from ..model import LlavaModel
 from ..projector import Projector
-
-LLAMA_DECODERS = ("llama", "mistral")  # what LlavaLlamaForCausalLM loads
+from . import next_code
+from .next_code import LLAMA_DECODERS, NEXT_SETTINGS, SETTINGS, code_of, next_config
 
 
 @dataclass
@@ -38,8 +39,9 @@ class Trainable:
     raw: dict  # config.json as train() leaves it
     source: Path  # model_name_or_path's directory: its tokenizer
     tower_dir: Path
-    parts: set  # what trains: lora, projector, lm_body, lm_head
+    parts: set  # what trains: lora, projector, lm_body (with image_newline), lm_head, tower
     lora: dict = field(default_factory=dict)  # r, alpha, dropout, targets
+    code: str = "original"  # whose train() rules apply: 'original' or 'next' (next_code.py)
 
 
 def mm_settings(args, tower: dict) -> dict:
@@ -67,40 +69,56 @@ def mm_settings(args, tower: dict) -> dict:
     }
 
 
-# mm settings a LLaVA checkpoint has of its own, and the flags that would set them otherwise
-CHECKPOINT_SETTINGS = {
-    "mm_projector_type": ("model", "mm_projector_type"),
-    "mm_vision_select_layer": ("model", "mm_vision_select_layer"),
-    "mm_vision_select_feature": ("model", "mm_vision_select_feature"),
-    "mm_patch_merge_type": ("model", "mm_patch_merge_type"),
-    "image_aspect_ratio": ("data", "image_aspect_ratio"),
-}
+def settled(args, raw: dict, table: dict, tile: int, path: Path) -> dict:
+    """The checkpoint's own settings, kept (a flag given that contradicts one is an error); a
+    setting it lacks from its flag (the original's five always, the LLaVA-NeXT code's others
+    only when given: an absent video setting stays absent)."""
+    settings = {}
+    for key, (group, name) in table.items():
+        own, given = raw.get(key), getattr(getattr(args, group), name)
+        if key == "image_grid_pinpoints":
+            own_grid = pinpoints_of(own, tile) if own is not None else None
+            given = pinpoints_of(given, tile) if given is not None else None
+            contradicts = own_grid is not None and given != own_grid
+        else:
+            contradicts = own is not None and given != own
+        if name in args.given and contradicts:
+            shown = getattr(getattr(args, group), name)
+            raise LlavaError(f"--{name} {shown} but {path} was trained with {own}")
+        if name in args.given or (own is None and key in SETTINGS):
+            settings[key] = given  # as the flag gives it (pinpoints as a list)
+        elif own is not None:
+            settings[key] = own
+    return settings
 
 
-def from_checkpoint(args, path: Path, raw: dict):
-    """A LLaVA checkpoint of the original layout: its own mm settings are kept (a flag given that
-    contradicts one is an error), the rest as train() sets them."""
+def from_checkpoint(args, path: Path, raw: dict, code: str):
+    """A LLaVA checkpoint of the original layout (liuhaotian's, or the LLaVA-NeXT code's): its
+    own settings kept, the rest as train() sets them; the projector from
+    --pretrain_mm_mlp_adapter when given, as initialize_vision_modules loads it."""
     if detect_layout(raw) != "original":
         raise LlavaError(
             f"{path} is a {detect_layout(raw)} checkpoint: the original train.py trains its own layout "
-            "(liuhaotian's), or a language model with --vision_tower"
+            "(liuhaotian's), the LLaVA-NeXT code's train() lmms-lab's; or a language model with --vision_tower"
         )
     if checkpoint_kind(path) != "full":
         raise LlavaError(f"{path} needs a base model: merge it first (python convert.py --model-base ...)")
-    settings = {}
-    for key, (group, name) in CHECKPOINT_SETTINGS.items():
-        own = raw.get(key)
-        given = getattr(getattr(args, group), name)
-        if name in args.given and own is not None and given != own:
-            raise LlavaError(f"--{name} {given} but {path} was trained with {own}")
-        settings[key] = given if own is None else own
-    model, config, tower_dir = load_model(path, args.model.vision_tower)
-    if config.uses_anyres:
+    source = path / "config.json"
+    weights = dict(load_weights(path))
+    tower_dir = find_tower(raw, weights, args.model.vision_tower, source)
+    tile = read_config(raw, tower_dir)[1].vision.image_size
+    settings = settled(args, raw, NEXT_SETTINGS if code == "next" else SETTINGS, tile, path)
+    if args.model.pretrain_mm_mlp_adapter:
+        weights.update(projector_weights(Path(args.model.pretrain_mm_mlp_adapter)))
+    model, config = build_model({**raw, **settings}, weights, tower_dir, source)
+    if code == "original" and config.uses_anyres:
         raise LlavaError(f"{path} is a LLaVA-1.6 (anyres) checkpoint: the original train.py trains 'pad' and 'square'")
-    tower = {"hidden_size": config.vision.hidden_size}
-    raw = {**raw, **mm_settings(args, tower), **settings, "mm_vision_tower": raw.get("mm_vision_tower")}
-    if args.model.vision_tower:
-        raw["mm_vision_tower"] = args.model.vision_tower
+    width = config.vision.hidden_size
+    if code == "next":
+        config.several_images_flat = True  # its dataset pads each of a record's several pictures to one crop
+        return model, next_config(args, {**raw, **settings}, width, config.text_config["model_type"]), tower_dir
+    tower_name = args.model.vision_tower or raw.get("mm_vision_tower")
+    raw = {**raw, **mm_settings(args, {"hidden_size": width}), **settings, "mm_vision_tower": tower_name}
     return model, raw, tower_dir
 
 
@@ -194,7 +212,12 @@ def load_adapter(model: LlavaModel, directory: Path, r: int, alpha: float):
         layer.lora_a, layer.lora_b = a.T.astype(mx.float32), b.T.astype(mx.float32)
     extra = non_lora_weights(directory)
     if extra:
-        model.load_weights([(rename(k), v) for k, v in extra.items()], strict=False)
+        model.load_weights(list(ours(model, extra).items()), strict=False)
+
+
+def ours(model: LlavaModel, weights: dict) -> dict:
+    """Saved weights (the original layout's names, torch's layout) as the model's parameters."""
+    return sanitize(weights, model.config)
 
 
 def freeze_to(model: LlavaModel, parts: set):
@@ -202,6 +225,10 @@ def freeze_to(model: LlavaModel, parts: set):
     lm = model.language_model
     if "lm_body" in parts:
         lm.model.unfreeze()
+        if "image_newline" in model:
+            model.unfreeze(keys=["image_newline"], recurse=False)
+    if "tower" in parts:
+        model.vision_tower.unfreeze()
     if "lm_head" in parts and "lm_head" in lm:
         lm.lm_head.unfreeze()
     if "projector" in parts:
@@ -217,11 +244,21 @@ def build(args) -> Trainable:
     mx.random.seed(t.seed)
     path = resolve(m.model_name_or_path)
     raw = read_json(path / "config.json")
+    code = code_of(path, raw)
+    args.for_code(code)
+    parts = trained_parts(args) if code == "original" else next_code.trained_parts(args)
     llava = "mm_vision_tower" in raw or raw.get("model_type", "").startswith("llava")
-    model, raw, tower_dir = from_checkpoint(args, path, raw) if llava else from_language_model(args, path, raw)
+    if llava:
+        model, raw, tower_dir = from_checkpoint(args, path, raw, code)
+    elif code == "next":
+        raise LlavaError(
+            f"{path} is a {raw.get('model_type')!r} language model: the LLaVA-NeXT code's first stage (a fresh "
+            "projector over it) is not built here; fine-tune one of its LLaVA checkpoints"
+        )
+    else:
+        model, raw, tower_dir = from_language_model(args, path, raw)
     if t.compute_dtype != "float32":
         model.set_dtype(getattr(mx, t.compute_dtype))
-    parts = trained_parts(args)
     lora = {}
     if t.bits != 16:  # QLoRA: the language model's linear layers quantized (lm_head too, as bitsandbytes is told)
         linears = [m for _, m in model.language_model.named_modules() if isinstance(m, nn.Linear)]
@@ -247,4 +284,4 @@ def build(args) -> Trainable:
             "--mm_use_im_patch_token True (train.py's default) adds an <im_patch> token no prompt uses, with a "
             "random vocabulary row: not added here (LLaVA-1.5's scripts pass False)"
         )
-    return Trainable(model, raw, path, tower_dir, parts, lora)
+    return Trainable(model, raw, path, tower_dir, parts, lora, code)

@@ -1,7 +1,8 @@
 """Training data as the original's LazySupervisedDataset reads it, checked whole before the first step.
 
 Records are LLaVA's own JSON (a list of {id, image: a path under --image_folder,
-conversations: [{from: human | gpt, value}]}, `image` absent for text-only records) or a JSONL
+conversations: [{from: human | gpt, value}]}, `image` absent for text-only records, a list of
+paths for several pictures under the LLaVA-NeXT code's rules) or a JSONL
 of OpenAI-style {"messages": [...]} (what mlx-lm and mlx-vlm users have): user and assistant
 turns, a picture as an `image_url` part (a path under --image_folder, a file:// URL or a data:
 URI) where it stands in the user's content. Every record is checked and tokenized before
@@ -15,15 +16,16 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
 from ..anyres import preprocess_image
 from ..errors import LlavaError
-from ..model import IMAGE_PLACEHOLDER
+from ..model import IMAGE_PLACEHOLDER, LlavaConfig
 from ..processor import load_image
+from .chat_templates import chat_labels
 from .templates import IGNORE, IMAGE, Template, Tokenizer, labels_of, place_image
 
 SPEAKERS = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -34,15 +36,16 @@ class Example:
     """One record, tokenized and masked."""
 
     id: str
-    image: object  # a path, the bytes of a data: URI, or None
-    ids: List[int]  # with IMAGE_PLACEHOLDER where the picture goes
+    images: list  # each picture as a path or the bytes of a data: URI, in the order of their placeholders
+    sizes: List[Tuple[int, int]]  # each picture's (width, height)
+    ids: List[int]  # with IMAGE_PLACEHOLDER where each picture goes
     labels: List[int]
     mismatch: bool  # the original's tokenization-mismatch rule masked it whole
     words: int  # the original's `modality_lengths`: words, negative for text-only records
 
     @property
     def has_image(self) -> bool:
-        return self.image is not None
+        return bool(self.images)
 
 
 def read_records(path: Path) -> List[dict]:
@@ -71,7 +74,7 @@ def messages_record(row, where: str) -> dict:
     """An OpenAI-style {"messages": [...]} as a LLaVA record: the picture's <image> where its part stands."""
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
         raise LlavaError(f"{where}: a JSONL record is an object with a 'messages' list")
-    record, turns = {"id": row.get("id", where)}, []
+    record, turns, pictures = {"id": row.get("id", where)}, [], []
     for message in row["messages"]:
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("user", "assistant"):
@@ -90,12 +93,14 @@ def messages_record(row, where: str) -> dict:
                 texts.append(part.get("text", ""))
             elif kind in ("image_url", "image"):
                 value = part.get(kind)
-                record["image"] = value.get("url") if isinstance(value, dict) else value
+                pictures.append(value.get("url") if isinstance(value, dict) else value)
                 texts.append(IMAGE)
             else:
                 raise LlavaError(f"{where}: content part {kind!r} (text and image_url are taken)")
         turns.append({"from": SPEAKERS[role], "value": "\n".join(texts)})
     record["conversations"] = turns
+    if pictures:
+        record["image"] = pictures[0] if len(pictures) == 1 else pictures
     return record
 
 
@@ -115,12 +120,15 @@ def picture_source(image, folder: Optional[Path]):
     return str(Path(folder) / image)
 
 
-def check_picture(source):
-    """Open and decode the picture (JPEGs at an eighth of their size: a truncated one still fails)."""
+def check_picture(source) -> Tuple[int, int]:
+    """Open and decode the picture (JPEGs at an eighth of their size: a truncated one still
+    fails); its (width, height)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            size = image.size
             image.draft("RGB", (64, 64))
             image.load()
+            return size
     except FileNotFoundError:
         raise LlavaError(f"its picture {source} does not exist") from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -129,8 +137,9 @@ def check_picture(source):
         ) from None
 
 
-def turns_of(record: dict, template: Template, start_end: bool) -> List[Tuple[str, str]]:
-    """[(speaker, text)] after preprocess_multimodal, checked: speakers, alternation, <image> count."""
+def turns_of(record: dict, template: Template, start_end: bool, code: str, pictures: int) -> List[Tuple[str, str]]:
+    """[(speaker, text)] after preprocess_multimodal, checked: speakers, alternation, one
+    <image> per picture."""
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise LlavaError("it has no 'conversations' list")
@@ -144,19 +153,49 @@ def turns_of(record: dict, template: Template, start_end: bool) -> List[Tuple[st
     for i, (speaker, _) in enumerate(turns[opening:]):
         if speaker != ("human", "gpt")[i % 2]:
             raise LlavaError(f"its turns do not alternate human, gpt (turn {i + opening + 1} is {speaker}'s)")
-    has_image = "image" in record
     texts = [t for _, t in turns]
-    if has_image:
-        texts = place_image(texts, template, start_end)
+    if pictures:
+        texts = place_image(texts, template, start_end) if code == "original" else next_place_image(texts, template)
         holders = sum(t.count(IMAGE) for t in texts)
-        if holders != 1:
+        if holders != pictures:
+            moved = " (one per message that names it, moved to the message's front)" if code == "original" else ""
+            counted = "one picture" if pictures == 1 else f"{pictures} pictures"
             raise LlavaError(
-                f"it has one picture and {holders} <image> placeholders in its turns"
-                + (" (one per message that names it, moved to the message's front)" if holders > 1 else "")
+                f"it has {counted} and {holders} <image> placeholders in its turns{moved if holders > pictures else ''}"
             )
     elif any(IMAGE in t for t in texts):
         raise LlavaError("it has <image> in its turns but no picture")
     return [(s, t) for (s, _), t in zip(turns, texts)]
+
+
+def next_place_image(turns: List[str], t: Template) -> List[str]:
+    """The LLaVA-NeXT code's preprocess_multimodal: a message holding one <image> not at its
+    front has it moved there on a line of its own (<Image>…</Image> for mmtag templates);
+    messages with several are left as they are; "QA_GT_caption_based_noisy" is removed."""
+    out = []
+    for message in turns:
+        if message.count(IMAGE) == 1 and not message.startswith(IMAGE):
+            message = (IMAGE + "\n" + message.replace(IMAGE, "").strip()).strip()
+            if t.mmtag:
+                message = message.replace(IMAGE, "<Image>" + IMAGE + "</Image>")
+        out.append(message.replace("QA_GT_caption_based_noisy", ""))
+    return out
+
+
+def pictures_of(record: dict, folder: Optional[Path], code: str) -> list:
+    """The record's pictures' sources: one, or under the LLaVA-NeXT code's rules a list."""
+    if "video" in record:
+        raise LlavaError("it is a video record: training on videos is not built here (pictures and text are)")
+    if "image" not in record:
+        return []
+    image = record["image"]
+    if isinstance(image, list):
+        if code == "original":
+            raise LlavaError("its image is a list: the original train.py takes one picture per record")
+        if not image:
+            raise LlavaError("its image list is empty")
+        return [picture_source(i, folder) for i in image]
+    return [picture_source(image, folder)]
 
 
 def prepare(
@@ -164,10 +203,12 @@ def prepare(
     folder: Optional[Path],
     template: Template,
     tokenizer: Tokenizer,
-    image_positions: int,
+    image_positions: Callable[[Tuple[int, int], bool], int],
+    code: str = "original",
     start_end: bool = False,
 ) -> Tuple[List[Example], int]:
     """Every record checked, tokenized and masked; (examples, records the mismatch rule masked).
+    `image_positions(size, several)`: the positions a picture takes (LlavaConfig.image_token_count).
     The first bad record is one LlavaError naming it and the file (and how many more there are)."""
     examples, problems = [], []
     for index, record in enumerate(read_records(path)):
@@ -175,34 +216,37 @@ def prepare(
         try:
             if not isinstance(record, dict):
                 raise LlavaError("it is not an object")
-            turns = turns_of(record, template, start_end)
-            image = None
-            if "image" in record:
-                image = picture_source(record["image"], folder)
-                check_picture(image)
-            ids, labels, mismatch = labels_of(template, turns, tokenizer, image is not None)
-            if not mismatch and not trainable_within(ids, labels, tokenizer, image_positions):
+            images = pictures_of(record, folder, code)
+            turns = turns_of(record, template, start_end, code, len(images))
+            sizes = [check_picture(image) for image in images]
+            if template.style == "CHAT":
+                ids, labels, mismatch = chat_labels(template, turns, tokenizer)
+            else:
+                ids, labels, mismatch = labels_of(template, turns, tokenizer, bool(images))
+            positions = [image_positions(size, len(images) > 1) for size in sizes]
+            if not mismatch and not trainable_within(ids, labels, tokenizer, positions):
                 raise LlavaError(
                     f"nothing of its answers lies within model_max_length ({tokenizer.max_length} positions, "
-                    f"its picture's {image_positions} included)"
+                    f"its pictures' {sum(positions)} included)"
                 )
         except LlavaError as e:
             problems.append(f"{path}: record {name!r}: {e}")
             continue
         words = sum(len(v.split()) for _, v in turns)
-        examples.append(Example(str(name), image, ids, labels, mismatch, words if image is not None else -words))
+        examples.append(Example(str(name), images, sizes, ids, labels, mismatch, words if images else -words))
     if problems:
         more = f" ({len(problems) - 1} more records have problems)" if len(problems) > 1 else ""
         raise LlavaError(problems[0] + more)
     return examples, sum(e.mismatch for e in examples)
 
 
-def trainable_within(ids: List[int], labels: List[int], tokenizer: Tokenizer, image_positions: int) -> bool:
-    """Whether any label survives the collator's cut, the pad-token drop and the merged sequence's cut."""
+def trainable_within(ids: List[int], labels: List[int], tokenizer: Tokenizer, image_positions: List[int]) -> bool:
+    """Whether any label survives the collator's cut, the pad-token drop and the merged
+    sequence's cut (`image_positions`: each picture's, in order)."""
     ids, labels = merged(ids[: tokenizer.max_length], labels[: tokenizer.max_length], tokenizer.pad_id)
-    positions = 0
+    positions, pictures = 0, iter(image_positions)
     for i, label in zip(ids, labels):
-        positions += image_positions if i == IMAGE_PLACEHOLDER else 1
+        positions += next(pictures) if i == IMAGE_PLACEHOLDER else 1
         if positions > tokenizer.max_length:
             return False
         if label != IGNORE:
@@ -217,18 +261,22 @@ def merged(ids: List[int], labels: List[int], pad_id: int) -> Tuple[List[int], L
     return [ids[k] for k in kept], [labels[k] for k in kept]
 
 
-def pixels(example: Example, settings: dict, aspect: str) -> np.ndarray:
-    """(1, crop, crop, 3) of the example's picture, as LazySupervisedDataset makes it: padded to
-    a square of the mean colour ('pad') or not ('square'), then CLIP's preprocessing."""
-    image = load_image(example.image)
+def pixels(source, settings: dict, config: LlavaConfig, several: bool) -> np.ndarray:
+    """(crops, crop, crop, 3) of one picture, as LazySupervisedDataset makes it: padded to a
+    square of the mean colour ('pad', and each of several pictures under the LLaVA-NeXT code's
+    rules), or not ('square'), or cut into anyres tiles after its base crop; then the tower's
+    preprocessing."""
+    aspect = "anyres" if config.uses_anyres else config.image_aspect_ratio
+    s = settings
     return preprocess_image(
-        image,
-        "pad" if aspect == "pad" else "square",
-        None,
-        settings["size"],
-        settings["crop"],
-        settings["mean"],
-        settings["std"],
+        load_image(source),
+        "pad" if several else aspect,
+        config.pinpoints,
+        s["size"],
+        s["crop"],
+        s["mean"],
+        s["std"],
+        s["squash"],
     )
 
 

@@ -1,7 +1,8 @@
 """A batch's loss, computed by the same LlavaModel the generator runs.
 
-The tower (frozen) encodes the batch's pictures outside the differentiated function; inside
-it the projector, the merge into each sequence (`model.embed`), the cut at model_max_length
+A frozen tower encodes the batch's pictures outside the differentiated function (a trained
+one, `--mm_tunable_parts mm_vision_tower`, inside it); inside it the projector, each picture's
+merge (its crops, as at inference), the merge into each sequence (`model.embed`), the cut at model_max_length
 (as prepare_inputs_labels_for_multimodal truncates the merged sequences), right padding and
 the decoder, and the head on the positions whose next token is trained. The loss is the cross
 entropy of every unmasked next token, summed, with their count: the caller divides by the
@@ -16,61 +17,74 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..model import IMAGE_PLACEHOLDER
+from ..model import IMAGE_PLACEHOLDER, LlavaConfig
 from .data import Example, merged, pixels
 from .templates import IGNORE
 
 
 @dataclass
 class Batch:
-    ids: List[List[int]]  # per sample, the pad tokens dropped, IMAGE_PLACEHOLDER where the picture goes
+    ids: List[List[int]]  # per sample, the pad tokens dropped, IMAGE_PLACEHOLDER where each picture goes
     labels: List[np.ndarray]  # per sample, over the merged sequence, cut at model_max_length
-    pixels: Optional[np.ndarray]  # the batch's pictures, (n, crop, crop, 3)
-    picture: List[Optional[int]]  # which of them each sample shows
-    sizes: List[Optional[tuple]]  # each sample's picture's (width, height) as the model sees it
+    pixels: Optional[np.ndarray]  # every crop of the batch's pictures, (n, crop, crop, 3)
+    crops: List[int]  # how many crops each picture has, in order
+    sizes: List[tuple]  # each picture's (width, height)
+    several: List[bool]  # whether its record has several pictures (each then one padded crop)
+    pictures: List[List[int]]  # which pictures each sample shows, in order
 
     @property
     def positions(self) -> int:
         return sum(len(x) for x in self.labels)
 
 
-def make_batch(
-    examples: List[Example], settings: dict, aspect: str, pad_id: int, max_length: int, image_positions: int
-) -> Batch:
+def make_batch(examples: List[Example], settings: dict, config: LlavaConfig, pad_id: int, max_length: int) -> Batch:
     """The collator (pad, cut at model_max_length, the pad tokens dropped as the attention mask
-    drops them) and the pictures, as LazySupervisedDataset and DataCollatorForSupervisedDataset
-    give them to the model."""
-    ids, labels, pictures, picture, sizes = [], [], [], [], []
+    drops them) and the pictures whose placeholders are left, as LazySupervisedDataset and
+    DataCollatorForSupervisedDataset give them to the model."""
+    ids, labels, crops, batch = [], [], [], Batch([], [], None, [], [], [], [])
     for e in examples:
         kept_ids, kept_labels = merged(e.ids[:max_length], e.labels[:max_length], pad_id)
-        expanded = []
+        several = len(e.images) > 1
+        shown, expanded, sources = [], [], iter(zip(e.images, e.sizes))
         for i, label in zip(kept_ids, kept_labels):
-            expanded += [IGNORE] * image_positions if i == IMAGE_PLACEHOLDER else [label]
+            if i != IMAGE_PLACEHOLDER:
+                expanded.append(label)
+                continue
+            source, size = next(sources)
+            shown.append(len(batch.sizes))
+            crops.append(pixels(source, settings, config, several))
+            batch.crops.append(len(crops[-1]))
+            batch.sizes.append(size)
+            batch.several.append(several)
+            expanded += [IGNORE] * config.image_token_count(size, several)
         ids.append(kept_ids)
         labels.append(np.array(expanded[:max_length], dtype=np.int32))
-        if e.has_image and IMAGE_PLACEHOLDER in kept_ids:
-            picture.append(len(pictures))
-            pictures.append(pixels(e, settings, aspect))
-            sizes.append((settings["crop"], settings["crop"]))  # one square crop: its size is not read
-        else:
-            picture.append(None)
-            sizes.append(None)
-    return Batch(ids, labels, np.concatenate(pictures) if pictures else None, picture, sizes)
+        batch.pictures.append(shown)
+    batch.ids, batch.labels = ids, labels
+    batch.pixels = np.concatenate(crops) if crops else None
+    return batch
 
 
 def tower_features(model, batch: Batch) -> Optional[mx.array]:
-    """The frozen tower's features of the batch's pictures (nothing is differentiated through it)."""
+    """The tower's features of every crop of the batch's pictures."""
     if batch.pixels is None:
         return None
-    return mx.stop_gradient(model.tower_features(mx.array(batch.pixels)))
+    return model.tower_features(mx.array(batch.pixels))
 
 
 def loss_sum(model, batch: Batch, features: Optional[mx.array], max_length: int):
-    """(the summed cross entropy of every unmasked next token, their count)."""
+    """(the summed cross entropy of every unmasked next token, their count). `features`: the
+    frozen tower's (computed outside), or None to run a trained tower here."""
+    if features is None and batch.pixels is not None:
+        features = tower_features(model, batch)
     projected = model.multi_modal_projector(features) if features is not None else None
+    starts = np.cumsum([0] + batch.crops)
+    merged_pictures = [
+        model.merge_image(projected[starts[p] : starts[p + 1]], size) for p, size in enumerate(batch.sizes)
+    ]
     embeddings = []
-    for ids, picture, size in zip(batch.ids, batch.picture, batch.sizes):
-        images = [model.merge_image(projected[picture : picture + 1], size)] if picture is not None else []
+    for ids, shown in zip(batch.ids, batch.pictures):
+        images = [merged_pictures[p] for p in shown]
         embeddings.append(model.embed(ids, image_features=images)[0][:max_length])
     longest = max(e.shape[0] for e in embeddings)
     width = embeddings[0].shape[1]

@@ -1,7 +1,8 @@
 """Optimisation as LLaVATrainer over transformers' Trainer: AdamW with bias correction (torch's
 update, mlx.optimizers' AdamW), its parameter groups (no weight decay on biases and norms; the
-projector at --mm_projector_lr when given), transformers' learning-rate schedules by optimizer
-step, and torch's clipping of the global gradient norm.
+projector at --mm_projector_lr and, the LLaVA-NeXT code's, the tower at --mm_vision_tower_lr
+when given), transformers' learning-rate schedules by optimizer step, and torch's clipping of
+the global gradient norm.
 """
 
 import math
@@ -12,7 +13,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-PROJECTOR = "multi_modal_projector."
+from .next_code import lr_groups, rms_norms_exempt
 
 
 def schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -44,22 +45,27 @@ def no_decay(model: nn.Module, rms_norms: bool = True) -> set:
     return {n for n in names if "bias" in n.split(".")[-1] or any(n.startswith(f"{norm}.") for norm in norms if norm)}
 
 
-def optimizer(model: nn.Module, args, factor: Callable[[int], float]) -> Tuple[optim.Optimizer, Dict[str, float]]:
-    """AdamW per LLaVATrainer.create_optimizer group, each on the schedule; also each group's base rate."""
+def optimizer(
+    model: nn.Module, args, factor: Callable[[int], float], code: str = "original"
+) -> Tuple[optim.Optimizer, Dict[str, float]]:
+    """AdamW per LLaVATrainer.create_optimizer group (decayed or not; the rest, then each part
+    with its own rate), each on the schedule; also each group's base rate."""
     t = args.training
-    exempt = no_decay(model)
-    groups = [("decay", lambda n: n not in exempt, t.weight_decay), ("no decay", lambda n: n in exempt, 0.0)]
-    if t.mm_projector_lr is not None:
-        groups = [
-            (
-                f"{name}, projector" if p else name,
-                (lambda n, keep=keep, p=p: keep(n) and n.startswith(PROJECTOR) == p),
-                decay,
-            )
-            for p in (False, True)
-            for name, keep, decay in groups
-        ]
-    rates = {name: (t.mm_projector_lr if "projector" in name else t.learning_rate) for name, _, _ in groups}
+    exempt = no_decay(model, rms_norms_exempt(code, model.config.text_config["model_type"]))
+    special = lr_groups(args, code)
+
+    def part_of(n: str):
+        return next((name for name, prefix, _ in special if n.startswith(prefix)), None)
+
+    def member(part, decayed: bool):
+        return lambda n: part_of(n) == part and (n not in exempt) == decayed
+
+    groups, rates = [], {}
+    for part, lr in [(None, t.learning_rate)] + [(name, lr) for name, _, lr in special]:
+        for kind, decayed, decay in (("decay", True, t.weight_decay), ("no decay", False, 0.0)):
+            name = f"{kind}, {part}" if part else kind
+            groups.append((name, member(part, decayed), decay))
+            rates[name] = lr
     parts = []
     for name, _, decay in groups:
         base = rates[name]

@@ -23,7 +23,9 @@ from ..model import IMAGE_PLACEHOLDER
 from ..tokenizer import SentencePieceTokenizer, chunked_ids
 from .arguments import Arguments, describe
 from .build import build
+from .chat_templates import chat_tokenizer
 from .data import prepare
+from .next_code import byte_level
 from .save import OUTPUT_FILES, move_into, result_kind, scratch, whole_directory, write_result
 from .templates import IMAGE, Tokenizer, template
 from .trainer import Trainer
@@ -32,12 +34,15 @@ CHECKPOINT = "checkpoint-"
 LOG = "train_log.jsonl"
 
 
-def training_tokenizer(source: Path, args: Arguments) -> Tokenizer:
-    """The tokenizer train() loads (AutoTokenizer, use_fast=False: the slow SentencePiece one with
-    the config's legacy rule), its pad token set as train() sets it for the version."""
+def training_tokenizer(source: Path, args: Arguments, code: str = "original", decoder: str = "llama") -> Tokenizer:
+    """The tokenizer train() loads (the original's: AutoTokenizer, use_fast=False, the slow
+    SentencePiece one with the config's legacy rule; the LLaVA-NeXT code's: the fast one for
+    Qwen2, Mistral and Mixtral, which it picks by the path's name, here by the decoder), its
+    pad token set as train() sets it for the version."""
     from transformers import AutoTokenizer, PretrainedConfig
     from transformers.utils import logging as hf_logging
 
+    conversation = template(args.model.version, code)
     checkpoint_files(source)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -47,12 +52,14 @@ def training_tokenizer(source: Path, args: Arguments) -> Tokenizer:
         raise LlavaError(f"cannot load the tokenizer of {source}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    slow = SentencePieceTokenizer.from_checkpoint(source, hf, None)
+    fast = code == "next" and (decoder in ("qwen2", "mistral", "mixtral") or byte_level(source))
+    slow = None if fast else SentencePieceTokenizer.from_checkpoint(source, hf, None)
     if slow is None:
-        warn(
-            f"{source} has no tokenizer.model: the original trains with the slow SentencePiece tokenizer; "
-            "tokenizer.json's is used"
-        )
+        if not fast:
+            warn(
+                f"{source} has no tokenizer.model: the original trains with the slow SentencePiece tokenizer; "
+                "tokenizer.json's is used"
+            )
         encode, legacy = (lambda text: hf(text).input_ids), getattr(hf, "legacy", True)
     else:
         encode, legacy = slow.encode, slow.legacy
@@ -63,14 +70,17 @@ def training_tokenizer(source: Path, args: Arguments) -> Tokenizer:
                 "--version v0 adds a [PAD] token to a tokenizer without one, which is not done here: use v1"
             )
         pad = hf.pad_token_id
-    else:
+    elif code == "original" or version == "v0.5" or hf.unk_token is not None:
         pad = hf.unk_token_id  # train(): tokenizer.pad_token = tokenizer.unk_token
+    else:  # the LLaVA-NeXT code keeps the tokenizer's own pad; its collator takes 0 where there is none
+        pad = hf.pad_token_id if hf.pad_token_id is not None else 0
     return Tokenizer(
         encode=encode,
         with_images=lambda text: chunked_ids(text, encode, hf.bos_token_id, {IMAGE: IMAGE_PLACEHOLDER}),
         pad_id=pad,
         legacy=legacy,
         max_length=args.training.model_max_length,
+        chat=chat_tokenizer(conversation, hf, source) if conversation.style == "CHAT" else None,
     )
 
 
@@ -183,23 +193,25 @@ def run(args: Arguments) -> dict:
     main = group is None or group.rank() == 0
     out = Path(t.output_dir)
     resume = resume_point(args)
-    conversation = template(args.model.version)
     trainable = build(args)
-    tokenizer = training_tokenizer(trainable.source, args)
-    config = trainable.model.config
+    code, config = trainable.code, trainable.model.config
+    conversation = template(args.model.version, code)
+    tokenizer = training_tokenizer(trainable.source, args, code, config.text_config["model_type"])
     settings = image_settings(trainable.source, trainable.tower_dir, config)
-    positions = config.image_token_count((settings["crop"], settings["crop"]))
     folder = Path(d.image_folder) if d.image_folder else None
-    examples, masked = prepare(Path(d.data_path), folder, conversation, tokenizer, positions)
+    positions = config.image_token_count
+    examples, masked = prepare(Path(d.data_path), folder, conversation, tokenizer, positions, code)
     if masked:
         warn(
             f"{masked} of {len(examples)} records are masked whole by the original's tokenization-mismatch rule "
             "(its 'WARNING: tokenization mismatch'): they train nothing, as in the original"
         )
     evaluation = (
-        prepare(Path(d.eval_data_path), folder, conversation, tokenizer, positions)[0] if d.eval_data_path else None
+        prepare(Path(d.eval_data_path), folder, conversation, tokenizer, positions, code)[0]
+        if d.eval_data_path
+        else None
     )
-    trainer = Trainer(trainable, args, examples, settings, tokenizer.pad_id, positions, group, evaluation)
+    trainer = Trainer(trainable, args, examples, settings, tokenizer.pad_id, group, evaluation)
     if resume is not None:
         trainer.restore(resume)
     kind, base = result_kind(trainable.parts), args.model.model_name_or_path

@@ -6,7 +6,9 @@
   non_lora_trainables.bin (the projector and whatever else trained in full), config.json;
 - projector only (--tune_mm_mlp_adapter): mm_projector.bin and config.json;
 - full: the language model and the projector under the original layout's names (safetensors,
-  5 GB shards), config.json (LlavaLlamaForCausalLM) and the tokenizer's files.
+  5 GB shards), the tower too where the checkpoint trained from had it inside (the LLaVA-NeXT
+  code's: its tensors as they were, the trained ones replaced), config.json
+  (LlavaLlamaForCausalLM under the original's rules) and the tokenizer's files.
 
 Every file is written beside its final name first and moved into place once whole; a
 checkpoint directory is written whole under another name and then renamed.
@@ -23,6 +25,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from ..checkpoint.files import load_weights
+from ..checkpoint.layouts import rename
 from ..checkpoint.torch_bin import write_bin
 from ..errors import LlavaError
 from ..signals import signals_held
@@ -58,7 +62,14 @@ def original_name(name: str) -> str:
         return f"model.mm_projector.{2 * (int(index) - 1)}.{rest}"
     if name == "image_newline":
         return "model.image_newline"
+    if name.startswith("vision_tower."):  # inside the checkpoint, as the LLaVA-NeXT code saves it
+        return "model.vision_tower.vision_tower.vision_model." + name[len("vision_tower.") :]
     raise LlavaError(f"no original name for {name}")
+
+
+def torch_layout(name: str, value: mx.array) -> mx.array:
+    """The tower's patch embedding back to torch's (out, in, kh, kw)."""
+    return value.transpose(0, 3, 1, 2) if name.endswith("embeddings.patch_embedding.weight") else value
 
 
 def lora_layers(model) -> Dict[str, LoRALinear]:
@@ -110,17 +121,21 @@ def trained_tensors(model, lora: bool) -> Dict[str, mx.array]:
     for name, value in tree_flatten(model.trainable_parameters()):
         if lora and name.endswith((".lora_a", ".lora_b")):
             continue
-        out[original_name(name)] = value
+        out[original_name(name)] = torch_layout(name, value)
     return out
 
 
-def full_tensors(model) -> Dict[str, mx.array]:
-    """The language model and the projector (the frozen tower is the named one), original names."""
-    out = {}
-    for name, value in tree_flatten(model.parameters()):
-        if name.startswith("vision_tower."):
-            continue
-        out[original_name(name)] = value
+def full_tensors(trainable) -> Dict[str, mx.array]:
+    """The language model and the projector under the original names; the tower's tensors where
+    the checkpoint trained from has it inside (else it is the named one), trained ones replaced."""
+    params = dict(tree_flatten(trainable.model.parameters()))
+    out = {original_name(n): v for n, v in params.items() if not n.startswith("vision_tower.")}
+    source = load_weights(trainable.source)
+    for name, value in source.items():
+        if "vision_tower." in name:
+            ours = rename(name)
+            trained = "tower" in trainable.parts and ours in params
+            out[name] = torch_layout(ours, params[ours]) if trained else value
     return out
 
 
@@ -166,8 +181,9 @@ def write_result(directory: Path, trainable, kind: str, base: str):
     elif kind == "projector":
         write_bin(directory / "mm_projector.bin", trained_tensors(model, False))
     else:
-        raw["architectures"] = ["LlavaLlamaForCausalLM"]
-        write_safetensors(directory, full_tensors(model))
+        if trainable.code == "original":
+            raw["architectures"] = ["LlavaLlamaForCausalLM"]
+        write_safetensors(directory, full_tensors(trainable))
         for name in TOKENIZER_FILES:
             if (trainable.source / name).exists():
                 shutil.copyfile(trainable.source / name, directory / name)
@@ -213,12 +229,12 @@ def result_kind(parts: set) -> str:
 
 def trained_weights_of(trainable, directory: Path) -> Dict[str, mx.array]:
     """The trained weights a result or checkpoint directory holds, under our names."""
-    from ..checkpoint.files import load_weights, read_tensors
-    from ..checkpoint.layouts import rename
+    from ..checkpoint.files import read_tensors
+    from ..checkpoint.layouts import sanitize
 
     kind = result_kind(trainable.parts)
     if kind == "full":
-        return {rename(k): v for k, v in load_weights(directory).items()}
+        return sanitize(load_weights(directory), trainable.model.config)
     if kind == "projector":
         return {rename(k): v for k, v in read_tensors(directory, "mm_projector").items()}
     adapter = mx.load(str(directory / "adapter_model.safetensors"))
@@ -227,6 +243,5 @@ def trained_weights_of(trainable, directory: Path) -> Dict[str, mx.array]:
         base = "base_model.model." + original_name(f"language_model.{name}.weight")[: -len(".weight")]
         weights[f"language_model.{name}.lora_a"] = adapter[f"{base}.lora_A.weight"].T
         weights[f"language_model.{name}.lora_b"] = adapter[f"{base}.lora_B.weight"].T
-    for k, v in read_tensors(directory, "non_lora_trainables").items():
-        weights[rename(k[len("base_model.model.") :])] = v
-    return weights
+    trained = {k[len("base_model.model.") :]: v for k, v in read_tensors(directory, "non_lora_trainables").items()}
+    return {**weights, **sanitize(trained, trainable.model.config)}

@@ -96,13 +96,43 @@ TEMPLATES = {
     "mpt": Template(**MPT, system=MPT_SYSTEM, version="mpt"),
 }
 
+# The LLaVA-NeXT code's conversation.py: the same rows where it has the same names, its own
+# defaults (v0 and v0.5 keep its module's default, vicuna_v0), and its chat-template versions
+# (chat_templates.py: preprocess_qwen for every qwen version, with its own system prompt).
+QWEN = Template(style="CHAT", system="You are a helpful assistant.", roles=("user", "assistant"), sep="", sep2=None,
+                version="qwen")  # fmt: skip
+LLAMA_3 = Template(
+    style="CHAT",
+    system="You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language.",
+    roles=("user", "assistant"),
+    sep="",
+    sep2=None,
+    version="llama_v3",
+)
+NEXT_SHARED = ("v1", "vicuna_v1", "llama_2", "mistral_instruct", "mistral_direct", "plain", "v0_plain",
+               "chatml_direct", "llava_v0", "llava_v1", "llava_llama_2", "mpt")  # fmt: skip
+NEXT_TEMPLATES = {
+    **{name: TEMPLATES[name] for name in NEXT_SHARED},
+    "default": TEMPLATES["default"],
+    "v0": TEMPLATES["default"],
+    "v0.5": TEMPLATES["default"],
+    "llava_v0_mmtag": TEMPLATES["v0_mmtag"],
+    "llava_v1_mmtag": TEMPLATES["v1_mmtag"],
+    "llava_mistral_instruct": TEMPLATES["mistral_instruct"],
+    "qwen_1_5": QWEN,
+    "qwen_2": QWEN,
+    "qwen_2_5": QWEN,
+    "llava_llama_3": LLAMA_3,
+}
+CODES = {"original": ("the original code", TEMPLATES), "next": ("the LLaVA-NeXT code", NEXT_TEMPLATES)}
 
-def template(version: str) -> Template:
-    if version not in TEMPLATES:
-        raise LlavaError(
-            f"--version {version!r} is not a conversation template of the original code: one of {', '.join(TEMPLATES)}"
-        )
-    return TEMPLATES[version]
+
+def template(version: str, code: str = "original") -> Template:
+    name, table = CODES[code]
+    if version not in table:
+        raise LlavaError(f"--version {version!r} is not a conversation template of {name}: one of {', '.join(table)}")
+    return table[version]
 
 
 def prompt(t: Template, turns: List[str]) -> str:
@@ -135,6 +165,7 @@ class Tokenizer:
     pad_id: int
     legacy: bool
     max_length: int
+    chat: Optional[object] = None  # chat_templates.ChatTokenizer, for the LLaVA-NeXT code's chat versions
 
 
 def labels_of(t: Template, messages: List[Tuple[str, str]], tok: Tokenizer, has_image: bool):

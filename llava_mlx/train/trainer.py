@@ -75,19 +75,18 @@ class Trainer:
         examples: List[Example],
         settings: dict,
         pad_id: int,
-        image_positions: int,
         group=None,
         eval_examples: Optional[List[Example]] = None,
     ):
         self.trainable, self.model, self.args = trainable, trainable.model, args
         self.examples, self.eval_examples = examples, eval_examples or []
-        self.settings, self.pad_id, self.image_positions = settings, pad_id, image_positions
+        self.settings, self.pad_id = settings, pad_id
         self.group = group
         self.world = group.size() if group is not None else 1
         self.rank = group.rank() if group is not None else 0
         self.plan = plan(len(examples), args, self.world)
         self.factor = schedule(args.training.lr_scheduler_type, self.plan.warmup, self.plan.steps)
-        self.optimizer, self.rates = optimizer(self.model, args, self.factor)
+        self.optimizer, self.rates = optimizer(self.model, args, self.factor, trainable.code)
         self.state = State()
         self.pending = None  # gradients accumulated toward the next step
         self.pending_loss = 0.0
@@ -111,9 +110,14 @@ class Trainer:
         return [[self.examples[i] for i in chunk[self.rank :: self.world]] for chunk in chunks]
 
     def batch(self, examples: List[Example]) -> Batch:
-        t = self.args.training
-        aspect = self.args.data.image_aspect_ratio
-        return make_batch(examples, self.settings, aspect, self.pad_id, t.model_max_length, self.image_positions)
+        return make_batch(examples, self.settings, self.model.config, self.pad_id, self.args.training.model_max_length)
+
+    def frozen_features(self, batch: Batch):
+        """The frozen tower's features, outside the differentiated function (None: the tower trains)."""
+        if "tower" in self.trainable.parts:
+            return None
+        features = tower_features(self.model, batch)
+        return mx.stop_gradient(features) if features is not None else None
 
     # -- the math ---------------------------------------------------------------------
     def _loss(self, model, batch: Batch, features):
@@ -126,8 +130,7 @@ class Trainer:
         """One batch's gradient (mean over all ranks' unmasked tokens, / GA) into the pending sum."""
         batch = self.batch(examples) if examples else None
         if batch is not None:
-            features = tower_features(self.model, batch)
-            (total, count), grads = self.value_and_grad(self.model, batch, features)
+            (total, count), grads = self.value_and_grad(self.model, batch, self.frozen_features(batch))
         else:  # this rank's share of the last batch is empty
             total, count = mx.array(0.0), mx.array(0)
             grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
@@ -168,9 +171,7 @@ class Trainer:
             share = self.eval_examples[i : i + size][self.rank :: self.world]
             if share:
                 batch = self.batch(share)
-                s, n = loss_sum(
-                    self.model, batch, tower_features(self.model, batch), self.args.training.model_max_length
-                )
+                s, n = loss_sum(self.model, batch, self.frozen_features(batch), self.args.training.model_max_length)
             else:
                 s, n = mx.array(0.0), mx.array(0)
             s, n = self.all_sum(s), self.all_sum(n.astype(mx.float32))

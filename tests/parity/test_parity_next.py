@@ -14,7 +14,6 @@ sequence within 1e-4 of max|logit|, 16 greedy tokens equal.
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import huggingface_hub.constants
@@ -28,10 +27,9 @@ from llava_mlx.model import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from llava_mlx.video import load_video
 
 from conftest import ROOT
+from reference.next import load_next, next_env, run_next
 from reference.original import assert_logits_close, check_case
 
-NEXT_PYTHON = os.environ.get("LLAVA_NEXT_PYTHON", str(ROOT / ".venv-next" / "bin" / "python"))
-RUNNER = str(ROOT / "tests" / "reference" / "run_next.py")
 QWEN_PROMPT = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
 # One image each: wide, tall, small, a 2048x311 strip, either side of anyres_max_9's downscale
 # threshold, far above it, one tile; then two and three images in one prompt (each padded to one
@@ -77,48 +75,6 @@ VIDEO_CASES = {
 }
 # Frames passed already decoded are used as given, as the code takes them (no num_frames: not sampled).
 GIVEN_FRAMES = {"video-nine-frames-given": "frames9"}
-
-
-def next_env(fixtures) -> dict:
-    return {**os.environ, "HF_HOME": str(fixtures / "hf-home"), "HF_HUB_OFFLINE": "1"}
-
-
-def run_next(*args, env, timeout=1800):
-    result = subprocess.run([NEXT_PYTHON, RUNNER, *args], capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-# Meta-Llama-3-8B-Instruct's chat template, which lmms-lab/llama3-llava-next-8b's tokenizer carries
-LLAMA_3_INSTRUCT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
-    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-
-@pytest.fixture(scope="session")
-def next_fixtures(family, checkpoints, tmp_path_factory):
-    """The checkpoints written by the LLaVA-NeXT code, their towers in a Hugging Face cache."""
-    from fixtures.build_hf_rows import _llama3_tokenizer
-
-    root = tmp_path_factory.mktemp("next")
-    llama3 = root / "llama3-tokenizer"
-    llama3.mkdir()
-    _llama3_tokenizer(llama3)
-    config = json.loads((llama3 / "tokenizer_config.json").read_text())
-    config.update(chat_template=LLAMA_3_INSTRUCT_TEMPLATE, processor_class=None)
-    (llama3 / "tokenizer_config.json").write_text(json.dumps(config))
-    mistral = root / "mistral-tokenizer"  # the SentencePiece fixture, legacy as Mistral's and Mixtral's releases
-    mistral.mkdir()
-    shutil.copyfile(checkpoints["orig-v1.6-mistral"] / "tokenizer.model", mistral / "tokenizer.model")
-    config = json.loads((checkpoints["orig-v1.6-mistral"] / "tokenizer_config.json").read_text())
-    (mistral / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
-    tokenizers = [family["hub-onevision"], llama3, mistral]
-    run_next("build", str(root), *map(str, tokenizers), env=next_env(root))
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -180,13 +136,6 @@ def next_reference(next_fixtures, next_images, tmp_path_factory):
     (out / "jobs.json").write_text(json.dumps(jobs))
     run_next("run", str(out / "jobs.json"), str(out), env=next_env(next_fixtures))
     return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}
-
-
-def load_next(next_fixtures, path):
-    """Ours, the tower's config read from the fixtures' Hugging Face cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(next_fixtures / "hf-home" / "hub"))
-        return load(str(path))
 
 
 @pytest.fixture(scope="session")

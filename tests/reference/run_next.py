@@ -79,6 +79,15 @@ MODELS = {
         mm_spatial_pool_mode="bilinear", mm_spatial_pool_stride=2, tokenizer_model_max_length=32768,
         bos_token_id=None, eos_token="<|im_end|>", pad_rows=8,  # as Qwen2's 151936 > len(tokenizer)
     )),
+    # OneVision as its fine-tuning starts: the tokenizer with Qwen2's id layout ("\n" is 198, which
+    # the code's preprocess_qwen assumes), its additional special tokens <|im_start|> and <|im_end|>
+    "next-qwen-ov": ("llava_qwen.LlavaQwenForCausalLM", "qwen2", dict(
+        architectures=["LlavaQwenForCausalLM"], max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, mm_vision_tower=SIGLIP, image_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=OV_PINPOINTS, mm_patch_merge_type="spatial_unpad", mm_newline_position="grid",
+        mm_spatial_pool_mode="bilinear", mm_spatial_pool_stride=2, tokenizer_model_max_length=32768,
+        bos_token_id=None, eos_token="<|im_end|>", pad_rows=8,
+    )),
     "next-llama": ("llava_llama.LlavaLlamaForCausalLM", "llama3", dict(
         architectures=["LlavaLlamaForCausalLM"], max_position_embeddings=8192, rope_theta=500000.0,
         rms_norm_eps=1e-5, tokenizer_model_max_length=8192, bos_token="<|begin_of_text|>",
@@ -192,7 +201,8 @@ def build(out: pathlib.Path, tokenizers: dict):
     hub_constants.HF_HUB_CACHE = str(out / "hf-home" / "hub")  # read at import: set for this process too
     build_towers(out / "hf-home")
     for name in MODELS:
-        build_model(out, name, tokenizers[MODELS[name][1]])
+        if MODELS[name][1] in tokenizers:
+            build_model(out, name, tokenizers[MODELS[name][1]])
     for name, (base, fields) in VARIANTS.items():  # the same weights, other settings
         variant = out / name
         variant.mkdir(exist_ok=True)
@@ -300,8 +310,9 @@ def run(jobs_file: pathlib.Path, out: pathlib.Path):
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    if command == "build":  # OUT_DIR QWEN_TOKENIZER LLAMA3_TOKENIZER SENTENCEPIECE_TOKENIZER
-        build(pathlib.Path(args[0]), dict(zip(("qwen", "llama3", "sentencepiece"), map(pathlib.Path, args[1:]))))
+    if command == "build":  # OUT_DIR QWEN_TOKENIZER LLAMA3_TOKENIZER SENTENCEPIECE_TOKENIZER [QWEN2_TOKENIZER]
+        kinds = ("qwen", "llama3", "sentencepiece", "qwen2")
+        build(pathlib.Path(args[0]), dict(zip(kinds, map(pathlib.Path, args[1:]))))
     elif command == "run":
         run(pathlib.Path(args[0]), pathlib.Path(args[1]))
     else:

@@ -52,6 +52,7 @@ def stand_in_deepspeed():
         yield
 
     zero.GatheredParameters = gathered
+    deepspeed.utils = types.SimpleNamespace(set_z3_leaf_modules=lambda *a, **k: None)  # the LLaVA-NeXT code's Mixtral
     partition = types.ModuleType("deepspeed.runtime.zero.partition_parameters")
     partition.ZeroParamStatus = types.SimpleNamespace(NOT_AVAILABLE="not available")
     deepspeed.zero = zero
@@ -74,19 +75,26 @@ def stand_in_deepspeed():
 
 
 def keep_the_tower_float32():
-    """Workaround: train() puts the frozen tower in float16 (a GPU's half precision); on the CPU
-    in float32 the cast is dropped."""
+    """Workaround: train() puts the tower in float16 (a GPU's half precision); on the CPU in
+    float32 the cast is dropped (the LLaVA-NeXT code's SigLIP tower too, when it has one)."""
+    import importlib
+
     import torch
-    from llava.model.multimodal_encoder.clip_encoder import CLIPVisionTower
 
-    to = CLIPVisionTower.to
+    towers = [("llava.model.multimodal_encoder.clip_encoder", "CLIPVisionTower")]
+    towers.append(("llava.model.multimodal_encoder.siglip_encoder", "SigLipVisionTower"))
+    for module, name in towers:
+        try:
+            tower = getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError:  # the original code has no SigLIP tower
+            continue
 
-    def to_float32(self, *args, **kwargs):
-        if kwargs.get("dtype") in (torch.float16, torch.bfloat16):
-            kwargs["dtype"] = torch.float32
-        return to(self, *args, **kwargs)
+        def to_float32(self, *args, _to=tower.to, **kwargs):
+            if kwargs.get("dtype") in (torch.float16, torch.bfloat16):
+                kwargs["dtype"] = torch.float32
+            return _to(self, *args, **kwargs)
 
-    CLIPVisionTower.to = to_float32
+        tower.to = to_float32
 
 
 def records_in_file_order():

@@ -21,6 +21,10 @@ VERSIONS = [v for v in TEMPLATES if v not in ("plain", "v0_plain")]
 MAX_LENGTH = 2048
 
 
+def positions_576(size, several):  # LLaVA-1.5's, per picture
+    return 576
+
+
 def tokenizer_of(training, max_length=MAX_LENGTH, version="v1"):
     from llava_mlx.train.arguments import parse
     from llava_mlx.train.run import training_tokenizer
@@ -53,7 +57,9 @@ def test_ids_and_labels_are_the_originals(version, training, reference_items, tm
     records = CAPTION_RECORDS if "plain" in version else TRAIN_RECORDS
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
-    examples, masked = prepare(data, training["data"], template(version), tokenizer_of(training, version=version), 576)
+    examples, masked = prepare(
+        data, training["data"], template(version), tokenizer_of(training, version=version), positions_576
+    )
     expected = reference_items[version]
     assert [e.id for e in examples] == [r["id"] for r in expected]
     for e, r in zip(examples, expected):
@@ -69,14 +75,15 @@ def test_pixels_are_the_datasets(training, reference_items):
     from llava_mlx.train.build import build
 
     args = parse(["--model_name_or_path", str(training["vicuna"]), "--vision_tower", str(training["tower"]),
-                  "--mm_projector_type", "mlp2x_gelu", "--data_path", "x", "--output_dir", "x"])  # fmt: skip
+                  "--mm_projector_type", "mlp2x_gelu", "--image_aspect_ratio", "pad", "--data_path", "x",
+                  "--output_dir", "x"])  # fmt: skip
     trainable = build(args)
     settings = image_settings(trainable.source, trainable.tower_dir, trainable.model.config)
     for record, item in zip(TRAIN_RECORDS, reference_items["v1"]):
         if "image" not in record:
             continue
-        example = Example(record["id"], str(training["data"] / record["image"]), [], [], False, 1)
-        ours = pixels(example, settings, "pad")[0].transpose(2, 0, 1)
+        source = str(training["data"] / record["image"])
+        ours = pixels(source, settings, trainable.model.config, False)[0].transpose(2, 0, 1)
         np.testing.assert_allclose(ours, np.load(item["pixels"]), atol=1e-5)
 
 
@@ -118,8 +125,8 @@ def test_messages_jsonl_reads_as_the_same_records(training, tmp_path):
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "data.json").write_text(json.dumps(TRAIN_RECORDS))
     tokenizer = tokenizer_of(training)
-    jsonl = prepare(tmp_path / "data.jsonl", training["data"], template("v1"), tokenizer, 576)[0]
-    llava = prepare(tmp_path / "data.json", training["data"], template("v1"), tokenizer, 576)[0]
+    jsonl = prepare(tmp_path / "data.jsonl", training["data"], template("v1"), tokenizer, positions_576)[0]
+    llava = prepare(tmp_path / "data.json", training["data"], template("v1"), tokenizer, positions_576)[0]
     assert [(e.id, e.ids, e.labels) for e in jsonl] == [(e.id, e.ids, e.labels) for e in llava]
 
 
@@ -153,14 +160,22 @@ def test_a_bad_record_is_one_line_naming_it_and_the_file(case, training, tmp_pat
     data = tmp_path / "data.json"
     data.write_text(json.dumps([TRAIN_RECORDS[1], bad, TRAIN_RECORDS[2]]))
     with pytest.raises(LlavaError, match=message) as error:
-        prepare(data, tmp_path, template("v1"), tokenizer_of(training, 700), 576)
+        prepare(data, tmp_path, template("v1"), tokenizer_of(training, 700), positions_576)
     line = str(error.value)
     assert "\n" not in line and line.startswith(f"{data}: record 'the-bad-one': ")
 
 
 def test_the_orders_of_an_epoch():
     examples = [
-        Example(str(i), "x" if i % 3 else None, [IMAGE_PLACEHOLDER], [], False, (i + 1) * (1 if i % 3 else -1))
+        Example(
+            str(i),
+            ["x"] if i % 3 else [],
+            [(1, 1)] if i % 3 else [],
+            [IMAGE_PLACEHOLDER],
+            [],
+            False,
+            (i + 1) * (1 if i % 3 else -1),
+        )
         for i in range(10)
     ]
     assert order(examples, 0, 42, shuffle=False, group=False, batch=2, world=1) == list(range(10))
