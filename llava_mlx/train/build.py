@@ -173,21 +173,29 @@ def trained_parts(args) -> set:
     return parts
 
 
-def lora_targets(language_model: nn.Module) -> list:
-    """find_all_linear_names: every linear layer of the language model but lm_head (by path)."""
-    return [
-        name
-        for name, module in language_model.named_modules()
-        if isinstance(module, (nn.Linear, nn.QuantizedLinear)) and name.split(".")[-1] != "lm_head"
-    ]
+def linear_layers(module: nn.Module, prefix: str) -> dict:
+    return {
+        f"{prefix}.{name}": m for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+    }
 
 
-def add_lora(model: LlavaModel, r: int, alpha: float, dropout: float) -> list:
+def lora_targets(model: LlavaModel, tower: bool) -> list:
+    """find_all_linear_names gives the last names of the language model's linear layers but
+    lm_head; peft wraps every module of those names (paths): with `tower`, the tower's too (the
+    LLaVA-NeXT code builds it before peft: its q, k and v projections)."""
+    layers = linear_layers(model.language_model, "language_model")
+    names = {path.split(".")[-1] for path in layers} - {"lm_head"}
+    if tower:
+        layers.update(linear_layers(model.vision_tower, "vision_tower"))
+    return [path for path in layers if path.split(".")[-1] in names]
+
+
+def add_lora(model: LlavaModel, r: int, alpha: float, dropout: float, tower: bool) -> list:
     """LoRA layers (mlx-lm's LoRALinear, scale alpha / r as peft) on the targets; their paths."""
-    lm = model.language_model
-    modules = dict(lm.named_modules())
-    targets = lora_targets(lm)
-    lm.update_modules(tree_unflatten([(n, LoRALinear.from_base(modules[n], r, dropout, alpha / r)) for n in targets]))
+    modules = dict(model.named_modules())
+    targets = lora_targets(model, tower)
+    layers = [(n, LoRALinear.from_base(modules[n], r, dropout, alpha / r)) for n in targets]
+    model.update_modules(tree_unflatten(layers))
     return targets
 
 
@@ -203,10 +211,12 @@ def load_adapter(model: LlavaModel, directory: Path, r: int, alpha: float):
             f"--lora_r {r}, --lora_alpha {alpha} given"
         )
     lora = read_lora(directory)
-    modules = dict(model.language_model.named_modules())
+    modules = dict(model.named_modules())
     for name, (a, b, _, _) in lora.pairs.items():
-        path = rename(name + ".weight")[len("language_model.") : -len(".weight")]
+        path = rename(name + ".weight")[: -len(".weight")]
         layer = modules.get(path)
+        if layer is None and path.startswith("vision_tower.encoder.layers."):
+            continue  # a tower layer past the one selected, which is not built here (its LoRA changes nothing)
         if not isinstance(layer, LoRALinear):
             raise LlavaError(f"{directory}: its LoRA module {name} is not a LoRA layer of this model")
         layer.lora_a, layer.lora_b = a.T.astype(mx.float32), b.T.astype(mx.float32)
@@ -233,10 +243,11 @@ def freeze_to(model: LlavaModel, parts: set):
         lm.lm_head.unfreeze()
     if "projector" in parts:
         model.multi_modal_projector.unfreeze()
-    if "lora" in parts:
-        for _, module in lm.named_modules():
-            if isinstance(module, LoRALinear):
-                module.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+    for part, module in (("lora", lm), ("tower_lora", model.vision_tower)):
+        if part in parts:
+            for _, layer in module.named_modules():
+                if isinstance(layer, LoRALinear):
+                    layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
 
 
 def build(args) -> Trainable:
@@ -267,10 +278,14 @@ def build(args) -> Trainable:
             raise LlavaError(f"--bits {t.bits}: the language model's widths are not multiples of 32 (MLX's groups)")
         nn.quantize(model.language_model, group, t.bits, class_predicate=lambda p, mod: isinstance(mod, nn.Linear))
     if t.lora_enable:
-        targets = add_lora(model, t.lora_r, t.lora_alpha, t.lora_dropout)
+        # the LLaVA-NeXT code builds the tower before peft unless its config says delay_load
+        tower = code == "next" and not raw.get("delay_load", False)
+        targets = add_lora(model, t.lora_r, t.lora_alpha, t.lora_dropout, tower)
         lora = dict(
             r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=sorted({n.split(".")[-1] for n in targets})
         )
+        if not tower:
+            parts -= {"tower_lora"}
         if t.resume_adapter:
             load_adapter(model, resolve(t.resume_adapter, "adapter"), t.lora_r, t.lora_alpha)
     elif t.resume_adapter:

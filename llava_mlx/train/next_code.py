@@ -84,13 +84,13 @@ def tunable_parts(text: str) -> list:
 def trained_parts(args) -> set:
     """What trains, as train() sets requires_grad: `--mm_tunable_parts` (LoRA then takes the
     language model's place, and always trains), else its legacy flags over everything but the
-    tower. `lm_body` includes image_newline."""
+    tower. `lm_body` includes image_newline; `tower_lora` is the LoRA peft puts in the tower."""
     m, t = args.model, args.training
     if m.mm_tunable_parts is not None:
         parts = set()
         for part in tunable_parts(m.mm_tunable_parts):
             parts |= TUNABLE[part] if not (part == "mm_language_model" and t.lora_enable) else set()
-        parts |= {"lora"} if t.lora_enable else set()
+        parts |= {"lora", "tower_lora"} if t.lora_enable else set()  # every lora_ parameter restored
     else:
         parts = {"lm_body", "lm_head", "projector"}
         if m.freeze_backbone:
@@ -98,7 +98,7 @@ def trained_parts(args) -> set:
         if t.lora_enable:
             parts = {"lora", "projector"}  # peft freezes the rest; the existing projector is unfrozen again
         if m.tune_mm_mlp_adapter:
-            parts = {"projector"} | ({"lora"} if t.lora_enable else set())
+            parts = {"projector"} | ({"lora", "tower_lora"} if t.lora_enable else set())
             if m.unfreeze_mm_vision_tower and not t.lora_enable:
                 raise LlavaError(
                     "--tune_mm_mlp_adapter saves the projector alone: the tower --unfreeze_mm_vision_tower "

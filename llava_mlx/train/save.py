@@ -73,13 +73,13 @@ def torch_layout(name: str, value: mx.array) -> mx.array:
 
 
 def lora_layers(model) -> Dict[str, LoRALinear]:
-    return {name: m for name, m in model.language_model.named_modules() if isinstance(m, LoRALinear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def adapter_tensors(model) -> Dict[str, mx.array]:
     out = {}
     for name, layer in lora_layers(model).items():
-        base = "base_model.model." + original_name(f"language_model.{name}.weight")[: -len(".weight")]
+        base = "base_model.model." + original_name(f"{name}.weight")[: -len(".weight")]
         out[f"{base}.lora_A.weight"] = layer.lora_a.T
         out[f"{base}.lora_B.weight"] = layer.lora_b.T
     return out
@@ -240,8 +240,8 @@ def trained_weights_of(trainable, directory: Path) -> Dict[str, mx.array]:
     adapter = mx.load(str(directory / "adapter_model.safetensors"))
     weights = {}
     for name in lora_layers(trainable.model):
-        base = "base_model.model." + original_name(f"language_model.{name}.weight")[: -len(".weight")]
-        weights[f"language_model.{name}.lora_a"] = adapter[f"{base}.lora_A.weight"].T
-        weights[f"language_model.{name}.lora_b"] = adapter[f"{base}.lora_B.weight"].T
+        base = "base_model.model." + original_name(f"{name}.weight")[: -len(".weight")]
+        weights[f"{name}.lora_a"] = adapter[f"{base}.lora_A.weight"].T
+        weights[f"{name}.lora_b"] = adapter[f"{base}.lora_B.weight"].T
     trained = {k[len("base_model.model.") :]: v for k, v in read_tensors(directory, "non_lora_trainables").items()}
     return {**weights, **sanitize(trained, trainable.model.config)}

@@ -114,7 +114,7 @@ class Trainer:
 
     def frozen_features(self, batch: Batch):
         """The frozen tower's features, outside the differentiated function (None: the tower trains)."""
-        if "tower" in self.trainable.parts:
+        if self.trainable.parts & {"tower", "tower_lora"}:
             return None
         features = tower_features(self.model, batch)
         return mx.stop_gradient(features) if features is not None else None

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 
 import huggingface_hub.constants
 import pytest
@@ -16,6 +17,7 @@ from conftest import ROOT
 
 NEXT_PYTHON = os.environ.get("LLAVA_NEXT_PYTHON", str(ROOT / ".venv-next" / "bin" / "python"))
 RUNNER = str(ROOT / "tests" / "reference" / "run_next.py")
+TRAIN_RUNNER = str(ROOT / "tests" / "reference" / "run_train_next.py")
 
 
 def next_env(fixtures) -> dict:
@@ -58,8 +60,43 @@ def build_next_fixtures(root, family, checkpoints, training):
     return root
 
 
-def load_next(next_fixtures, path):
+def load_next(next_fixtures, path, model_base=None):
     """Ours, the tower's config read from the fixtures' Hugging Face cache."""
+    with next_cache(next_fixtures):
+        return load(str(path), model_base=str(model_base) if model_base else None)
+
+
+def next_train(fixtures, argv: list, record, adapter=None, probe: dict = None, timeout: float = 1800) -> dict:
+    """The code's own train() on `argv` (its arguments): each step's loss, learning rates and
+    gradient norm; with `adapter`, peft's initial LoRA weights saved there; with `probe` (a job
+    of run_next.py's), the trained model's logits on it, in memory, written to probe["out"]."""
+    head = [str(record), str(adapter) if adapter else "-"]
+    if probe is not None:
+        probe_file = record.parent / f"{record.stem}-probe.json"
+        probe_file.write_text(json.dumps(probe))
+        head.append(str(probe_file))
+    result = subprocess.run(
+        [NEXT_PYTHON, TRAIN_RUNNER, "train", *head, "--", *map(str, argv)],
+        capture_output=True, text=True, timeout=timeout, env=next_env(fixtures),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(record.read_text())
+
+
+def next_preprocess(fixtures, jobs: dict, out, timeout: float = 600) -> list:
+    """ids, labels and pictures of each record, from the code's own LazySupervisedDataset."""
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run(
+        [NEXT_PYTHON, TRAIN_RUNNER, "preprocess", str(out / "jobs.json"), str(out / "items.json")],
+        capture_output=True, text=True, timeout=timeout, env=next_env(fixtures),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "items.json").read_text())
+
+
+@contextmanager
+def next_cache(fixtures):
+    """This project reads the towers the checkpoints name from the fixtures' Hugging Face cache."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(next_fixtures / "hf-home" / "hub"))
-        return load(str(path))
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fixtures / "hf-home" / "hub"))
+        yield

@@ -59,7 +59,6 @@ def give_the_loop_its_names():
 def probe_after_training(probe_file: str):
     """The trained model's logits on the probe's job, right after LLaVATrainer.train returns."""
     import numpy as np
-    import run_next
     import torch
     from llava.mm_utils import process_images
     from llava.train.llava_trainer import LLaVATrainer
@@ -70,6 +69,8 @@ def probe_after_training(probe_file: str):
 
     def training_then_probe(self, *args, **kwargs):
         result = train(self, *args, **kwargs)
+        import run_next  # only now: importing it turns autograd off (it runs inference)
+
         model, tokenizer = self.model, self.tokenizer
         model.eval()
         images = [Image.open(p).convert("RGB") for p in job["images"]]
@@ -81,6 +82,7 @@ def probe_after_training(probe_file: str):
                 [im.size for im in images], int(job.get("new_tokens", 16)),
             )  # fmt: skip
         np.savez(job["out"], **record)
+        torch.set_grad_enabled(True)
         model.train()
         return result
 
