@@ -16,12 +16,13 @@ VARIANTS: the same weights with other settings. Run the code, and load ours, wit
 HF_HOME=OUT_DIR/hf-home and HF_HUB_OFFLINE=1.
 
 `run` takes jobs {"name", "checkpoint", "images": [paths], "prompt": "raw text with <image>",
-"new_tokens"} (or, instead of "prompt", "turns": [[question, answer or null], ...] and
-"conv_mode": the prompt conversation.py builds, one "<image>\n" per image before the first
-question, as the code's demos do) and writes OUT_DIR/<name>.npz: prompt, input_ids (-200 at each image), image_sizes,
-pixel_values_<i> (the process_images output of image i), image_token_counts (positions each
-image takes, merged alone), logits (L, len(tokenizer)) of the
-whole merged sequence, greedy (argmax continuation with the KV cache, no EOS stop).
+"new_tokens", optionally "model_name": the builder's argument} (or, instead of "prompt",
+"turns": [[question, answer or null], ...] and "conv_mode": the prompt conversation.py builds,
+one "<image>\n" per image before the first question, as the code's demos do) and writes
+OUT_DIR/<name>.npz: prompt, input_ids (-200 at each image), image_sizes, pixel_values_<i> (the
+process_images output of image i), image_token_counts (positions each image takes, merged
+alone), logits (L, len(tokenizer)) of the whole merged sequence, greedy (argmax continuation
+with the KV cache, no EOS stop).
 
 Loading is the code's own `load_pretrained_model`, with two things worked around here, never
 in the code: float32 is not one of its dtypes (it stops at a pdb.set_trace(), made a no-op
@@ -214,17 +215,19 @@ def build(out: pathlib.Path, tokenizers: dict):
     print(out)
 
 
-def load(checkpoint: str):
+def load(checkpoint: str, model_name: str = None):
     import pdb
 
     import llava.model.builder as builder
 
     pdb.set_trace = lambda *a, **k: None  # the builder's answer to torch_dtype="float32"
-    # the builder picks the class by name: the checkpoint's model_type names it
+    # the builder picks the class by name: the job's model_name (as a release's directory name
+    # would give it), else the checkpoint's model_type
     model_type = json.loads((pathlib.Path(checkpoint) / "config.json").read_text())["model_type"]
     tokenizer, model, image_processor, _ = builder.load_pretrained_model(
-        checkpoint, None, model_type, device_map="auto", torch_dtype="float32", attn_implementation="eager"
-    )
+        checkpoint, None, model_name or model_type, device_map="auto", torch_dtype="float32",
+        attn_implementation="eager",
+    )  # fmt: skip
     model.eval()
     for p in model.parameters():
         assert p.dtype == torch.float32, p.dtype
@@ -284,7 +287,7 @@ def run(jobs_file: pathlib.Path, out: pathlib.Path):
     models = {}
     for job in jobs:
         if job["checkpoint"] not in models:
-            models[job["checkpoint"]] = load(job["checkpoint"])
+            models[job["checkpoint"]] = load(job["checkpoint"], job.get("model_name"))
         tokenizer, model, image_processor = models[job["checkpoint"]]
         new_tokens = int(job.get("new_tokens", 16))
         images = [Image.open(p).convert("RGB") for p in job.get("images", [])]
