@@ -280,3 +280,21 @@ def test_a_released_config_of_model_type_llava(next_fixtures, next_trained, trai
     inputs = processor(str(reference["prompt"]), job["images"])
     rows, vocabulary = reference["logits"].shape  # the builder cuts the embeddings to len(tokenizer)
     assert relative(model(**inputs)[0][:rows, :vocabulary], reference["logits"]) <= 1e-3
+
+
+def test_what_was_saved_runs_everywhere(next_trained, next_fixtures, training, tmp_path):
+    """The LoRA result through generate.py with --model-base, convert.py merging it, and the merged
+    checkpoint under `mlx.launch -n 2` (tensor parallel): one answer everywhere."""
+    from helpers import launch_two, run_bounded
+
+    env = environment(HF_HOME=str(next_fixtures / "hf-home"))
+    base = ["--model", next_trained["lora"][4], "--model-base", next_fixtures / "next-qwen-ov"]
+    question = ["--image", training["data"] / "pictures" / "tall.png", "--prompt", QUESTION, "--max-tokens", "8"]
+    generated = run_bounded([sys.executable, ROOT / "generate.py", *base, *question], timeout=300, env=env)
+    assert generated.returncode == 0, generated.stderr
+    merged = tmp_path / "merged"
+    converted = run_bounded([sys.executable, ROOT / "convert.py", *base, "--out", merged], timeout=300, env=env)
+    assert converted.returncode == 0, converted.stderr
+    both = launch_two(ROOT / "generate.py", "--model", merged, *question, timeout=300, env=env)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout == generated.stdout and generated.stdout.strip()
