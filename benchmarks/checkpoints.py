@@ -373,6 +373,100 @@ def build_tokenizer(out: Path, chat_template: str):
     (out / "chat_template.jinja").write_text(chat_template)
 
 
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def gpt2_byte_order() -> list:
+    """The 256 byte-level characters in GPT-2's (and Qwen2's) id order: printable bytes first, the
+    others after, each in byte order, so that "\\n" ("Ċ") is id 198."""
+    from llava_mlx.token_bytes import byte_alphabet
+
+    alphabet = byte_alphabet()  # character -> byte
+    printable = sorted((c for c, b in alphabet.items() if ord(c) == b), key=lambda c: alphabet[c])
+    others = sorted((c for c, b in alphabet.items() if ord(c) != b), key=lambda c: alphabet[c])
+    return printable + others
+
+
+def build_qwen2_tokenizer(out: Path, lines: list, vocab_size: int, extra: tuple = ()) -> dict:
+    """A byte-level BPE with Qwen2's layout and pre-tokenizer, learned from `lines` (`vocab_size`
+    pieces): the 256 bytes first in GPT-2's order ("\\n" is 198, as the LLaVA-NeXT code's
+    preprocess_qwen assumes), the merges after, then <|endoftext|>, <|im_start|> and <|im_end|>
+    as added tokens, the last two its additional special tokens, then the `extra` special
+    tokens (<image>, <video> for transformers' layout). Returns the added tokens' ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    def qwen2_pipeline(tokenizer):  # Qwen2's tokenizer.json: NFC, its split (one digit apiece), bytes
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+            ]
+        )
+
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    learner = Tokenizer(models.BPE())
+    qwen2_pipeline(learner)
+    learner.train_from_iterator(lines, trainer)
+    learned = json.loads(learner.to_str())["model"]
+    byte_chars = gpt2_byte_order()
+    rest = [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in set(byte_chars)]
+    vocab = {t: i for i, t in enumerate(byte_chars + rest)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    qwen2_pipeline(tok)
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra]
+    tok.add_special_tokens(specials)
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in specials}
+    assert tok.token_to_id("Ċ") == 198
+    added = {
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t, i in ids.items()
+    }
+    config = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": QWEN2_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    specials_map = {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|endoftext|>"}
+    specials_map["pad_token"] = "<|endoftext|>"
+    (out / "special_tokens_map.json").write_text(json.dumps(specials_map, indent=1))
+    return ids
+
+
 CHAT_15 = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
