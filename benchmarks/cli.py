@@ -5,7 +5,7 @@
     python bench.py --suite serving --clients 1,4,8   # this project's server vs mlx-vlm's, concurrent clients
     python bench.py --suite constrained               # a JSON schema's cost per token (1 and 8 clients), compile time
     python bench.py --suite admission --baseline-script OLD/server.py  # pauses while a newcomer is admitted
-    python bench.py --suite train                     # fine-tuning: LoRA, QLoRA, full against mlx-vlm's trainer
+    python bench.py --suite train                     # fine-tuning against mlx-vlm's trainer
     python bench.py --shape 7b --dtype float16        # real LLaVA-1.5-7B / 1.6-Mistral-7B shapes (Apple silicon)
 
 Nothing is downloaded: random-weight checkpoints in the llava-hf layout are written to a

@@ -1,6 +1,8 @@
 """The training benchmark: trained tokens per second and MLX's peak memory for LoRA, QLoRA
 (4-bit) and a full fine-tune, this project's trainer against mlx-vlm's on the same checkpoint
-and data in the same run; and where a step of ours goes.
+and data in the same run; LoRA on a small LLaVA-OneVision too (train_onevision.py: Qwen2 +
+SigLIP, anyres_max_9, by the LLaVA-NeXT code's rules here, its llava_onevision layout there);
+and where a step of ours goes.
 
 The checkpoint is the benchmark's LLaVA-1.5 (llava-hf layout, which mlx-vlm loads), also written
 in the original layout (its tower beside it), which the original train.py's rules start from:
@@ -20,11 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from . import train_onevision
 from .checkpoints import ROOT, checkpoint_dir, make_image
 from .report import fmt, machine_rows, target_row
 from .worker import child_env
 
-MODES = ("lora", "qlora", "full")
+MODES = ("lora", "qlora", "full", "onevision lora")
+ONEVISION_RECORDS = 16  # its pictures take ~3,000 positions each (anyres_max_9): fewer, one epoch, and one a
+# batch: mlx-vlm's llava_onevision cannot batch pictures of different tile counts (a broadcast error)
 RECORDS = 32
 BATCH = 4
 EPOCHS = 2
@@ -83,12 +88,12 @@ def original_layout(hf: Path, out: Path) -> Path:
     return model
 
 
-def data(root: Path) -> dict:
+def data(root: Path, records: int = RECORDS, epochs: int = EPOCHS, batch: int = BATCH) -> dict:
     """The same records for both trainers: LLaVA's JSON and mlx-vlm's messages JSONL."""
     pictures = root / "data" / "pictures"
     pictures.mkdir(parents=True, exist_ok=True)
     llava, rows = [], []
-    for i in range(RECORDS):
+    for i in range(records):
         name = f"pictures/{i}.png"
         make_image((400 + 37 * (i % 7), 300 + 53 * (i % 5)), 100 + i, root / "data" / name)
         question, answer = "What is in the image?", ANSWERS[i % len(ANSWERS)]
@@ -114,28 +119,36 @@ def data(root: Path) -> dict:
         rows.append({"images": [name], "messages": messages})
     (root / "data" / "train.json").write_text(json.dumps(llava))
     (root / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return {"folder": root / "data", "llava": root / "data" / "train.json"}
+    return {"folder": root / "data", "llava": root / "data" / "train.json", "epochs": epochs, "batch": batch}
 
 
-def timed(command: list, blas, timeout: float = 7200) -> tuple:
+def timed(command: list, blas, timeout: float = 7200, **env) -> tuple:
     tic = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=child_env(blas))
+    environment = child_env(blas, **env)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=environment)
     return proc, time.perf_counter() - tic
 
 
 def ours(mode: str, model: Path, corpus: dict, out: Path, blas) -> dict:
     argv = [
-        sys.executable, "-m", "llava_mlx", "train", "--model_name_or_path", model, "--version", "v1",
-        "--data_path", corpus["llava"], "--image_folder", corpus["folder"], "--image_aspect_ratio", "pad",
-        "--output_dir", out, "--per_device_train_batch_size", BATCH, "--num_train_epochs", EPOCHS,
-        "--learning_rate", "1e-4", "--model_max_length", 2048, "--logging_steps", 1, "--save_strategy", "no",
-        "--mm_use_im_patch_token", "False", "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
+        sys.executable, "-m", "llava_mlx", "train", "--model_name_or_path", model, "--data_path", corpus["llava"],
+        "--image_folder", corpus["folder"], "--output_dir", out, "--per_device_train_batch_size", corpus["batch"],
+        "--num_train_epochs", corpus["epochs"], "--learning_rate", "1e-4", "--logging_steps", 1,
+        "--save_strategy", "no", "--mm_use_im_patch_token", "False",
     ]  # fmt: skip
+    env = {}
+    if mode.startswith("onevision"):  # finetune_ov.sh's: the tower named by hub id, in the benchmark's cache
+        argv += ["--version", "qwen_1_5", "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model",
+                 "--model_max_length", 32768]  # fmt: skip
+        env["HF_HOME"] = str(corpus["hf_home"])
+    else:
+        argv += ["--version", "v1", "--image_aspect_ratio", "pad", "--model_max_length", 2048,
+                 "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2"]  # fmt: skip
     if mode != "full":
         argv += ["--lora_enable", "True", "--lora_r", RANK, "--lora_alpha", 2 * RANK, "--lora_dropout", "0.0"]
     if mode == "qlora":
         argv += ["--bits", 4]
-    proc, _ = timed([str(a) for a in argv], blas)
+    proc, _ = timed([str(a) for a in argv], blas, **env)
     found = re.search(r"\{\s*\"output_dir\".*\}", proc.stderr, re.S)
     if proc.returncode != 0 or found is None:
         return {"error": proc.stderr.strip().splitlines()[-1:]}
@@ -150,7 +163,8 @@ def ours(mode: str, model: Path, corpus: dict, out: Path, blas) -> dict:
 def mlx_vlm(mode: str, checkpoint: Path, corpus: dict, out: Path, blas) -> dict:
     argv = [
         sys.executable, "-m", "benchmarks.train_mlx_vlm", "--model", checkpoint, "--data", corpus["folder"],
-        "--batch-size", BATCH, "--epochs", EPOCHS, "--learning-rate", "1e-4", "--max-seq-length", 2048,
+        "--batch-size", corpus["batch"], "--epochs", corpus["epochs"], "--learning-rate", "1e-4",
+        "--max-seq-length", 32768 if mode.startswith("onevision") else 2048,
         "--train-type", "full" if mode == "full" else "lora", "--lora-rank", RANK, "--lora-alpha", 2 * RANK,
         "--steps-per-report", 1, "--output-path", out, "--train-on-completions",
     ]  # fmt: skip
@@ -180,18 +194,22 @@ def run(a, root: Path) -> dict:
     hf = checkpoint_dir(root, "llava-1.5", a.shape, a.dtype)
     model = original_layout(hf, root / "train-checkpoints")
     corpus = data(root / "train-data")
+    onevision = train_onevision.build(root / "train-onevision")
+    onevision_corpus = {**data(root / "train-onevision", ONEVISION_RECORDS, 1, 1), "hf_home": onevision["hf_home"]}
     results = {}
     for mode in MODES:
-        for name, trainer, source in (("llava-mlx", ours, model), ("mlx-vlm", mlx_vlm, hf)):
-            out = root / f"train-out-{name}-{mode}"
+        sources = (onevision["next"], onevision["hf"], onevision_corpus) if "onevision" in mode else (model, hf, corpus)
+        for name, trainer, source in (("llava-mlx", ours, sources[0]), ("mlx-vlm", mlx_vlm, sources[1])):
+            out = root / f"train-out-{name}-{mode.replace(' ', '-')}"
             shutil.rmtree(out, ignore_errors=True)
-            results[f"{name}|{mode}"] = trainer(mode, source, corpus, out, a.blas)
+            results[f"{name}|{mode}"] = trainer(mode, source, sources[-1], out, a.blas)
             print(f"train {mode} {name}: {results[f'{name}|{mode}']}", flush=True)
     return {
         "settings": {
             "shape": a.shape,
             "dtype": a.dtype,
             "records": RECORDS,
+            "onevision_records": ONEVISION_RECORDS,
             "batch": BATCH,
             "epochs": EPOCHS,
             "rank": RANK,
@@ -211,7 +229,14 @@ def section(record: dict) -> list:
         "each trainer in its own process, its tokens the positions of the sequences it trained on, per second of "
         "its training loop, as it reports them (mlx-vlm's count includes the padding it adds). mlx-vlm trains "
         "the llava-hf layout of the same weights (`--train-on-completions`) through its own command, with the "
-        "two fixes its LLaVA path needs to run (benchmarks/train_mlx_vlm.py).\n",
+        "two fixes its LLaVA path needs to run (benchmarks/train_mlx_vlm.py). The OneVision row: a small "
+        f"Qwen2 + SigLIP at so400m's geometry, anyres_max_9, {s.get('onevision_records')} pictures, one epoch, "
+        "one picture a batch (mlx-vlm's llava_onevision cannot batch pictures of different tile counts: a "
+        "broadcast error), "
+        "LoRA by the LLaVA-NeXT code's rules here (finetune_ov.sh's `--mm_tunable_parts "
+        "mm_mlp_adapter,mm_language_model`, peft's LoRA in the tower's attention too, as that code builds it), "
+        "mlx-vlm's LoRA on the llava_onevision layout of the same weights (its own preprocessing: other "
+        "sequence lengths).\n",
         "| mode | llava-mlx tokens/s | mlx-vlm tokens/s | ratio | llava-mlx peak GB | mlx-vlm peak GB |",
         "| --- | --- | --- | --- | --- | --- |",
     ]

@@ -1,7 +1,9 @@
 """The original train.py's arguments: its ModelArguments, DataArguments and TrainingArguments
 (transformers' TrainingArguments and its own fields), same names, same defaults, so that
 scripts/v1_5/pretrain.sh, finetune.sh and finetune_lora.sh run with `deepspeed
-llava/train/train_mem.py` replaced by `python -m llava_mlx train`.
+llava/train/train_mem.py` replaced by `python -m llava_mlx train`; and the LLaVA-NeXT code's
+(lmms-lab's finetune_ov.sh): its own fields (code="next"), its other fields' tables, its
+defaults, settled by `Arguments.for_code` once the checkpoint says whose rules apply.
 
 Names take underscores or dashes; booleans take True/False (or nothing: true). The fields of
 transformers' TrainingArguments that change nothing on one Mac (deepspeed, tf32, dataloader

@@ -217,7 +217,7 @@ def test_one_entry_point(checkpoints):
         answers.append(result.stdout)
     assert answers[0] == answers[1] and answers[0].strip()
     for argv, said in (
-        ([], "usage: python -m llava_mlx {generate,convert,server}"),
+        ([], "usage: python -m llava_mlx {generate,convert,server,train}"),
         (["bogus"], "error: unknown command 'bogus'"),
     ):
         result = subprocess.run(
