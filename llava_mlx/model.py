@@ -19,6 +19,7 @@ from .anyres import anyres_max_tiles, grid_shape, oriented_pinpoints
 from .language import build_language_model, context_length, normalize_text_config
 from .merge import IMAGE_MERGES, VIDEO_POOLS, image_positions, merge_kind, place_newlines, video_positions
 from .projector import Projector
+from .s2 import S2Config, S2Tower
 from .siglip import SiglipConfig, SiglipTower
 from .vision import VisionConfig, VisionTower
 
@@ -30,8 +31,13 @@ ORIGINAL_TYPES = ("llava_llama", "llava_mistral", "llava_qwen", "llava_mixtral")
 # The original code's placeholder id for an image in `input_ids`; ours for a video.
 IMAGE_PLACEHOLDER = -200
 VIDEO_PLACEHOLDER = -201
-# Vision towers by `vision_model_type`: (config class, module).
-VISION_TOWERS = {"clip": (VisionConfig, VisionTower), "siglip": (SiglipConfig, SiglipTower)}
+# Vision towers by `vision_model_type`: (config class, module). 'clip_s2' selects the patch
+# features itself (tile by tile), the others leave it to `tower_features`.
+VISION_TOWERS = {
+    "clip": (VisionConfig, VisionTower),
+    "siglip": (SiglipConfig, SiglipTower),
+    "clip_s2": (S2Config, S2Tower),
+}
 
 
 @dataclass
@@ -50,7 +56,7 @@ class LlavaConfig:
     max_length: Optional[int] = None  # the original's tokenizer_model_max_length
     quantization: Optional[dict] = None
     llava_type: str = "llava"  # the family member: llava, llava_next, llava_onevision, llava_next_video
-    vision_model_type: str = "clip"  # 'clip' or 'siglip' (VISION_TOWERS)
+    vision_model_type: str = "clip"  # 'clip', 'siglip' or 'clip_s2' (VISION_TOWERS)
     conventions: str = "original"  # anyres geometry of 'original' LLaVA or 'transformers' (merge.py)
     several_images_flat: bool = False  # OneVision: with several images, each is its base crop + newline
     video_pool: Optional[str] = None  # 'average', 'max' or 'bilinear'; None: no video support
@@ -138,7 +144,7 @@ class LlavaModel(nn.Module):
         self.vision_tower = VISION_TOWERS[config.vision_model_type][1](config.vision, config.vision_feature_layer)
         self.multi_modal_projector = Projector(
             config.projector_type,
-            config.vision.hidden_size,
+            config.vision.feature_width,
             config.text_config["hidden_size"],
             config.projector_bias,
         )

@@ -34,6 +34,11 @@ class VisionConfig:
         # floor, as the unpadded patch convolution: 384 / 14 → 27
         return self.image_size // self.patch_size
 
+    @property
+    def feature_width(self) -> int:
+        """Channels of the features the projector takes."""
+        return self.hidden_size
+
 
 def layers_to_run(num_layers: int, select_layer: int) -> int:
     """Encoder layers needed for hidden state `select_layer` (index 0 is the embeddings)."""

@@ -41,6 +41,14 @@ def variants(checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def adapters(checkpoints, tmp_path_factory):
+    """LoRA, projector-only and delta checkpoints and their base (fixtures/build_adapters.py)."""
+    from fixtures.build_adapters import build_adapters
+
+    return build_adapters(tmp_path_factory.mktemp("adapters"), checkpoints)
+
+
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("images"))
 

@@ -17,6 +17,7 @@ import mlx.core as mx
 from ..errors import LlavaError
 from ..merge import NEWLINES, VIDEO_POOLS
 from ..model import ORIGINAL_TYPES, LlavaConfig
+from ..s2 import scales_of
 from ..vision import layers_to_run
 from . import validate
 from .files import read_json
@@ -186,7 +187,7 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             # images in a sample padded to one crop each (train.py), as the OneVision tutorial runs them
             several_images_flat=text_type == "llava_qwen",
         )
-        fields.update(next_siglip_fields(tower) if next_siglip(raw) else {})
+        fields.update(next_siglip_fields(tower) if next_siglip(raw) else s2_fields(raw, fields["vision_config"]))
         has_newline = "unpad" in fields["patch_merge_type"]
         fields.update(next_video_fields(raw, has_newline) if next_video(raw, text_type) else {})
         if "image_grid_pinpoints" not in fields:
@@ -215,6 +216,21 @@ def next_siglip_fields(tower: Optional[dict]) -> dict:
         vision_feature_select="cls_patch",
         image_processor="siglip",
     )
+
+
+def s2_fields(raw: dict, vision: dict) -> dict:
+    """`s2: true` (LLaVA-1.5-S2): both codes build their CLIP tower as CLIPVisionTowerS2, at
+    the scales of `s2_scales` (its default "336,672,1008" when the config leaves it out). A
+    SigLIP tower ignores the key there, and so here."""
+    if not raw.get("s2"):
+        return {}
+    try:
+        scales = scales_of(raw.get("s2_scales") or "336,672,1008")
+    except (TypeError, ValueError):
+        raise LlavaError(
+            f"s2_scales {raw.get('s2_scales')!r} in config.json is not a list of sizes like '336,672,1008'"
+        )
+    return dict(vision_model_type="clip_s2", vision_config={**vision, "s2_scales": scales})
 
 
 def next_video(raw: dict, text_type: str) -> bool:

@@ -90,6 +90,9 @@ def image_settings(path: Path, tower_dir: Optional[Path], config: LlavaConfig) -
         return int(value) if value else side
 
     size = raw.get("size")
+    if config.vision_model_type == "clip_s2":  # CLIPVisionTowerS2 sets both to its largest scale
+        raw = {**raw, "size": config.vision.input_size, "crop_size": config.vision.input_size}
+        size = raw["size"]
     try:
         settings = {
             "size": edge(size, "shortest_edge"),

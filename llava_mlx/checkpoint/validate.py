@@ -158,6 +158,8 @@ def model_config(config, where: str):
         merge_kind(str(config.patch_merge_type))
     except ValueError as e:
         raise LlavaError(f"{where}: {e}") from None
+    if config.vision_model_type == "clip_s2":
+        s2(config, where)
     if config.uses_anyres:
         grid(config.image_grid_pinpoints, v["image_size"], where)
     if config.video_pool is not None:
@@ -168,6 +170,27 @@ def model_config(config, where: str):
     if q is not None:
         integer(q.get("bits"), f"{where}: quantization bits", 1, 8)
         integer(q.get("group_size"), f"{where}: quantization group_size", 1)
+
+
+def s2(config, where: str):
+    """S2: the tower runs on tiles of its own size, so every scale is a multiple of it and the
+    smallest is it; S2 takes one square picture ('pad' or 'square') and its patch features."""
+    scales, tile = config.vision.s2_scales, config.vision.image_size
+    if not scales or scales[0] != tile or any(s % tile for s in scales):
+        raise LlavaError(
+            f"{where}: s2_scales {scales} must be multiples of the tower's image size {tile}, the smallest "
+            "equal to it (the tower runs on tiles of that size)"
+        )
+    if config.uses_anyres:
+        raise LlavaError(
+            f"{where}: S2 with image_aspect_ratio '{config.image_aspect_ratio}' is not supported "
+            "(no release combines them)"
+        )
+    if config.vision_feature_select != "patch":
+        raise LlavaError(
+            f"{where}: S2 with mm_vision_select_feature '{config.vision_feature_select}' is not supported "
+            "(the original code fails on it: the class token breaks its square feature maps)"
+        )
 
 
 def grid(points, tile: int, where: str):

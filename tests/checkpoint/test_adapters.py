@@ -23,7 +23,6 @@ from llava_mlx.checkpoint.lora import is_target, scaling
 from llava_mlx.generation import generate
 
 from conftest import ROOT
-from fixtures.build_adapters import build_adapters
 from helpers import expect_error
 from reference.original import QUESTION, REFERENCE_PYTHON, check_case, run_original
 
@@ -37,11 +36,6 @@ CASES = {
     "delta-v1.5": ("delta-v1.5-vicuna", "wide", {"apply_delta": True}),
 }
 LORAS = ["lora-v1.5", "lora-v1.6"]
-
-
-@pytest.fixture(scope="session")
-def adapters(checkpoints, tmp_path_factory):
-    return build_adapters(tmp_path_factory.mktemp("adapters"), checkpoints)
 
 
 @pytest.fixture(scope="session")

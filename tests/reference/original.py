@@ -5,6 +5,7 @@ the logits of the whole merged sequence (within RTOL of max|logit|) and 16 greed
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from llava_mlx.generation import generate
 from conftest import ROOT
 
 REFERENCE_PYTHON = os.environ.get("LLAVA_REFERENCE_PYTHON", str(ROOT / ".venv-orig" / "bin" / "python"))
+# The original code at the commit with the S2 tower, installed beside the release by
+# scripts/setup_reference.sh: on PYTHONPATH it comes first.
+S2_CODE = Path(REFERENCE_PYTHON).parent.parent / "s2"
 
 
 RTOL = 1e-4  # of the largest |logit|
@@ -25,15 +29,17 @@ def case_name(variant, images, raw=False):
     return f"{'raw-' if raw else ''}{variant}-{'+'.join(images) or 'text'}"
 
 
-def run_original(jobs, out, timeout=1800):
-    """name -> npz of each job of tests/reference/run_original.py, in one run of the original code."""
+def run_original(jobs, out, timeout=1800, s2=False):
+    """name -> npz of each job of tests/reference/run_original.py, in one run of the original code
+    (`s2`: the S2 commit's)."""
     (out / "jobs.json").write_text(json.dumps(jobs))
+    extra = {"PYTHONPATH": str(S2_CODE)} if s2 else {}
     result = subprocess.run(
         [REFERENCE_PYTHON, str(ROOT / "tests" / "reference" / "run_original.py"), str(out / "jobs.json"), str(out)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **extra},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return {job["name"]: dict(np.load(out / f"{job['name']}.npz")) for job in jobs}
