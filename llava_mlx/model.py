@@ -64,6 +64,9 @@ class LlavaConfig:
     video_pool_after_projector: bool = False  # OneVision pools projected features, NeXT-Video tower features
     video_newline: str = "no_token"  # 'one_token' (OneVision), 'no_token' (NeXT-Video), 'frame', 'grid'
     image_processor: str = "checkpoint"  # settings from preprocessor_config.json, or 'siglip': the NeXT code's own
+    image_start_end: bool = False  # mm_use_im_start_end: every <image> of a prompt as <im_start><image><im_end>
+    builder_tokens: Optional[List[str]] = None  # what the original builder adds to the tokenizer (<im_patch> ...)
+    conversation: Optional[str] = None  # the conversation template, where the config decides it (LLaVA v0)
 
     def __post_init__(self):
         self.text_config = normalize_text_config(self.text_config)

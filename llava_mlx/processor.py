@@ -25,6 +25,9 @@ from .tokenizer import chunked_ids
 from .video import VIDEO_TOKEN, as_video_list, load_video, preprocess_frames
 
 IMAGE_TOKEN = "<image>"
+# mm_use_im_start_end checkpoints (LLaVA v0, Lightning, Med v0) see every image between these.
+WRAPPED_IMAGE = f"<im_start>{IMAGE_TOKEN}<im_end>"
+UNWRAPPED_IMAGE = re.compile(r"(?<!<im_start>)<image>(?!<im_end>)")
 # Larger images are refused before decoding them (a decompression bomb guard).
 MAX_PIXELS = 50_000_000
 # An image URL is read within this many seconds in total, and at most this many bytes.
@@ -80,6 +83,11 @@ def family_prompt(family: str, turns: Sequence, system: Optional[str] = None) ->
             text += f"<|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n"
             text += f"{a}<|im_end|>" if a is not None else ""
         return text
+    if family == "llava_v0":  # SeparatorStyle.SINGLE: "###" after the system prompt and every message
+        text = (LLAVA_V1_SYSTEM if system is None else system) + "###"
+        for q, a in turns:
+            text += f"Human: {q}###Assistant:" + (f" {a}###" if a is not None else "")
+        return text
     system = LLAVA_V1_SYSTEM if system is None else system
     text = f"{system} "
     for q, a in turns:
@@ -110,6 +118,8 @@ def byte_level(tokenizer) -> bool:
 
 
 def template_family(config: LlavaConfig, tokenizer) -> str:
+    if config.conversation:
+        return config.conversation
     if config.llava_type == "llava_qwen":
         return "qwen_1_5"  # the LLaVA-NeXT code's demos, for its Qwen2 checkpoints
     if config.llava_type in ORIGINAL_TYPES and "<|start_header_id|>" in tokenizer.get_vocab():
@@ -235,6 +245,8 @@ class Processor:
         # chat template the (text-only) Qwen or Llama-3 tokenizer carries.
         if not hf.chat_template or self.config.llava_type in ORIGINAL_TYPES:
             turns = [(f"{IMAGE_TOKEN}\n" * n + f"{VIDEO_TOKEN}\n" * v + q, a) for (n, v), (q, a) in zip(before, turns)]
+            if self.config.image_start_end:  # as run_llava.py, cli.py and training's preprocess_multimodal
+                turns = [(UNWRAPPED_IMAGE.sub(WRAPPED_IMAGE, q), a) for q, a in turns]
             return family_prompt(self.family, turns, system)
         messages = [] if system is None else [{"role": "system", "content": [{"type": "text", "text": system}]}]
         for (q, a), (n, v) in zip(turns, before):

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 
-from ..errors import LlavaError
+from ..errors import LlavaError, warn
 from ..merge import NEWLINES, VIDEO_POOLS
 from ..model import ORIGINAL_TYPES, LlavaConfig
 from ..s2 import scales_of
@@ -183,11 +183,13 @@ def read_config(raw: dict, tower_dir: Optional[Path]) -> Tuple[str, LlavaConfig]
             max_length=raw.get("tokenizer_model_max_length"),
             quantization=read_quantization(raw),
             llava_type=text_type,
+            conversation="llava_v0" if llava_v0(raw) else None,
             # lmms-lab's Qwen2 releases (OneVision, LLaVA-Video, Interleave) were trained with several
             # images in a sample padded to one crop each (train.py), as the OneVision tutorial runs them
             several_images_flat=text_type == "llava_qwen",
         )
         fields.update(next_siglip_fields(tower) if next_siglip(raw) else s2_fields(raw, fields["vision_config"]))
+        fields.update(image_token_fields(raw))
         has_newline = "unpad" in fields["patch_merge_type"]
         fields.update(next_video_fields(raw, has_newline) if next_video(raw, text_type) else {})
         if "image_grid_pinpoints" not in fields:
@@ -216,6 +218,22 @@ def next_siglip_fields(tower: Optional[dict]) -> dict:
         vision_feature_select="cls_patch",
         image_processor="siglip",
     )
+
+
+def image_token_fields(raw: dict) -> dict:
+    """The tokens both codes' builders add to the tokenizer before cutting the embeddings to
+    it: <im_patch> unless mm_use_im_patch_token is false (its default is true), <im_start> and
+    <im_end> with mm_use_im_start_end, which also wraps every <image> of a prompt in them."""
+    start_end = bool(raw.get("mm_use_im_start_end"))
+    tokens = ["<im_patch>"] if raw.get("mm_use_im_patch_token", True) else []
+    tokens += ["<im_start>", "<im_end>"] if start_end else []
+    return dict(image_start_end=start_end, builder_tokens=tokens or None)
+
+
+def llava_v0(raw: dict) -> bool:
+    """A LLaVA v0 config: model_type 'llama' with LLaVA's mm_* keys (before the code had its own
+    model types), which the original's auto_upgrade (consolidate.py) rewrites to 'llava'."""
+    return raw.get("model_type") == "llama" and "mm_vision_tower" in raw
 
 
 def s2_fields(raw: dict, vision: dict) -> dict:
@@ -301,6 +319,12 @@ def original_text_type(raw: dict) -> str:
     model_type, architectures = raw.get("model_type", ""), raw.get("architectures") or []
     if model_type in ORIGINAL_TYPES:
         return model_type
+    if llava_v0(raw):
+        warn(
+            "config.json says model_type 'llama' with LLaVA's mm_* keys (a LLaVA v0 checkpoint): read as the "
+            "original's auto_upgrade makes it (llava, LlavaLlamaForCausalLM), prompted with its llava_v0 template"
+        )
+        return "llava_llama"
     known = [ORIGINAL_ARCHITECTURES[a] for a in architectures if a in ORIGINAL_ARCHITECTURES]
     if model_type in ("llava", "") and (known or not architectures):
         return known[0] if known else "llava_llama"

@@ -167,4 +167,12 @@ def load(
     model, config, tower_dir = load_model(path, vision_tower, lazy, base, group=world(), pipeline=pipeline)
     tokenizer = tokenizer_dir(path, base)
     validate.checkpoint_files(tokenizer)
-    return model, load_processor(tokenizer, config, tower_dir)
+    processor = load_processor(tokenizer, config, tower_dir)
+    rows = config.text_config["vocab_size"]
+    if config.builder_tokens and processor.vocabulary > rows:
+        warn(
+            f"with the tokens the original builder adds ({', '.join(config.builder_tokens)}) the tokenizer "
+            f"holds {processor.vocabulary} tokens, the embeddings {rows} rows: the builder gives the others "
+            "untrained (random) rows; here they have none and are never picked"
+        )
+    return model, processor

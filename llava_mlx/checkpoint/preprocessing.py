@@ -34,6 +34,7 @@ def load_processor(path: Path, config: LlavaConfig, tower_dir: Optional[Path] = 
         raise LlavaError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    added = add_builder_tokens(tokenizer, config)
     vocab = tokenizer.get_vocab()
     for stop in ("<|im_end|>",):  # chatml ends a turn with its own token
         if stop in vocab:
@@ -45,6 +46,8 @@ def load_processor(path: Path, config: LlavaConfig, tower_dir: Optional[Path] = 
         sentencepiece = None
     else:
         sentencepiece = SentencePieceTokenizer.from_checkpoint(path, tokenizer._tokenizer, legacy)
+        if sentencepiece is not None:  # transformers 4.37 counts what add_tokens adds as special among all_special
+            sentencepiece.all_special |= set(added)
         if (
             sentencepiece is None
             and config.text_config["model_type"] in ("llama", "mistral")
@@ -64,6 +67,24 @@ def load_processor(path: Path, config: LlavaConfig, tower_dir: Optional[Path] = 
     processor = Processor(tokenizer, config, images, sentencepiece, videos)
     processor.apply_template("hi")  # a broken chat template fails here, not mid-conversation
     return processor
+
+
+def add_builder_tokens(tokenizer, config: LlavaConfig) -> list:
+    """What both codes' builders add to the tokenizer (`config.builder_tokens`: <im_patch>,
+    <im_start>, <im_end>), added as they add them: special, each only where it is new. Their ids
+    then count in `Processor.vocabulary`, as the builders resize the embeddings to them.
+    Returns the tokens that were new."""
+    if config.llava_type not in ORIGINAL_TYPES or not config.builder_tokens:
+        return []
+    hf = tokenizer._tokenizer
+    new = [token for token in config.builder_tokens if token not in hf.get_vocab()]
+    if new:
+        hf.add_tokens(new, special_tokens=True)
+        # mlx-lm's streaming detokenizer maps ids to pieces once, when it is made: make it again
+        detokenizer = tokenizer._detokenizer
+        options = {"trim_space": detokenizer.trim_space} if hasattr(detokenizer, "trim_space") else {}
+        tokenizer._detokenizer = type(detokenizer)(hf, **options)
+    return new
 
 
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)

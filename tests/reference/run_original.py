@@ -9,14 +9,16 @@ JOBS.json: a list of jobs (or {"jobs": [...]}), each
      "checkpoint": "/abs/orig-v1.6-vicuna",  # an orig-* fixture dir
      "images": ["/abs/wide_1000x600.png"],
      "question": "What is in the image?", "conv_mode": "llava_v1",   # llava_v1 | mistral_instruct | chatml_direct
+       # or "turns": [[question, answer], ..., [question, null]] (cli.py: the images before the first)
        # or instead: "prompt": "raw text with <image> placeholders"
      "new_tokens": 16,
      "model_base": "/abs/base-vicuna",       # optional: the base of a LoRA or projector-only checkpoint
      "apply_delta": true}                    # optional, with model_base: `checkpoint` holds delta weights,
                                              # applied by llava/model/apply_delta.py into OUT_DIR/<name>-target
 With "question", the prompt is built as llava/eval/run_llava.py does: "<image>\n" + question (one
-"<image>\n" per image when there are several), conv.append_message(USER, qs),
-conv.append_message(ASSISTANT, None), conv.get_prompt().
+"<image>\n" per image when there are several; "<im_start><image><im_end>\n" when the model's config
+says mm_use_im_start_end), conv.append_message(USER, qs), conv.append_message(ASSISTANT, None),
+conv.get_prompt().
 
 Per job, OUT_DIR/<name>.npz holds:
     prompt              str (the text given to tokenizer_image_token)
@@ -50,7 +52,7 @@ import warnings
 import llava.model.builder as builder
 import numpy as np
 import torch
-from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
 from llava.mm_utils import process_images, tokenizer_image_token
 from PIL import Image
@@ -102,11 +104,15 @@ def load(checkpoint, model_base=None):
     return _MODELS[key]
 
 
-def build_prompt(question, conv_mode, n_images):
-    qs = (DEFAULT_IMAGE_TOKEN + "\n") * max(n_images, 1) + question
+def build_prompt(turns, conv_mode, n_images, start_end):
+    """run_llava.py's prompt (cli.py's for several turns: the images before the first question),
+    `<im_start><image><im_end>` with mm_use_im_start_end as both write it."""
+    image = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if start_end else DEFAULT_IMAGE_TOKEN
     conv = conv_templates[conv_mode].copy()
-    conv.append_message(conv.roles[0], qs)
-    conv.append_message(conv.roles[1], None)
+    for i, (question, answer) in enumerate(turns):
+        qs = (image + "\n") * max(n_images, 1) + question if i == 0 else question
+        conv.append_message(conv.roles[0], qs)
+        conv.append_message(conv.roles[1], answer)
     return conv.get_prompt()
 
 
@@ -131,7 +137,9 @@ def run_job(job, out_dir):
     if "prompt" in job:
         prompt = job["prompt"]
     else:
-        prompt = build_prompt(job["question"], job.get("conv_mode", "llava_v1"), len(images))
+        turns = job.get("turns") or [[job["question"], None]]
+        start_end = getattr(model.config, "mm_use_im_start_end", False)
+        prompt = build_prompt(turns, job.get("conv_mode", "llava_v1"), len(images), start_end)
     new_tokens = int(job.get("new_tokens", 16))
 
     input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
