@@ -6,6 +6,7 @@
     python bench.py --suite constrained               # a JSON schema's cost per token (1 and 8 clients), compile time
     python bench.py --suite admission --baseline-script OLD/server.py  # pauses while a newcomer is admitted
     python bench.py --suite train                     # fine-tuning against mlx-vlm's trainer
+    python bench.py --suite s2                        # one LLaVA-1.5-S2 picture's encode against a plain one
     python bench.py --shape 7b --dtype float16        # real LLaVA-1.5-7B / 1.6-Mistral-7B shapes (Apple silicon)
 
 Nothing is downloaded: random-weight checkpoints in the llava-hf layout are written to a
@@ -32,12 +33,12 @@ for _k, _v in (
 ):
     os.environ.setdefault(_k, _v)
 
-from . import admission, constrained, offline, report, report_offline, report_serving, serving, train  # noqa: E402  (after the environment above)
+from . import admission, constrained, offline, report, report_offline, report_serving, s2, serving, train  # noqa: E402  (after the environment above)
 from .checkpoints import DTYPE_BYTES, SHAPES, checkpoint_dir  # noqa: E402
 from .servers import SERVERS  # noqa: E402
 from .worker import DEFAULT_REPEATS, DEFAULT_TOKENS  # noqa: E402
 
-SUITES = ("offline", "serving", "constrained", "admission", "train")
+SUITES = ("offline", "serving", "constrained", "admission", "train", "s2")
 # Each suite's page section, in the page's order.
 RENDERERS = {
     "offline": report_offline,
@@ -45,6 +46,7 @@ RENDERERS = {
     "constrained": constrained,
     "admission": admission,
     "train": train,
+    "s2": s2,
 }
 
 
@@ -147,6 +149,9 @@ def main(argv=None):
         if "train" in suites:
             record = report.stamp(train.run(a, root), command)
             print(f"wrote {report.write(out, 'train', record, RENDERERS)}", flush=True)
+        if "s2" in suites:
+            record = report.stamp(s2.run(a, root), command)
+            print(f"wrote {report.write(out, 's2', record, RENDERERS)}", flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
