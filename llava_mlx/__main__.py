@@ -5,6 +5,7 @@ shims over `run`. It imports nothing heavy itself: a Ctrl-C while MLX, mlx-lm an
 are being imported (seconds) is one line and exit 130, not a traceback of the import machinery.
 """
 
+import os
 import sys
 from importlib import import_module
 
@@ -39,7 +40,18 @@ def main(argv=None) -> int:
         print(f"error: unknown command '{argv[0]}' (choose {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     sys.argv[0] = f"python -m llava_mlx {argv[0]}"  # what --help and usage errors call it
+    if argv[0] == "server":
+        end_server(run("server", argv[1:]))
     return run(argv[0], argv[1:])
+
+
+def end_server(code: int):
+    """The server process ends here, once main() has answered, drained and closed everything:
+    left to the interpreter's teardown, MLX's CPU backend sometimes aborts it ("terminate called
+    without an active exception", the engine thread's MLX state torn down) after a clean stop."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def generate() -> int:
@@ -51,7 +63,7 @@ def convert() -> int:
 
 
 def server() -> int:
-    return run("server")
+    end_server(run("server"))
 
 
 def train() -> int:

@@ -1,7 +1,7 @@
 """The package's arrows only point down: read from the source (every import, function-level ones
 included), not from what happens to be imported at run time.
 
-Floors, bottom up: errors and signals; the model (vision, siglip, projector, language, merge,
+Floors, bottom up: errors and signals; the model (vision, siglip, s2, projector, language, merge,
 anyres, model); inputs and checkpoints; generation; serving; the command lines.
 """
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llava_mlx"
-MODEL_FILES = {"vision", "siglip", "projector", "language", "merge", "anyres", "model"}
+MODEL_FILES = {"vision", "siglip", "s2", "projector", "language", "merge", "anyres", "model"}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
