@@ -143,13 +143,16 @@ def write(out: Path, suite: str, record: dict, renderers: dict) -> Path:
     data[suite] = record
     L = [
         "# Benchmarks\n",
-        "Four suites, one command (`python bench.py`, see [benchmarking.md](benchmarking.md)): "
+        "Six suites, one command (`python bench.py`, see [benchmarking.md](benchmarking.md)): "
         "[offline](#offline-one-request-at-a-time), each implementation answering one request in its own "
         "process; [serving](#serving-concurrent-clients-over-http), this project's server against "
-        "mlx-vlm's under concurrent OpenAI clients; and [constrained](#structured-outputs-the-cost-of-a-json-schema), "
-        "what a JSON schema costs this project's server; and "
+        "mlx-vlm's under concurrent OpenAI clients; [constrained](#structured-outputs-the-cost-of-a-json-schema), "
+        "what a JSON schema costs this project's server; "
         "[admission](#admission-a-running-answer-while-a-newcomers-picture-is-admitted), "
-        "whether a running answer pauses while a newcomer's picture is admitted.\n",
+        "whether a running answer pauses while a newcomer's picture is admitted; "
+        "[train](#training-trained-tokens-per-second-and-peak-memory), fine-tuning against mlx-vlm's trainer; "
+        "and [s2](#s2-one-llava-15-s2-picture-against-one-llava-15-picture), what one LLaVA-1.5-S2 picture "
+        "costs to encode.\n",
     ]
     for name in renderers:
         if name in data:

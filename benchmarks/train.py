@@ -240,7 +240,7 @@ def section(record: dict) -> list:
         "| mode | llava-mlx tokens/s | mlx-vlm tokens/s | ratio | llava-mlx peak GB | mlx-vlm peak GB |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    targets = []
+    targets, failures = [], []
     for mode in MODES:
         o, m = results.get(f"llava-mlx|{mode}", {}), results.get(f"mlx-vlm|{mode}", {})
         ratio = (
@@ -265,9 +265,10 @@ def section(record: dict) -> list:
             "mlx-vlm's failed" if m.get("error") else "peak memory " + ("≤" if memory_ok else ">") + " mlx-vlm's",
         )
         targets.append(row)
-        for name, r in (("llava-mlx", o), ("mlx-vlm", m)):
-            if r.get("error"):
-                L.append(f"\n{name} {mode} failed: `{r['error']}`")
+        failures += [
+            f"{name} {mode} failed: `{r['error']}`" for name, r in (("llava-mlx", o), ("mlx-vlm", m)) if r.get("error")
+        ]
+    L += [""] + failures if failures else []
     b = record.get("breakdown", {})
     if b and not b.get("error"):
         total = sum(b.values())

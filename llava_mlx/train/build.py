@@ -113,6 +113,8 @@ def from_checkpoint(args, path: Path, raw: dict, code: str):
     model, config = build_model({**raw, **settings}, weights, tower_dir, source)
     if code == "original" and config.uses_anyres:
         raise LlavaError(f"{path} is a LLaVA-1.6 (anyres) checkpoint: the original train.py trains 'pad' and 'square'")
+    if config.vision_model_type == "clip_s2":
+        raise LlavaError(f"{path} is a LLaVA-1.5-S2 checkpoint: training the S2 tower's checkpoints is not built yet")
     width = config.vision.hidden_size
     if code == "next":
         config.several_images_flat = True  # its dataset pads each of a record's several pictures to one crop

@@ -139,3 +139,19 @@ def test_s2_runs_everywhere(s2, s2_loaded, images, tmp_path):
         assert server.health()["feature_cache_images"] == 1
     finally:
         assert server.stop() == 0, (tmp_path / "server.log").read_text()[-2000:]
+
+
+def test_training_an_s2_checkpoint_is_one_line(s2, images, tmp_path):
+    """Not built yet: said in one line, nothing written."""
+    picture = images["wide"]
+    data = tmp_path / "data.json"
+    conversation = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A picture."}]
+    data.write_text(json.dumps([{"id": "a", "image": picture.name, "conversations": conversation}]))
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", s2["s2-v1.5-vicuna"], "--data_path", data, "--image_folder", picture.parent]
+    argv += ["--output_dir", out, "--version", "v1", "--lora_enable", "True"]
+    result = run_bounded([sys.executable, "-m", "llava_mlx", "train", *argv], timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "LLaVA-1.5-S2 checkpoint: training the S2 tower's checkpoints is not built yet" in lines[0]
+    assert not out.exists()
