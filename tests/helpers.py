@@ -1,7 +1,8 @@
 """What many test files share: the expectation of one clear error line, directory snapshots,
-the generate command as a subprocess, free loopback ports, two ranks under mlx.launch, logits
-and their cosine."""
+a checkpoint with another config.json, the generate command as a subprocess, free loopback
+ports, two ranks under mlx.launch, logits and their cosine."""
 
+import json
 import os
 import random
 import signal
@@ -31,6 +32,17 @@ def expect_error(capsys, main, argv, fragment, code=1):
 def snapshot(directory: Path) -> dict:
     """Every file below `directory` with its bytes: equal snapshots, nothing touched."""
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def with_config(source: Path, out: Path, **changes) -> Path:
+    """`out`: the checkpoint at `source` with `changes` over its config.json (its other files linked)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name != "config.json":
+            (out / item.name).symlink_to(item)
+    config = json.loads((source / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **changes}))
+    return out
 
 
 def run_cli(*args, env=None):

@@ -18,7 +18,7 @@ from llava_mlx.generation import generate
 
 from conftest import ROOT
 from fixtures.build_s2 import build_s2
-from helpers import cosine, environment, launch_two, logits, run_bounded
+from helpers import cosine, environment, launch_two, logits, run_bounded, with_config
 from reference.original import QUESTION, REFERENCE_PYTHON, S2_CODE, check_case, run_original
 
 PICTURES = ["wide", "tall", "tiny", "very_wide"]
@@ -88,13 +88,9 @@ def test_s2_matches_the_original(name, picture, s2_loaded, s2_original, images):
     ],
 )
 def test_what_s2_cannot_be_is_one_line(changes, said, s2, tmp_path):
-    config = json.loads((s2["s2-v1.5-vicuna"] / "config.json").read_text())
-    for file in s2["s2-v1.5-vicuna"].iterdir():
-        (tmp_path / file.name).symlink_to(file)
-    (tmp_path / "config.json").unlink()
-    (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+    changed = with_config(s2["s2-v1.5-vicuna"], tmp_path / "changed", **changes)
     with pytest.raises(LlavaError) as error:
-        load(str(tmp_path))
+        load(str(changed))
     assert said in str(error.value) and "\n" not in str(error.value)
 
 

@@ -32,7 +32,7 @@ from llava_mlx.train.templates import template
 
 from conftest import ROOT
 from fixtures.build_training import NEXT_RECORDS
-from helpers import environment
+from helpers import environment, with_config
 from reference.next import load_next, next_cache, next_env, next_preprocess, next_train, run_next
 
 SIGLIP = "google/siglip-so400m-patch14-384"
@@ -158,13 +158,10 @@ def next_data(next_fixtures, training, tmp_path_factory):
     """checkpoint -> (its directory, the reference's items)."""
     root = tmp_path_factory.mktemp("next-data")
     # next-mistral with the code's own keys in its config: trained by its rules (bare, it is liuhaotian's kind)
-    mistral = root / "checkpoint" / "next-mistral-next"  # "mistral" in its name: the code loads it as Mistral
-    mistral.mkdir(parents=True)
-    for item in (next_fixtures / "next-mistral").iterdir():
-        if item.name != "config.json":
-            (mistral / item.name).symlink_to(item)
-    config = json.loads((next_fixtures / "next-mistral" / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps({**config, "mm_newline_position": "grid"}))
+    # "mistral" in its name: the code loads it as Mistral
+    mistral = with_config(
+        next_fixtures / "next-mistral", root / "checkpoint" / "next-mistral-next", mm_newline_position="grid"
+    )
     out = {}
     for name, versions in CASES.items():
         path = mistral if name == "next-mistral-next" else next_fixtures / name
@@ -255,13 +252,9 @@ def test_a_released_config_of_model_type_llava(next_fixtures, next_trained, trai
     then reads the config as transformers' LlavaConfig and saves its text_config and
     vision_config, which its own builder cannot load (docs/training.md, measured); here the
     checkpoint's keys are kept: the same training, and a result its builder and load() take."""
-    released = tmp_path / "checkpoint" / "llava-onevision-qwen2-tiny-ov"
-    released.mkdir(parents=True)
-    for item in (next_fixtures / "next-qwen-ov").iterdir():
-        if item.name != "config.json":
-            (released / item.name).symlink_to(item)
-    config = json.loads((next_fixtures / "next-qwen-ov" / "config.json").read_text())
-    (released / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    released = with_config(
+        next_fixtures / "next-qwen-ov", tmp_path / "checkpoint" / "llava-onevision-qwen2-tiny-ov", model_type="llava"
+    )
     out = tmp_path / "out"
     command = argv(next_fixtures, training, "full", out) + ["--max_steps", "1", "--shuffle", "False"]
     command[command.index("--model_name_or_path") + 1] = str(released)
