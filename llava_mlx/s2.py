@@ -122,9 +122,6 @@ class S2Tower(VisionTower):
     """CLIP at every scale of `s2_scales`; returns (B, patches, hidden_size × scales), the
     patch features only: S2 selects 'patch' inside each tile, before the maps are merged."""
 
-    def __init__(self, config: S2Config, select_layer: int = -2):
-        super().__init__(config, select_layer)
-
     def __call__(self, pixels: mx.array) -> mx.array:
         config = self.config
         split = config.s2_scales[0]
